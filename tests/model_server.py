@@ -1,0 +1,221 @@
+"""A scripted Anthropic Messages API server: the test fixture the real Claude Code talks to.
+
+The prompt chooses the script. In the newest user message:
+  RUN: <command>     reply with a Bash tool_use running <command>
+  SAY: <text>        reply with <text>
+  FAIL: <status>     answer the request with that HTTP error status
+  SLOW: <seconds>    stream the reply's text slowly, over about that many seconds
+A tool result is answered with "BASH-RESULT: <output>". Anything else gets "OK".
+Every request body is recorded, so a test can check what the model was sent.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+DIRECTIVE = re.compile(r"^(RUN|SAY|FAIL|SLOW):\s*(.+)$", re.MULTILINE)
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """All the text of one message, whatever its content shape."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content or []:
+        if block.get("type") == "text":
+            parts.append(block.get("text", ""))
+        elif block.get("type") == "tool_result":
+            inner = block.get("content")
+            parts.append(inner if isinstance(inner, str) else message_text({"content": inner}))
+    return "\n".join(parts)
+
+
+def tool_results(message: dict[str, Any]) -> list[str]:
+    """The outputs of the tool results in a user message."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return []
+    return [
+        message_text({"content": [b]}) for b in content if b.get("type") == "tool_result"
+    ]
+
+
+def plan_reply(body: dict[str, Any]) -> dict[str, Any]:
+    """Decide the reply to one request: an error status, text, or a tool call."""
+    # Claude Code may append a system-role message after the prompt: read the newest user one.
+    users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
+    last = users[-1] if users else {"content": ""}
+    results = tool_results(last)
+    if results:
+        return {"text": "BASH-RESULT: " + " ".join(r.strip() for r in results)}
+    directives = DIRECTIVE.findall(message_text(last))
+    if not directives or not body.get("tools"):
+        # Side requests (titles, summaries) carry no tools: a plain answer serves them.
+        return {"text": "OK"}
+    kind, arg = directives[-1]
+    arg = arg.strip()
+    if kind == "RUN":
+        return {"tool": {"command": arg, "description": "scripted"}}
+    if kind == "FAIL":
+        return {"status": int(arg)}
+    if kind == "SLOW":
+        return {"text": "SLOW-DONE", "slow": float(arg)}
+    return {"text": arg}
+
+
+def content_blocks(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """The content blocks of a planned reply."""
+    if "tool" in plan:
+        return [{"type": "tool_use", "id": "toolu_" + uuid.uuid4().hex[:20],
+                 "name": "Bash", "input": plan["tool"]}]
+    return [{"type": "text", "text": plan["text"]}]
+
+
+class ModelServer:
+    """Runs the scripted API on a host and port, in a background thread."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "ModelServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def record(self, body: dict[str, Any]) -> None:
+        with self._lock:
+            self.requests.append(body)
+
+    def tool_requests(self) -> list[dict[str, Any]]:
+        """The agent's own requests (the ones that offer tools), in arrival order."""
+        with self._lock:
+            return [r for r in self.requests if r.get("tools")]
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output quiet
+                pass
+
+            def do_HEAD(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    body = json.loads(self.rfile.read(length) or b"{}")
+                except ValueError:
+                    return self._json(400, _error("invalid_request_error", "body is not JSON"))
+                path = self.path.split("?")[0]
+                if path.endswith("/count_tokens"):
+                    return self._json(200, {"input_tokens": 10})
+                if not path.endswith("/v1/messages"):
+                    return self._json(404, _error("not_found_error", path))
+                server.record(body)
+                plan = plan_reply(body)
+                if "status" in plan:
+                    kind = "api_error" if plan["status"] >= 500 else "invalid_request_error"
+                    return self._json(plan["status"], _error(kind, "scripted failure"))
+                message = _message(body, content_blocks(plan))
+                if body.get("stream"):
+                    return self._stream(message, plan.get("slow", 0.0))
+                return self._json(200, message)
+
+            def _json(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("request-id", "req_" + uuid.uuid4().hex[:12])
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _stream(self, message: dict[str, Any], slow: float) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                for name, payload in _stream_events(message, slow):
+                    if payload.get("_sleep"):
+                        time.sleep(payload["_sleep"])
+                        continue
+                    frame = f"event: {name}\ndata: {json.dumps(payload)}\n\n"
+                    self.wfile.write(frame.encode())
+                    self.wfile.flush()
+
+        return Handler
+
+
+def _error(kind: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def _message(body: dict[str, Any], blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    stop = "tool_use" if blocks[0]["type"] == "tool_use" else "end_turn"
+    return {
+        "id": "msg_" + uuid.uuid4().hex[:20], "type": "message", "role": "assistant",
+        "model": body.get("model", "scripted"), "content": blocks,
+        "stop_reason": stop, "stop_sequence": None,
+        "usage": {"input_tokens": 5, "output_tokens": 7},
+    }
+
+
+def _stream_events(message: dict[str, Any], slow: float):
+    """The SSE events of a streamed message, the way the Messages API sends them."""
+    start = dict(message, content=[], stop_reason=None, usage={"input_tokens": 5, "output_tokens": 1})
+    yield "message_start", {"type": "message_start", "message": start}
+    for index, block in enumerate(message["content"]):
+        if block["type"] == "tool_use":
+            yield "content_block_start", {"type": "content_block_start", "index": index,
+                                          "content_block": dict(block, input={})}
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+            yield "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+        else:
+            yield "content_block_start", {"type": "content_block_start", "index": index,
+                                          "content_block": {"type": "text", "text": ""}}
+            words = block["text"].split(" ")
+            pieces = [w + " " for w in words[:-1]] + [words[-1]]
+            for piece in ([f"tick{i} " for i in range(int(slow * 4))] if slow else []) + pieces:
+                if slow:
+                    yield "", {"_sleep": 0.25}
+                yield "content_block_delta", {"type": "content_block_delta", "index": index,
+                                              "delta": {"type": "text_delta", "text": piece}}
+        yield "content_block_stop", {"type": "content_block_stop", "index": index}
+    yield "message_delta", {"type": "message_delta",
+                            "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+                            "usage": {"output_tokens": 7}}
+    yield "message_stop", {"type": "message_stop"}
+
+
+if __name__ == "__main__":  # a handy way to try Claude Code by hand
+    import sys
+
+    srv = ModelServer(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1",
+                      int(sys.argv[2]) if len(sys.argv) > 2 else 8089).start()
+    print(f"scripted model server on {srv.url}", flush=True)
+    threading.Event().wait()

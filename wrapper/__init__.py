@@ -1,0 +1,1 @@
+"""What runs inside the session container: runs Claude Code and numbers its output lines."""
