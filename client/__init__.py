@@ -1,0 +1,1 @@
+"""The cc-docker client: the `ccd` command line and token minting."""

@@ -1,0 +1,69 @@
+"""Task names, queue routing and the Celery configuration shared by web (sender) and workers."""
+from __future__ import annotations
+
+from celery import Celery
+
+from core.settings import Settings
+
+START_SESSION = "ccd.start_session"
+RUN_TURN = "ccd.run_turn"
+STOP_SESSION = "ccd.stop_session"
+DELETE_SESSION = "ccd.delete_session"
+REAP = "ccd.reap"
+
+REAP_EVERY_SECONDS = 30.0
+
+
+def celery_config(settings: Settings) -> dict:
+    """Celery settings for long turns: ack late, prefetch one, no results, long visibility."""
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            # A turn may run up to the container timeout; Redis must not redeliver it before.
+            "visibility_timeout": settings.container_timeout_default * 2 + 600,
+            "global_keyprefix": f"{settings.key_prefix}:celery:",
+        },
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_default_queue": settings.placement_queue,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "beat_schedule": {
+            "reap": {"task": REAP, "schedule": REAP_EVERY_SECONDS,
+                     "options": {"queue": settings.placement_queue, "expires": REAP_EVERY_SECONDS}},
+        },
+    }
+
+
+def make_celery(settings: Settings, main: str = "ccd") -> Celery:
+    app = Celery(main)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+class TaskSender:
+    """Sends tasks by name to the right queue; the web tier's only way to reach workers."""
+
+    def __init__(self, settings: Settings, celery: Celery | None = None) -> None:
+        self.settings = settings
+        self.celery = celery or make_celery(settings)
+
+    def start_session(self, session_id: str) -> None:
+        self.celery.send_task(START_SESSION, args=[session_id], queue=self.settings.placement_queue)
+
+    def run_turn(self, turn_id: str, host_queue: str) -> None:
+        self.celery.send_task(RUN_TURN, args=[turn_id], queue=host_queue)
+
+    def stop_session(self, session_id: str, host_queue: str | None) -> None:
+        self.celery.send_task(STOP_SESSION, args=[session_id],
+                              queue=host_queue or self.settings.placement_queue)
+
+    def delete_session(self, session_id: str, host_queue: str | None) -> None:
+        self.celery.send_task(DELETE_SESSION, args=[session_id],
+                              queue=host_queue or self.settings.placement_queue)

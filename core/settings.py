@@ -1,0 +1,107 @@
+"""Settings: the environment, read once into a frozen object that every process passes around."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields
+from typing import Mapping
+
+from core.errors import ConfigError
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/ccd"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable; see README "Configuration" for each variable."""
+
+    jwt_secret: str
+    database_url: str = DEFAULT_DATABASE_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    anthropic_api_key: str = ""
+    anthropic_base_url: str = ""
+    port: int = 8000
+    image: str = "ccd-session:latest"
+    session_network: str = "ccd-sessions"
+    container_timeout_default: int = 3600
+    max_spawn_depth: int = 5
+    log_level: str = "INFO"
+    minio_endpoint: str = ""
+    minio_access_key: str = ""
+    minio_secret_key: str = ""
+    key_prefix: str = "ccd"
+    host_name: str = field(default_factory=socket.gethostname)
+    events_maxlen: int = 100_000
+    max_body_bytes: int = 1_048_576
+    worker_concurrency: int = 4
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Builds settings from the environment; fails with a clear message when one is wrong."""
+        env = os.environ if environ is None else environ
+        values: dict = {}
+        for f in fields(cls):
+            name = ENV_NAMES[f.name]
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            if f.type in ("int", int):
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+            else:
+                values[f.name] = raw
+        values.update(overrides)
+        if not values.get("jwt_secret"):
+            raise ConfigError(
+                "JWT_SECRET is not set: cc-docker signs and checks API tokens with it. "
+                "Set it to a long random string, e.g. JWT_SECRET=$(openssl rand -hex 32)"
+            )
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Rejects values that would only fail later, far from their cause."""
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        for name in ("port", "container_timeout_default", "max_spawn_depth", "events_maxlen",
+                     "max_body_bytes", "worker_concurrency"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
+        if not self.key_prefix.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"CCD_KEY_PREFIX may hold letters, digits, - and _ only, got {self.key_prefix!r}")
+
+    @property
+    def placement_queue(self) -> str:
+        """The shared queue for work any host can take (session placement, the reaper)."""
+        return f"{self.key_prefix}.placement"
+
+    def host_queue(self, host: str | None = None) -> str:
+        """The queue of one Docker host: its sessions' turns go there."""
+        return f"{self.key_prefix}.host.{host or self.host_name}"
+
+
+ENV_NAMES = {
+    "jwt_secret": "JWT_SECRET",
+    "database_url": "DATABASE_URL",
+    "redis_url": "REDIS_URL",
+    "anthropic_api_key": "ANTHROPIC_API_KEY",
+    "anthropic_base_url": "ANTHROPIC_BASE_URL",
+    "port": "CCD_PORT",
+    "image": "CCD_IMAGE",
+    "session_network": "CCD_SESSION_NETWORK",
+    "container_timeout_default": "CONTAINER_TIMEOUT_DEFAULT",
+    "max_spawn_depth": "MAX_SPAWN_DEPTH",
+    "log_level": "LOG_LEVEL",
+    "minio_endpoint": "MINIO_ENDPOINT",
+    "minio_access_key": "MINIO_ACCESS_KEY",
+    "minio_secret_key": "MINIO_SECRET_KEY",
+    "key_prefix": "CCD_KEY_PREFIX",
+    "host_name": "CCD_HOST_NAME",
+    "events_maxlen": "CCD_EVENTS_MAXLEN",
+    "max_body_bytes": "CCD_MAX_BODY_BYTES",
+    "worker_concurrency": "CCD_WORKER_CONCURRENCY",
+}

@@ -1,0 +1,109 @@
+"""Turn commands: submit, find, list, and the lease a worker holds while it runs one."""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.orm import Session as DbSession
+
+from core.errors import NotFound, WrongState
+from core.models import FINISHED_TURN_STATUSES, Session, Turn, utcnow
+from core.sessions import CHAT_STATES, parse_uuid
+
+
+def submit_turn(db: DbSession, session: Session, prompt: str) -> Turn:
+    """Queues a prompt; `session` must be locked so seq stays gap-free and ordered."""
+    if session.status not in CHAT_STATES:
+        raise WrongState(f"session {session.id} is {session.status}; it takes no new turns")
+    session.turn_count += 1
+    session.last_active_at = utcnow()
+    turn = Turn(id=uuid.uuid4(), session_id=session.id, seq=session.turn_count, prompt=prompt,
+                status="queued")
+    db.add(turn)
+    db.flush()
+    return turn
+
+
+def latest_turn(db: DbSession, session_id: uuid.UUID) -> Turn | None:
+    return db.scalars(select(Turn).where(Turn.session_id == session_id)
+                      .order_by(Turn.seq.desc()).limit(1)).first()
+
+
+def list_turns(db: DbSession, session_id: uuid.UUID, limit: int, offset: int) -> tuple[list[Turn], int]:
+    """One page of a session's turns in seq order, and how many there are."""
+    total = db.scalar(select(func.count()).select_from(Turn).where(Turn.session_id == session_id))
+    rows = db.scalars(select(Turn).where(Turn.session_id == session_id)
+                      .order_by(Turn.seq).limit(limit).offset(offset)).all()
+    return list(rows), total or 0
+
+
+def get_owned_turn(db: DbSession, owner: str, turn_id: str) -> Turn:
+    """A turn of one of the caller's sessions; anyone else's is missing."""
+    row = db.scalars(select(Turn).join(Session, Session.id == Turn.session_id)
+                     .where(Turn.id == parse_uuid(turn_id, "turn"), Session.owner == owner)).first()
+    if row is None:
+        raise NotFound(f"no turn with id {turn_id}")
+    return row
+
+
+def head_queued_turn(db: DbSession, session_id: uuid.UUID) -> Turn | None:
+    """The session's next turn to run, if it has one waiting and none running."""
+    running = db.scalar(select(func.count()).select_from(Turn)
+                        .where(Turn.session_id == session_id, Turn.status == "running"))
+    if running:
+        return None
+    return db.scalars(select(Turn).where(Turn.session_id == session_id, Turn.status == "queued")
+                      .order_by(Turn.seq).limit(1)).first()
+
+
+def claim_turn(db: DbSession, turn_id: str, holder: str, lease_seconds: float) -> Turn | None:
+    """Takes the lease on a turn if it is its session's next one; None when it is not ours to run.
+
+    The session row lock serialises claims, so two deliveries of one task, or two turns of
+    one session, never run at once.
+    """
+    turn = db.get(Turn, uuid.UUID(turn_id))
+    if turn is None or turn.status != "queued":
+        return None
+    db.scalars(select(Session).where(Session.id == turn.session_id).with_for_update()).one()
+    head = head_queued_turn(db, turn.session_id)
+    if head is None or head.id != turn.id:
+        return None
+    turn.status = "running"
+    turn.attempt += 1
+    turn.lease_holder = holder
+    turn.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
+    turn.started_at = utcnow()
+    db.flush()
+    return turn
+
+
+def renew_lease(db: DbSession, turn_id: uuid.UUID, attempt: int, lease_seconds: float) -> bool:
+    """Extends our lease; False when the turn is no longer ours (fenced by attempt)."""
+    done = db.execute(update(Turn).where(Turn.id == turn_id, Turn.attempt == attempt,
+                                         Turn.status == "running")
+                      .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)))
+    return done.rowcount == 1
+
+
+def expired_leases(db: DbSession, now: datetime) -> list[Turn]:
+    return list(db.scalars(select(Turn).where(Turn.status == "running", Turn.lease_expires_at < now)
+                           .with_for_update(skip_locked=True)).all())
+
+
+def stale_queued_turns(db: DbSession, older_than: datetime) -> list[tuple[Turn, Session]]:
+    """Session heads queued for a while with nothing running: their task may have been lost."""
+    rows = db.execute(select(Turn, Session).join(Session, Session.id == Turn.session_id)
+                      .where(Turn.status == "queued", Turn.created_at < older_than,
+                             Session.host_queue.is_not(None),
+                             Session.status.in_(("ready", "busy", "stopped")))
+                      .order_by(Turn.session_id, Turn.seq)).all()
+    heads: dict[uuid.UUID, tuple[Turn, Session]] = {}
+    for turn, session in rows:
+        heads.setdefault(turn.session_id, (turn, session))
+    return list(heads.values())
+
+
+def is_finished(turn: Turn) -> bool:
+    return turn.status in FINISHED_TURN_STATUSES

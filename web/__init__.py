@@ -1,0 +1,26 @@
+"""The Flask front end: REST API, WebSocket stream, JWT auth, error mapping."""
+from __future__ import annotations
+
+from flask import Flask
+
+from core.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Builds the app from settings (the environment by default)."""
+    from web.api import api
+    from web.context import WebContext
+    from web.errors import register_error_handlers
+    from web.health import health
+    from web.stream import sock
+
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["ccd"] = WebContext(settings)
+    register_error_handlers(app)
+    app.register_blueprint(health)
+    app.register_blueprint(api)
+    sock.init_app(app)
+    return app

@@ -1,0 +1,35 @@
+"""The web process's shared resources, and the per-request database session."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from flask import current_app
+from sqlalchemy.orm import Session as DbSession
+
+from core.db import make_engine, make_session_factory, transaction
+from core.events import EventLog
+from core.queues import TaskSender
+from core.settings import Settings
+
+
+class WebContext:
+    """One engine, one Redis pool, one task sender per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings)
+        self.db = make_session_factory(self.engine)
+        self.events = EventLog.from_settings(settings)
+        self.sender = TaskSender(settings)
+
+
+def ctx() -> WebContext:
+    return current_app.extensions["ccd"]
+
+
+@contextmanager
+def unit_of_work() -> Iterator[DbSession]:
+    """A transaction for one request step; committed when the block ends without error."""
+    with transaction(ctx().db) as db:
+        yield db

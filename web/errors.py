@@ -1,0 +1,66 @@
+"""Error mapping: every failure becomes {"error": {"code", "message"}} with the right status."""
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask, jsonify
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from werkzeug.exceptions import HTTPException
+
+from core.errors import DomainError
+
+log = logging.getLogger(__name__)
+
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+              409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "unprocessable"}
+
+
+def error_response(status: int, code: str, message: str, **extra):
+    body = {"code": code, "message": message, **{k: v for k, v in extra.items() if v is not None}}
+    return jsonify({"error": body}), status
+
+
+def validation_response(exc: ValidationError, prefix: str = ""):
+    """A 400 naming the first bad field, with every problem listed."""
+    details = [{"field": prefix + ".".join(str(p) for p in err["loc"]), "message": err["msg"]}
+               for err in exc.errors()]
+    first = details[0]
+    message = f"{first['field'] or 'body'}: {first['message']}"
+    return error_response(400, "validation_error", message, field=first["field"], details=details)
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(DomainError)
+    def _domain(exc: DomainError):
+        return error_response(exc.status, exc.code, exc.message, field=exc.field)
+
+    @app.errorhandler(ValidationError)
+    def _validation(exc: ValidationError):
+        return validation_response(exc)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException):
+        status = exc.code or 500
+        return error_response(status, HTTP_CODES.get(status, "http_error"), exc.description or exc.name)
+
+    @app.errorhandler(OperationalError)
+    def _database_down(exc: OperationalError):
+        log.error("database unavailable: %s", exc.orig)
+        return error_response(503, "database_unavailable", "the database is not answering; try again shortly")
+
+    @app.errorhandler(redis.ConnectionError)
+    def _redis_down(exc: redis.ConnectionError):
+        log.error("redis unavailable: %s", exc)
+        return error_response(503, "redis_unavailable", "the event store / queue is not answering; try again shortly")
+
+    @app.errorhandler(DBAPIError)
+    def _database_error(exc: DBAPIError):
+        log.exception("database error")
+        return error_response(500, "internal_error", "a database error occurred; it was logged")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "an unexpected error occurred; it was logged")

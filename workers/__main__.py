@@ -1,0 +1,38 @@
+"""`python -m workers worker|beat`: runs a worker for this host's queues, or the scheduler."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from core.errors import ConfigError
+from core.logs import setup_logging
+from core.settings import Settings
+from workers.celery_app import create_worker_app
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers")
+    parser.add_argument("role", choices=["worker", "beat"])
+    parser.add_argument("--concurrency", type=int)
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    app, ctx = create_worker_app(settings)
+    level = settings.log_level.upper()
+    if args.role == "beat":
+        app.start(["beat", f"--loglevel={level}", "--schedule=/tmp/ccd-beat-schedule"])
+        return 0
+    ctx.runtime.ensure_network()  # fail fast when Docker is not reachable
+    queues = f"{settings.placement_queue},{settings.host_queue()}"
+    app.worker_main(["worker", f"--loglevel={level}", "-Q", queues,
+                     f"--concurrency={args.concurrency or settings.worker_concurrency}",
+                     f"--hostname=ccd@{settings.host_name}", "--without-gossip", "--without-mingle"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,51 @@
+"""Per-process resources of a worker: settings, database, event log, Docker runtime, task sender."""
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+from core.db import make_engine, make_session_factory
+from core.events import EventLog
+from core.queues import TaskSender
+from core.settings import Settings
+
+
+class WorkerContext:
+    """Built lazily, so each forked worker process opens its own connections."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def engine(self):
+        return make_engine(self.settings)
+
+    @cached_property
+    def db(self):
+        return make_session_factory(self.engine)
+
+    @cached_property
+    def events(self) -> EventLog:
+        return EventLog.from_settings(self.settings)
+
+    @cached_property
+    def runtime(self):
+        from workers.runtime import DockerRuntime
+
+        return DockerRuntime(self.settings)
+
+    @cached_property
+    def sender(self) -> TaskSender:
+        return TaskSender(self.settings)
+
+    @property
+    def holder(self) -> str:
+        """Who holds a lease: this host and process."""
+        return f"{self.settings.host_name}:{os.getpid()}"
+
+    def reset_after_fork(self) -> None:
+        """Drops connections inherited from the parent; a child must never share a socket."""
+        for name in ("engine", "db", "events", "runtime", "sender"):
+            value = self.__dict__.pop(name, None)
+            if name == "engine" and value is not None:
+                value.dispose(close=False)

@@ -1,0 +1,38 @@
+"""The reaper: ends turns whose worker vanished and re-sends turns whose task was lost."""
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from core.db import transaction
+from core.envelope import Event
+from core.models import Session, utcnow
+from core.turns import expired_leases, stale_queued_turns
+from workers.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+STALE_QUEUED_AFTER = timedelta(seconds=60)
+
+
+def reap(ctx: WorkerContext) -> dict[str, int]:
+    """One sweep; returns how many turns it ended and re-sent."""
+    ended: list[Event] = []
+    with transaction(ctx.db) as db:
+        for turn in expired_leases(db, utcnow()):
+            error = f"the worker running this turn ({turn.lease_holder}) stopped renewing its lease"
+            turn.status, turn.error, turn.finished_at = "failed", error, utcnow()
+            turn.lease_holder = turn.lease_expires_at = None
+            session = db.get(Session, turn.session_id, with_for_update=True)
+            if session.status == "busy":
+                session.status = "ready"
+            ended.append(Event(session_id=str(turn.session_id), turn_id=str(turn.id), seq=turn.seq,
+                               type="turn.failed", data={"status": "failed", "error": error}))
+        stale = [(str(t.id), s.host_queue) for t, s in stale_queued_turns(db, utcnow() - STALE_QUEUED_AFTER)]
+    if ended:
+        ctx.events.publish_many(ended)
+    for turn_id, host_queue in stale:
+        ctx.sender.run_turn(turn_id, host_queue)
+    if ended or stale:
+        log.info("reaper: ended %d turns with expired leases, re-sent %d queued turns", len(ended), len(stale))
+    return {"ended": len(ended), "resent": len(stale)}

@@ -1,0 +1,156 @@
+"""The Docker runtime: one hardened container per session, named from its id, and exec into it."""
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Iterator
+
+import docker
+from docker.errors import APIError, NotFound
+from docker.utils.socket import STDOUT, frames_iter
+
+from core.errors import Unavailable
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+AGENT_USER = "agent"
+DEFAULT_LIMITS = {"memory_mb": 2048, "cpus": 1.0, "pids": 512}
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int | None
+    stderr: str
+
+
+class DockerRuntime:
+    """Creates, starts, stops and removes session containers on this host's Docker engine."""
+
+    def __init__(self, settings: Settings, client: docker.DockerClient | None = None) -> None:
+        self.settings = settings
+        try:
+            self.client = client or docker.from_env(timeout=120)
+        except docker.errors.DockerException as exc:
+            raise Unavailable(f"cannot reach the Docker engine ({exc}); is dockerd running?") from None
+        self.api = self.client.api
+
+    def container_name(self, session_id: str) -> str:
+        return f"{self.settings.key_prefix}-session-{session_id}"
+
+    def volume_names(self, session_id: str) -> dict[str, str]:
+        base = f"{self.settings.key_prefix}-{session_id}"
+        return {"workspace": f"{base}-workspace", "home": f"{base}-home"}
+
+    def ensure_network(self) -> None:
+        """Creates the sessions' network when missing; an existing one is used as configured."""
+        name = self.settings.session_network
+        try:
+            self.client.networks.get(name)
+        except NotFound:
+            try:
+                self.client.networks.create(name, driver="bridge", labels={"ccd.network": "sessions"})
+            except APIError as exc:  # a concurrent worker made it first
+                if exc.status_code != 409:
+                    raise
+
+    def find(self, session_id: str):
+        try:
+            return self.client.containers.get(self.container_name(session_id))
+        except NotFound:
+            return None
+
+    def ensure_running(self, session_id: str, owner: str, config: dict) -> str:
+        """The session's container, created if missing and started if stopped; returns its id."""
+        container = self.find(session_id)
+        if container is None:
+            container = self._create(session_id, owner, config)
+        if container.status != "running":
+            container.start()
+        return container.id
+
+    def _create(self, session_id: str, owner: str, config: dict):
+        self.ensure_network()
+        limits = {**DEFAULT_LIMITS, **(config.get("limits") or {})}
+        volumes = self.volume_names(session_id)
+        labels = {"ccd.session": session_id, "ccd.owner": owner, "ccd.prefix": self.settings.key_prefix}
+        for volume in volumes.values():
+            self._ensure_volume(volume, labels)
+        try:
+            return self.client.containers.create(
+                self.settings.image,
+                command=["sleep", "infinity"],
+                name=self.container_name(session_id),
+                hostname="session",
+                user=AGENT_USER,
+                working_dir="/workspace",
+                init=True,
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+                mem_limit=f"{int(limits['memory_mb'])}m",
+                nano_cpus=int(float(limits["cpus"]) * 1e9),
+                pids_limit=int(limits["pids"]),
+                labels=labels,
+                volumes={volumes["workspace"]: {"bind": "/workspace", "mode": "rw"},
+                         volumes["home"]: {"bind": "/home/agent", "mode": "rw"}},
+                network=self.settings.session_network,
+            )
+        except APIError as exc:
+            if exc.status_code == 409:  # a retried start: the container is already there
+                return self.client.containers.get(self.container_name(session_id))
+            if exc.status_code == 404 and "image" in str(exc).lower():
+                raise Unavailable(f"session image {self.settings.image} is missing; run `make image`") from None
+            raise
+
+    def _ensure_volume(self, name: str, labels: dict) -> None:
+        try:
+            self.client.volumes.get(name)
+        except NotFound:
+            self.client.volumes.create(name, labels=labels)
+
+    def stop(self, session_id: str, grace_seconds: int = 10) -> None:
+        container = self.find(session_id)
+        if container is not None and container.status in ("running", "restarting", "paused"):
+            container.stop(timeout=grace_seconds)
+
+    def remove(self, session_id: str) -> None:
+        """Removes the container and its volumes; missing parts are fine (removal is retried)."""
+        container = self.find(session_id)
+        if container is not None:
+            container.remove(force=True)
+        for name in self.volume_names(session_id).values():
+            try:
+                self.client.volumes.get(name).remove(force=True)
+            except NotFound:
+                pass
+
+    def exec_lines(self, container_id: str, argv: list[str], env: dict[str, str], stdin: bytes,
+                   result: list[ExecResult]) -> Iterator[str]:
+        """Runs argv in the container with `stdin` as input; yields stdout lines as they arrive.
+
+        When the generator is exhausted, `result` holds the exit code and captured stderr.
+        """
+        exec_id = self.api.exec_create(container_id, argv, stdin=True, stdout=True, stderr=True,
+                                       environment=env, user=AGENT_USER, workdir="/workspace")["Id"]
+        sock = self.api.exec_start(exec_id, socket=True)
+        raw = getattr(sock, "_sock", sock)
+        stderr = bytearray()
+        try:
+            raw.sendall(stdin)
+            raw.shutdown(socket.SHUT_WR)  # EOF on the process's stdin
+            pending = b""
+            for stream, chunk in frames_iter(sock, tty=False):
+                if stream != STDOUT:
+                    stderr.extend(chunk[-8192:])
+                    continue
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    yield line.decode("utf-8", "replace")
+            if pending:
+                yield pending.decode("utf-8", "replace")
+        finally:
+            sock.close()
+        code = self.api.exec_inspect(exec_id).get("ExitCode")
+        result.append(ExecResult(code, stderr.decode("utf-8", "replace")[-4000:]))

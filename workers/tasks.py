@@ -1,0 +1,34 @@
+"""Celery tasks: thin wrappers that hand ids to the lifecycle, turn runner and reaper."""
+from __future__ import annotations
+
+from celery import Celery
+
+from core import queues
+from workers import lifecycle
+from workers.context import WorkerContext
+from workers.reaper import reap
+from workers.turn_runner import TurnRunner
+
+
+def register_tasks(app: Celery, ctx: WorkerContext) -> None:
+    """Binds every task name to its work. Each task is safe to receive twice."""
+
+    @app.task(name=queues.START_SESSION)
+    def start_session(session_id: str) -> None:
+        lifecycle.start_session(ctx, session_id)
+
+    @app.task(name=queues.RUN_TURN)
+    def run_turn(turn_id: str) -> None:
+        TurnRunner(ctx).run(turn_id)
+
+    @app.task(name=queues.STOP_SESSION)
+    def stop_session(session_id: str) -> None:
+        lifecycle.stop_session(ctx, session_id)
+
+    @app.task(name=queues.DELETE_SESSION)
+    def delete_session(session_id: str) -> None:
+        lifecycle.delete_session(ctx, session_id)
+
+    @app.task(name=queues.REAP)
+    def reap_task() -> dict:
+        return reap(ctx)
