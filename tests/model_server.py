@@ -138,15 +138,20 @@ class ModelServer:
                 plan = plan_reply(body)
                 if "status" in plan:
                     kind = "api_error" if plan["status"] >= 500 else "invalid_request_error"
-                    return self._json(plan["status"], _error(kind, "scripted failure"))
+                    # x-should-retry: false, as the real API sends for errors not worth retrying;
+                    # without it Claude Code retries a 5xx for over a minute.
+                    return self._json(plan["status"], _error(kind, "scripted failure"),
+                                      {"x-should-retry": "false"})
                 message = _message(body, content_blocks(plan))
                 if body.get("stream"):
                     return self._stream(message, plan.get("slow", 0.0))
                 return self._json(200, message)
 
-            def _json(self, status: int, payload: dict[str, Any]) -> None:
+            def _json(self, status: int, payload: dict[str, Any], headers: dict | None = None) -> None:
                 data = json.dumps(payload).encode()
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("request-id", "req_" + uuid.uuid4().hex[:12])

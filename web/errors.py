@@ -8,6 +8,7 @@ from flask import Flask, jsonify
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import WebsocketMismatch
 
 from core.errors import DomainError
 
@@ -39,6 +40,11 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ValidationError)
     def _validation(exc: ValidationError):
         return validation_response(exc)
+
+    @app.errorhandler(WebsocketMismatch)
+    def _not_a_websocket(exc: WebsocketMismatch):
+        return error_response(400, "websocket_required",
+                              "this endpoint is a WebSocket: connect with ws:// (or wss://) and an Upgrade")
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):

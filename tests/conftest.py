@@ -1,0 +1,106 @@
+"""Fixtures: a private database and key prefix per run; the real stack for end-to-end tests."""
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import uuid
+from dataclasses import replace
+
+import jwt
+import pytest
+import redis
+from sqlalchemy.engine import make_url
+
+from client.tokens import mint_token
+from core.db import create_database_if_missing, migrate
+from core.settings import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, Settings
+from tests import stack
+from tests.model_server import ModelServer
+
+RUN_ID = secrets.token_hex(4)
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    """Settings of this run: its own database and Redis key prefix, cleaned up afterwards."""
+    base_db = make_url(os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL)
+    database_url = base_db.set(database=f"ccd_test_{RUN_ID}").render_as_string(hide_password=False)
+    create_database_if_missing(database_url)
+    migrate(database_url)
+    s = Settings.from_env({}, jwt_secret=secrets.token_hex(32), database_url=database_url,
+                          redis_url=os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL,
+                          key_prefix=f"ccdt{RUN_ID}", session_network=f"ccdt{RUN_ID}-net",
+                          image=os.environ.get("CCD_IMAGE") or "ccd-session:latest",
+                          anthropic_api_key="sk-test-not-a-real-key")
+    yield s
+    client = redis.Redis.from_url(s.redis_url)
+    keys = list(client.scan_iter(match=f"{s.key_prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    stack.drop_database(database_url)
+
+
+@pytest.fixture
+def token(settings):
+    """Mints a valid token for an owner."""
+    return lambda sub="alice", ttl=600: mint_token(settings.jwt_secret, sub, ttl)
+
+
+@pytest.fixture
+def auth(token):
+    """Authorization headers for an owner."""
+    return lambda sub="alice": {"Authorization": f"Bearer {token(sub)}"}
+
+
+@pytest.fixture(scope="session")
+def app(settings):
+    from web import create_app
+
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    return stack.ensure_dockerd()
+
+
+@pytest.fixture(scope="session")
+def stack_env(settings, docker_client):
+    """The real stack: session image, network, scripted model server, web and worker processes."""
+    stack.build_image(settings.image)
+    gateway = stack.network_gateway(docker_client, settings.session_network)
+    model = ModelServer(gateway, 0).start()  # on the gateway: where session containers reach the host
+    port = stack.free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CCD_"))},
+        "JWT_SECRET": settings.jwt_secret, "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url, "CCD_KEY_PREFIX": settings.key_prefix,
+        "CCD_SESSION_NETWORK": settings.session_network, "CCD_IMAGE": settings.image,
+        "ANTHROPIC_API_KEY": settings.anthropic_api_key, "ANTHROPIC_BASE_URL": model.url,
+        "CONTAINER_TIMEOUT_DEFAULT": "120", "LOG_LEVEL": "INFO", "CCD_PORT": str(port),
+    }
+    web = stack.start_web(env, port)
+    worker = stack.start_worker(env)
+    yield {"base": f"http://127.0.0.1:{port}", "ws": f"ws://127.0.0.1:{port}", "model": model,
+           "web": web, "worker": worker, "settings": replace(settings, anthropic_base_url=model.url)}
+    worker.stop()
+    web.stop()
+    model.stop()
+    stack.remove_prefixed(docker_client, settings.key_prefix, settings.session_network)
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
+    """Polls until predicate() returns something truthy; fails the test with `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")

@@ -1,0 +1,145 @@
+"""Test plumbing for the real parts: a private database, dockerd, the session image, web and worker processes."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import docker
+import requests
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG_DIR = ROOT / ".run" / "test-logs"
+
+
+def drop_database(url: str) -> None:
+    parsed = make_url(url)
+    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
+    admin.dispose()
+
+
+def ensure_dockerd(timeout: float = 60.0) -> docker.DockerClient:
+    """The Docker engine, started from the installed dockerd when none is running."""
+    try:
+        client = docker.from_env(timeout=120)
+        client.ping()
+        return client
+    except docker.errors.DockerException:
+        pass
+    dockerd = shutil.which("dockerd")
+    if not dockerd:
+        raise RuntimeError("no Docker engine answers and dockerd is not installed: "
+                           "apt-get install docker.io (or run .ci/run)")
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    with open(LOG_DIR / "dockerd.log", "ab") as log:
+        subprocess.Popen([dockerd], stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            client = docker.from_env(timeout=120)
+            client.ping()
+            return client
+        except docker.errors.DockerException:
+            time.sleep(0.5)
+    raise RuntimeError(f"dockerd did not answer within {timeout:.0f}s; see {LOG_DIR / 'dockerd.log'}")
+
+
+def build_image(image: str) -> None:
+    """Builds (or reuses) the session image, once per test run."""
+    env = dict(os.environ, CCD_IMAGE=image)
+    proc = subprocess.run(["bash", str(ROOT / "container" / "build.sh")], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building {image} failed:\n{proc.stdout}\n{proc.stderr}")
+
+
+def network_gateway(client: docker.DockerClient, name: str) -> str:
+    """Creates the sessions' network and returns the host's address on it."""
+    try:
+        network = client.networks.get(name)
+    except docker.errors.NotFound:
+        network = client.networks.create(name, driver="bridge", labels={"ccd.test": "1"})
+    network.reload()
+    return network.attrs["IPAM"]["Config"][0]["Gateway"]
+
+
+def remove_prefixed(client: docker.DockerClient, prefix: str, network: str) -> None:
+    """Removes every container and volume this run made, and its network."""
+    for container in client.containers.list(all=True, filters={"label": f"ccd.prefix={prefix}"}):
+        container.remove(force=True)
+    for volume in client.volumes.list(filters={"label": f"ccd.prefix={prefix}"}):
+        volume.remove(force=True)
+    try:
+        client.networks.get(network).remove()
+    except docker.errors.NotFound:
+        pass
+
+
+class Process:
+    """A service process of ours, with its output in a log file for when a test fails."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.log_path = LOG_DIR / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def start_web(env: dict[str, str], port: int) -> Process:
+    web = Process("web", [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-k", "gthread",
+                          "--threads", "32", "--graceful-timeout", "3", "web.wsgi:app"], env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not web.alive():
+            raise RuntimeError(f"web exited:\n{web.tail()}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1).ok:
+                return web
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise RuntimeError(f"web did not answer /healthz:\n{web.tail()}")
+
+
+def start_worker(env: dict[str, str]) -> Process:
+    worker = Process("worker", [sys.executable, "-m", "workers", "worker", "--concurrency", "4"], env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not worker.alive():
+            raise RuntimeError(f"worker exited:\n{worker.tail()}")
+        if " ready." in worker.log_path.read_text(errors="replace"):
+            return worker
+        time.sleep(0.2)
+    raise RuntimeError(f"worker did not become ready:\n{worker.tail()}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
