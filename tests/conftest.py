@@ -41,7 +41,7 @@ def settings() -> Settings:
     stack.drop_database(database_url)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def token(settings):
     """Mints a valid token for an owner."""
     return lambda sub="alice", ttl=600: mint_token(settings.jwt_secret, sub, ttl)

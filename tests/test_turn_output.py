@@ -1,0 +1,60 @@
+"""How the wrapper's records become a turn's outcome, read from the sample Claude Code turn."""
+import json
+from pathlib import Path
+
+import pytest
+
+from workers.turn_output import TurnOutput
+
+SAMPLE = Path(__file__).resolve().parent.parent.parent / "shared" / "docs" / "samples" / "claude-code-2.1.330-stream-json.jsonl"
+
+
+def sample_lines() -> list[str]:
+    if SAMPLE.exists():
+        return SAMPLE.read_text().splitlines()
+    # Outside the team checkout: a minimal turn of the same shape.
+    return [json.dumps({"type": "system", "subtype": "init", "session_id": "s"}),
+            json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": "BASH-RESULT: hello ",
+                        "usage": {"input_tokens": 10, "output_tokens": 14}, "total_cost_usd": 0.00032})]
+
+
+def feed(lines: list[str], exit_record: dict | None) -> TurnOutput:
+    out = TurnOutput()
+    for n, line in enumerate(lines, 1):
+        out.take(f"{n}\t{line}")
+    if exit_record is not None:
+        out.take("exit\t" + json.dumps(exit_record))
+    return out
+
+
+def test_a_clean_turn_succeeds_and_passes_lines_through_unchanged():
+    lines = sample_lines()
+    out = TurnOutput()
+    passed = [out.take(f"{n}\t{line}") for n, line in enumerate(lines, 1)]
+    out.take('exit\t{"code": 0, "timed_out": false, "stderr": ""}')
+    assert passed == [json.loads(line) for line in lines]
+    assert out.outcome() == ("succeeded", None)
+    assert out.saw_init and out.result["result"] == "BASH-RESULT: hello "
+
+
+def test_invalid_json_fails_the_turn_and_says_so():
+    out = feed(sample_lines()[:1] + ["{truncated"], {"code": 0})
+    status, error = out.outcome()
+    assert status == "failed" and "not a JSON object" in error and "{truncated" in error
+
+
+def test_nonzero_exit_without_result_reports_the_last_stderr_line():
+    out = feed(sample_lines()[:1], {"code": 1, "stderr": "warming up\nError: session not found"})
+    assert out.outcome() == ("failed", "Claude Code exited with code 1: Error: session not found")
+
+
+def test_error_result_reports_the_model_api_status():
+    result = {"type": "result", "is_error": True, "api_error_status": 500, "result": "API Error: 500 boom"}
+    out = feed([json.dumps(result)], {"code": 1})
+    status, error = out.outcome()
+    assert status == "failed" and "model API status 500" in error and "API Error: 500 boom" in error
+
+
+@pytest.mark.parametrize("exit_record,status", [(None, "failed"), ({"code": -9, "timed_out": True}, "timed_out")])
+def test_missing_exit_or_timeout(exit_record, status):
+    assert feed(sample_lines()[:1], exit_record).outcome()[0] == status
