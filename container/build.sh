@@ -63,5 +63,6 @@ cp -r "$root/wrapper" "$build/context/wrapper"
 find "$build/context/wrapper" -name '__pycache__' -prune -exec rm -rf {} +
 log "building $image"
 docker build -q -f "$here/Dockerfile" --build-arg "BASE=$base" \
-  --build-arg "CLAUDE_CODE_VERSION=$claude_version" -t "$image" "$build/context" >/dev/null
+  --build-arg "CLAUDE_CODE_VERSION=$claude_version" -t "$image" "$build/context" \
+  >"$build/docker-build.log" 2>&1 || { log "docker build failed:"; tail -n 30 "$build/docker-build.log" >&2; exit 1; }
 log "image $image ready"

@@ -7,5 +7,7 @@ import logging
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("urllib3", "docker", "kombu", "amqp", "werkzeug"):
+    # Celery logs every task received and finished; our own modules log what matters.
+    for noisy in ("urllib3", "docker", "kombu", "amqp", "werkzeug", "celery.worker.strategy",
+                  "celery.app.trace", "celery.beat"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -1,0 +1,33 @@
+# cc-docker: `make run` starts everything, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: run test install image migrate compose-check clean
+
+run: install
+	$(BIN)/python scripts/run.py
+
+test: install
+	$(BIN)/python -m pytest
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+image:
+	bash container/build.sh
+
+migrate: install
+	$(BIN)/python -c "from core.db import create_database_if_missing, migrate; from core.settings import Settings; s = Settings.from_env(); create_database_if_missing(s.database_url); migrate(s.database_url)"
+
+compose-check:
+	docker-compose -f compose.yaml config --quiet
+
+clean:
+	rm -rf $(VENV) .run container/.build
