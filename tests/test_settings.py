@@ -49,3 +49,15 @@ def test_server_refuses_to_start_without_jwt_secret():
     proc = subprocess.run([sys.executable, "-c", "import web.wsgi"], env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "JWT_SECRET is not set" in proc.stderr
+
+
+def test_every_setting_is_documented_in_readme_and_env_example():
+    from pathlib import Path
+
+    from core.settings import ENV_NAMES
+
+    root = Path(__file__).resolve().parent.parent
+    readme, example = (root / "README.md").read_text(), (root / ".env.example").read_text()
+    for name in ENV_NAMES.values():
+        assert f"`{name}`" in readme, f"{name} missing from README"
+        assert f"{name}=" in example, f"{name} missing from .env.example"
