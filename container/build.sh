@@ -52,17 +52,17 @@ fetch_claude() {
       "@anthropic-ai/claude-code@$claude_version" >&2
   fi
   # Hard link (same file system) so the build context costs no copy.
-  ln -f "$bin" "$build/context/claude" 2>/dev/null || cp "$bin" "$build/context/claude"
+  ln -f "$bin" "$build/stage/claude" 2>/dev/null || cp "$bin" "$build/stage/claude"
 }
 
-mkdir -p "$build/context"
+mkdir -p "$build/stage"
 build_base
 fetch_claude
-rm -rf "$build/context/wrapper"
-cp -r "$root/wrapper" "$build/context/wrapper"
-find "$build/context/wrapper" -name '__pycache__' -prune -exec rm -rf {} +
+rm -rf "$build/stage/wrapper"
+cp -r "$root/wrapper" "$build/stage/wrapper"
+find "$build/stage/wrapper" -name '__pycache__' -prune -exec rm -rf {} +
 log "building $image"
 docker build -q -f "$here/Dockerfile" --build-arg "BASE=$base" \
-  --build-arg "CLAUDE_CODE_VERSION=$claude_version" -t "$image" "$build/context" \
+  --build-arg "CLAUDE_CODE_VERSION=$claude_version" -t "$image" "$here" \
   >"$build/docker-build.log" 2>&1 || { log "docker build failed:"; tail -n 30 "$build/docker-build.log" >&2; exit 1; }
 log "image $image ready"
