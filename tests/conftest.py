@@ -35,7 +35,7 @@ def settings() -> Settings:
                           anthropic_api_key="sk-test-not-a-real-key")
     yield s
     client = redis.Redis.from_url(s.redis_url)
-    keys = list(client.scan_iter(match=f"{s.key_prefix}:*", count=1000))
+    keys = list(client.scan_iter(match=f"{s.key_prefix}*", count=1000))
     if keys:
         client.delete(*keys)
     stack.drop_database(database_url)
@@ -54,10 +54,16 @@ def auth(token):
 
 
 @pytest.fixture(scope="session")
-def app(settings):
+def api_settings(settings):
+    """For tests without a worker: their tasks go to queues no worker of this run consumes."""
+    return replace(settings, key_prefix=f"{settings.key_prefix}api")
+
+
+@pytest.fixture(scope="session")
+def app(api_settings):
     from web import create_app
 
-    return create_app(settings)
+    return create_app(api_settings)
 
 
 @pytest.fixture

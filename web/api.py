@@ -1,9 +1,12 @@
 """REST API for sessions and turns: parse, call a core command, commit, enqueue, respond."""
 from __future__ import annotations
 
-from typing import TypeVar
+import logging
+from typing import Callable, TypeVar
 
+import redis
 from flask import Blueprint, g, request
+from kombu.exceptions import OperationalError as BrokerDown
 from pydantic import BaseModel, ValidationError
 
 from core import sessions as session_cmds
@@ -17,6 +20,7 @@ from web.errors import validation_response
 from web.schemas import (ChatRequest, CreateSession, PageQuery, SessionListQuery, session_body,
                          turn_body)
 
+log = logging.getLogger(__name__)
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 M = TypeVar("M", bound=BaseModel)
 STREAM_ENDPOINT = "api.stream"
@@ -67,6 +71,15 @@ def _query_error(err: QueryError):
     return validation_response(err.exc, prefix="query.")
 
 
+def enqueue(send: Callable[..., None], *args) -> None:
+    """Sends a task for work already committed. When the broker is down the request still
+    succeeds: the row is the promise, and the reaper sends the task once the broker is back."""
+    try:
+        send(*args)
+    except (BrokerDown, redis.RedisError) as exc:
+        log.warning("could not enqueue %s%s (%s); the reaper will retry", send.__name__, args, exc)
+
+
 def page(items: list, total: int, q: PageQuery) -> dict:
     nxt = q.offset + q.limit
     return {"items": items, "total": total, "limit": q.limit, "offset": q.offset,
@@ -81,7 +94,7 @@ def create_session():
         row = session_cmds.create_session(db, g.owner, spec.config.model_dump(),
                                           spec.workspace.model_dump())
         body = session_body(row)
-    ctx().sender.start_session(body["id"])
+    enqueue(ctx().sender.start_session, body["id"])
     return body, 201, {"Location": body["links"]["self"]}
 
 
@@ -113,7 +126,7 @@ def chat(session_id: str):
                              type="turn.queued", data={"status": "queued"}))
         body, host_queue = turn_body(turn), row.host_queue
     if host_queue:
-        ctx().sender.run_turn(body["id"], host_queue)
+        enqueue(ctx().sender.run_turn, body["id"], host_queue)
     return body, 202, {"Location": body["links"]["self"]}
 
 
@@ -149,7 +162,7 @@ def stop_session(session_id: str):
     """Stops the container; the next chat starts it again with the workspace and conversation kept."""
     body, host_queue = _wind_down(session_id, session_cmds.request_stop)
     if body["status"] == "stopping":
-        ctx().sender.stop_session(body["id"], host_queue)
+        enqueue(ctx().sender.stop_session, body["id"], host_queue)
     return body, 202
 
 
@@ -157,5 +170,5 @@ def stop_session(session_id: str):
 def delete_session(session_id: str):
     """Removes the container, volumes and events; the row stays, marked deleted."""
     body, host_queue = _wind_down(session_id, session_cmds.request_delete)
-    ctx().sender.delete_session(body["id"], host_queue)
+    enqueue(ctx().sender.delete_session, body["id"], host_queue)
     return body, 202

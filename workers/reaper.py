@@ -6,17 +6,19 @@ from datetime import timedelta
 
 from core.db import transaction
 from core.envelope import Event
+from sqlalchemy import select
+
 from core.models import Session, utcnow
 from core.turns import expired_leases, stale_queued_turns
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
 
-STALE_QUEUED_AFTER = timedelta(seconds=60)
+STALE_AFTER = timedelta(seconds=60)
 
 
-def reap(ctx: WorkerContext) -> dict[str, int]:
-    """One sweep; returns how many turns it ended and re-sent."""
+def reap(ctx: WorkerContext, stale_after: timedelta = STALE_AFTER) -> dict[str, int]:
+    """One sweep; returns how many turns it ended and how many tasks it re-sent."""
     ended: list[Event] = []
     with transaction(ctx.db) as db:
         for turn in expired_leases(db, utcnow()):
@@ -28,11 +30,18 @@ def reap(ctx: WorkerContext) -> dict[str, int]:
                 session.status = "ready"
             ended.append(Event(session_id=str(turn.session_id), turn_id=str(turn.id), seq=turn.seq,
                                type="turn.failed", data={"status": "failed", "error": error}))
-        stale = [(str(t.id), s.host_queue) for t, s in stale_queued_turns(db, utcnow() - STALE_QUEUED_AFTER)]
+        cutoff = utcnow() - stale_after
+        stale = [(str(t.id), s.host_queue) for t, s in stale_queued_turns(db, cutoff)]
+        # A session still `creating` long after it was made: its start task never arrived.
+        unstarted = [str(i) for i in db.scalars(select(Session.id).where(
+            Session.status == "creating", Session.created_at < cutoff))]
     if ended:
         ctx.events.publish_many(ended)
     for turn_id, host_queue in stale:
         ctx.sender.run_turn(turn_id, host_queue)
-    if ended or stale:
-        log.info("reaper: ended %d turns with expired leases, re-sent %d queued turns", len(ended), len(stale))
-    return {"ended": len(ended), "resent": len(stale)}
+    for session_id in unstarted:
+        ctx.sender.start_session(session_id)
+    resent = len(stale) + len(unstarted)
+    if ended or resent:
+        log.info("reaper: ended %d turns with expired leases, re-sent %d tasks", len(ended), resent)
+    return {"ended": len(ended), "resent": resent}
