@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, Numeric, String,
-                        Text, UniqueConstraint, text)
+                        Text, UniqueConstraint)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 

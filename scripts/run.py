@@ -140,7 +140,7 @@ def ensure_docker() -> None:
         docker.from_env().ping()
     except Exception:
         raise SystemExit("[run] the Docker engine does not answer. Install it (apt-get install docker.io) "
-                         "and start it (dockerd &, or systemctl start docker), then run make run again.")
+                         "and start it (dockerd &, or systemctl start docker), then run make run again.") from None
 
 
 def stop_children(*_args) -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 import os
 import secrets
 import time
-import uuid
 from dataclasses import replace
 
-import jwt
 import pytest
 import redis
 from sqlalchemy.engine import make_url

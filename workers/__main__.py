@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 from core.errors import ConfigError
 from core.logs import setup_logging
@@ -24,7 +26,8 @@ def main(argv: list[str]) -> int:
     app, ctx = create_worker_app(settings)
     level = settings.log_level.upper()
     if args.role == "beat":
-        app.start(["beat", f"--loglevel={level}", "--schedule=/tmp/ccd-beat-schedule"])
+        schedule = Path(tempfile.gettempdir()) / f"{settings.key_prefix}-beat-schedule"
+        app.start(["beat", f"--loglevel={level}", f"--schedule={schedule}"])
         return 0
     ctx.runtime.ensure_network()  # fail fast when Docker is not reachable
     queues = f"{settings.placement_queue},{settings.host_queue()}"
