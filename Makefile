@@ -24,7 +24,7 @@ image:
 	bash container/build.sh
 
 migrate: install
-	$(BIN)/python -c "from core.db import create_database_if_missing, migrate; from core.settings import Settings; s = Settings.from_env(); create_database_if_missing(s.database_url); migrate(s.database_url)"
+	$(BIN)/python -m core.migrate
 
 compose-check:
 	docker-compose -f compose.yaml config --quiet

@@ -8,7 +8,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session as DbSession
 
 from core.errors import NotFound, WrongState
-from core.models import FINISHED_TURN_STATUSES, Session, Turn, utcnow
+from core.models import Session, Turn, utcnow
 from core.sessions import CHAT_STATES, parse_uuid
 
 
@@ -104,6 +104,3 @@ def stale_queued_turns(db: DbSession, older_than: datetime) -> list[tuple[Turn, 
         heads.setdefault(turn.session_id, (turn, session))
     return list(heads.values())
 
-
-def is_finished(turn: Turn) -> bool:
-    return turn.status in FINISHED_TURN_STATUSES

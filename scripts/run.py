@@ -170,12 +170,10 @@ def main() -> int:
     try:
         ensure_redis(settings.redis_url)
         ensure_postgres(settings.database_url)
-        from core.db import create_database_if_missing, migrate
+        from core.migrate import prepare_database
 
-        if create_database_if_missing(settings.database_url):
-            say("created the database")
-        migrate(settings.database_url)
-        say("database migrated")
+        created = prepare_database(settings.database_url)
+        say(f"database {'created and ' if created else ''}migrated")
         ensure_docker()
         say(f"building the session image {settings.image} (first time: a few minutes; then seconds)")
         subprocess.run(["bash", str(ROOT / "container" / "build.sh")], check=True)

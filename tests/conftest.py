@@ -11,7 +11,7 @@ import redis
 from sqlalchemy.engine import make_url
 
 from client.tokens import mint_token
-from core.db import create_database_if_missing, migrate
+from core.migrate import prepare_database
 from core.settings import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL, Settings
 from tests import stack
 from tests.model_server import ModelServer
@@ -24,8 +24,7 @@ def settings() -> Settings:
     """Settings of this run: its own database and Redis key prefix, cleaned up afterwards."""
     base_db = make_url(os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL)
     database_url = base_db.set(database=f"ccd_test_{RUN_ID}").render_as_string(hide_password=False)
-    create_database_if_missing(database_url)
-    migrate(database_url)
+    prepare_database(database_url)
     s = Settings.from_env({}, jwt_secret=secrets.token_hex(32), database_url=database_url,
                           redis_url=os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL,
                           key_prefix=f"ccdt{RUN_ID}", session_network=f"ccdt{RUN_ID}-net",
