@@ -73,3 +73,9 @@ class Event:
         sid = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
         return cls(id=sid, session_id=body["session_id"], turn_id=body.get("turn_id"),
                    seq=body.get("seq"), type=body["type"], ts=body["ts"], data=body["data"])
+
+
+def status_event(session_id: str, status: str, error: str | None = None) -> Event:
+    """The `session.status` event for a session entering `status`."""
+    data = {"status": status} if error is None else {"status": status, "error": error}
+    return Event(session_id=session_id, type="session.status", data=data)

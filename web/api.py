@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from core import sessions as session_cmds
 from core import turns as turn_cmds
-from core.envelope import Event
+from core.envelope import Event, status_event
 from core.errors import DomainError, ValidationFailed
 from core.events import is_stream_id
 from web.auth import authenticate
@@ -152,7 +152,7 @@ def _wind_down(session_id: str, command) -> tuple[dict, str | None]:
         cancelled = command(db, row)
         events = [Event(session_id=str(row.id), turn_id=str(t.id), seq=t.seq, type="turn.cancelled",
                         data={"status": "cancelled", "error": t.error}) for t in cancelled]
-        events.append(Event(session_id=str(row.id), type="session.status", data={"status": row.status}))
+        events.append(status_event(str(row.id), row.status))
         ctx().events.publish_many(events)
         return session_body(row), row.host_queue
 

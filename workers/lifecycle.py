@@ -5,7 +5,7 @@ import logging
 import uuid
 
 from core.db import transaction
-from core.envelope import Event
+from core.envelope import status_event
 from core.models import Session, utcnow
 from core.turns import head_queued_turn
 from workers.context import WorkerContext
@@ -18,8 +18,7 @@ def _locked(db, session_id: str) -> Session | None:
 
 
 def publish_status(ctx: WorkerContext, session_id: str, status: str, error: str | None = None) -> None:
-    data = {"status": status} if error is None else {"status": status, "error": error}
-    ctx.events.publish(Event(session_id=session_id, type="session.status", data=data))
+    ctx.events.publish(status_event(session_id, status, error))
 
 
 def start_session(ctx: WorkerContext, session_id: str) -> None:
