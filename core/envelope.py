@@ -41,11 +41,13 @@ class Event:
     def asdict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def to_json(self) -> str:
+    def frame(self) -> dict[str, Any]:
         """The frame as clients see it, key order fixed for readability."""
-        return json.dumps({"id": self.id, "session_id": self.session_id, "turn_id": self.turn_id,
-                           "seq": self.seq, "type": self.type, "ts": self.ts, "data": self.data},
-                          separators=(",", ":"))
+        return {"id": self.id, "session_id": self.session_id, "turn_id": self.turn_id,
+                "seq": self.seq, "type": self.type, "ts": self.ts, "data": self.data}
+
+    def to_json(self) -> str:
+        return json.dumps(self.frame(), separators=(",", ":"))
 
     def to_fields(self) -> dict[str, str]:
         """The Redis stream entry: the frame minus its id, which Redis assigns."""

@@ -14,6 +14,14 @@ def parse_stream_id(value: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def id_before(value: str) -> str:
+    """The stream id just before `value`, so an exclusive read from it includes `value`."""
+    ms, seq = parse_stream_id(value)
+    if seq:
+        return f"{ms}-{seq - 1}"
+    return f"{ms - 1}-18446744073709551615" if ms else "0-0"
+
+
 def is_stream_id(value: str) -> bool:
     try:
         ms, seq = parse_stream_id(value)

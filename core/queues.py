@@ -10,6 +10,7 @@ RUN_TURN = "ccd.run_turn"
 STOP_SESSION = "ccd.stop_session"
 DELETE_SESSION = "ccd.delete_session"
 REAP = "ccd.reap"
+DELIVER_WEBHOOK = "ccd.deliver_webhook"
 
 REAP_EVERY_SECONDS = 30.0
 
@@ -63,6 +64,11 @@ class TaskSender:
     def stop_session(self, session_id: str, host_queue: str | None) -> None:
         self.celery.send_task(STOP_SESSION, args=[session_id],
                               queue=host_queue or self.settings.placement_queue)
+
+    def deliver_webhook(self, kind: str, resource_id: str, attempt: int = 1, countdown: float = 0) -> None:
+        """Posts a finished turn's or batch's webhook (kind "turn" or "batch"); any worker may."""
+        self.celery.send_task(DELIVER_WEBHOOK, args=[kind, resource_id, attempt],
+                              queue=self.settings.placement_queue, countdown=countdown or None)
 
     def delete_session(self, session_id: str, host_queue: str | None) -> None:
         self.celery.send_task(DELETE_SESSION, args=[session_id],

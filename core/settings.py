@@ -34,7 +34,18 @@ class Settings:
     host_name: str = field(default_factory=socket.gethostname)
     events_maxlen: int = 100_000
     max_body_bytes: int = 1_048_576
+    max_batch_bytes: int = 67_108_864
     worker_concurrency: int = 4
+    cancel_grace_seconds: int = 5
+    max_wait_seconds: int = 300
+    owner_max_sessions: int = 100
+    owner_max_running_turns: int = 20
+    owner_max_queued_turns: int = 1000
+    idempotency_ttl_seconds: int = 86400
+    webhook_secret: str = ""
+    webhook_allow_private: bool = False
+    webhook_max_attempts: int = 8
+    ws_ping_seconds: int = 25
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -51,6 +62,10 @@ class Settings:
                     values[f.name] = int(raw)
                 except ValueError:
                     raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+            elif f.type in ("bool", bool):
+                if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+                values[f.name] = raw.lower() in ("1", "true", "yes")
             else:
                 values[f.name] = raw
         values.update(overrides)
@@ -68,9 +83,14 @@ class Settings:
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         for name in ("port", "container_timeout_default", "max_spawn_depth", "events_maxlen",
-                     "max_body_bytes", "worker_concurrency"):
+                     "max_body_bytes", "max_batch_bytes", "worker_concurrency", "cancel_grace_seconds", "max_wait_seconds",
+                     "owner_max_sessions", "owner_max_running_turns", "owner_max_queued_turns",
+                     "idempotency_ttl_seconds", "webhook_max_attempts", "ws_ping_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
+        if self.idempotency_ttl_seconds < 86400:
+            raise ConfigError("CCD_IDEMPOTENCY_TTL_SECONDS must be at least 86400 (24 h): "
+                              "clients may retry a request a day later")
         if not self.key_prefix.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"CCD_KEY_PREFIX may hold letters, digits, - and _ only, got {self.key_prefix!r}")
 
@@ -103,5 +123,16 @@ ENV_NAMES = {
     "host_name": "CCD_HOST_NAME",
     "events_maxlen": "CCD_EVENTS_MAXLEN",
     "max_body_bytes": "CCD_MAX_BODY_BYTES",
+    "max_batch_bytes": "CCD_MAX_BATCH_BYTES",
     "worker_concurrency": "CCD_WORKER_CONCURRENCY",
+    "cancel_grace_seconds": "CCD_CANCEL_GRACE_SECONDS",
+    "max_wait_seconds": "CCD_MAX_WAIT_SECONDS",
+    "owner_max_sessions": "CCD_OWNER_MAX_SESSIONS",
+    "owner_max_running_turns": "CCD_OWNER_MAX_RUNNING_TURNS",
+    "owner_max_queued_turns": "CCD_OWNER_MAX_QUEUED_TURNS",
+    "idempotency_ttl_seconds": "CCD_IDEMPOTENCY_TTL_SECONDS",
+    "webhook_secret": "CCD_WEBHOOK_SECRET",
+    "webhook_allow_private": "CCD_WEBHOOK_ALLOW_PRIVATE",
+    "webhook_max_attempts": "CCD_WEBHOOK_MAX_ATTEMPTS",
+    "ws_ping_seconds": "CCD_WS_PING_SECONDS",
 }

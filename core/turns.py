@@ -7,8 +7,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session as DbSession
 
+from core.envelope import Event
 from core.errors import NotFound, WrongState
-from core.models import Session, Turn, utcnow
+from core.models import FINISHED_TURN_STATUSES, Session, Turn, utcnow
 from core.sessions import CHAT_STATES, parse_uuid
 
 
@@ -23,6 +24,60 @@ def submit_turn(db: DbSession, session: Session, prompt: str) -> Turn:
     db.add(turn)
     db.flush()
     return turn
+
+
+def queue_turn(db: DbSession, session: Session, prompt: str, *, webhook: str | None = None,
+               batch_id: uuid.UUID | None = None) -> Turn:
+    """A new queued turn on a locked session; the caller publishes its `queued_event`."""
+    turn = submit_turn(db, session, prompt)
+    turn.webhook, turn.batch_id = webhook, batch_id
+    turn.webhook_status = "pending" if webhook else None
+    return turn
+
+
+def queued_event(turn: Turn) -> Event:
+    return Event(session_id=str(turn.session_id), turn_id=str(turn.id), seq=turn.seq,
+                 type="turn.queued", data={"status": "queued"})
+
+
+def ended_event(turn: Turn) -> Event:
+    """The final event of a turn that ended without running (cancelled while queued)."""
+    kind = {"succeeded": "turn.completed", "cancelled": "turn.cancelled"}.get(turn.status, "turn.failed")
+    return Event(session_id=str(turn.session_id), turn_id=str(turn.id), seq=turn.seq, type=kind,
+                 data={"status": turn.status, "error": turn.error})
+
+
+def request_cancel(db: DbSession, turn: Turn) -> bool:
+    """Cancels a queued turn at once (True), or marks a running one for its worker to stop (False).
+
+    The caller holds the session lock, so no worker claims the turn in between.
+    """
+    if turn.status in FINISHED_TURN_STATUSES:
+        raise WrongState(f"turn {turn.id} already ended ({turn.status}); there is nothing to cancel",
+                         code="turn_finished")
+    if turn.status == "queued":
+        turn.status, turn.error, turn.finished_at = "cancelled", "cancelled by request", utcnow()
+        return True
+    if turn.cancel_requested_at is None:
+        turn.cancel_requested_at = utcnow()
+    return False
+
+
+def cancel_running_turns(db: DbSession, session_id: uuid.UUID) -> list[str]:
+    """Marks the session's running turn(s) for cancellation; returns their ids to signal."""
+    rows = db.execute(update(Turn).where(Turn.session_id == session_id, Turn.status == "running",
+                                         Turn.cancel_requested_at.is_(None))
+                      .values(cancel_requested_at=func.now()).returning(Turn.id)).scalars().all()
+    return [str(i) for i in rows]
+
+
+def queue_positions(db: DbSession, session_ids: set[uuid.UUID]) -> dict[uuid.UUID, int]:
+    """Each queued turn's place in its session's queue: 1 runs next (after any running turn)."""
+    if not session_ids:
+        return {}
+    place = func.row_number().over(partition_by=Turn.session_id, order_by=Turn.seq)
+    rows = db.execute(select(Turn.id, place).where(Turn.session_id.in_(session_ids), Turn.status == "queued"))
+    return {turn_id: position for turn_id, position in rows}
 
 
 def latest_turn(db: DbSession, session_id: uuid.UUID) -> Turn | None:

@@ -8,6 +8,7 @@ from core.settings import Settings
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Builds the app from settings (the environment by default)."""
+    import web.routes  # noqa: F401  (registers the routes on the blueprint)
     from web.api import api
     from web.context import WebContext
     from web.errors import register_error_handlers
@@ -17,6 +18,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": settings.ws_ping_seconds}
     app.json.sort_keys = False
     app.extensions["ccd"] = WebContext(settings)
     register_error_handlers(app)

@@ -7,6 +7,8 @@ from typing import Iterator
 from flask import current_app
 from sqlalchemy.orm import Session as DbSession
 
+from core import batches
+from core.cancels import CancelSignals
 from core.db import make_engine, make_session_factory, transaction
 from core.events import EventLog
 from core.queues import TaskSender
@@ -22,6 +24,11 @@ class WebContext:
         self.db = make_session_factory(self.engine)
         self.events = EventLog.from_settings(settings)
         self.sender = TaskSender(settings)
+        self.cancels = CancelSignals(self.events.redis, settings.key_prefix)
+
+    def advance_batches(self, batch_ids: list) -> None:
+        """Moves batches on after some of their turns ended here (the worker does it for the rest)."""
+        batches.advance(self.db, self.events, self.sender, self.cancels, self.settings, batch_ids)
 
 
 def ctx() -> WebContext:

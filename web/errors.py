@@ -10,12 +10,14 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import WebsocketMismatch
 
+from core.admission import OverLimit
 from core.errors import DomainError
 
 log = logging.getLogger(__name__)
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-              409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "unprocessable"}
+              406: "not_acceptable", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
+              422: "unprocessable", 429: "over_limit"}
 
 
 def error_response(status: int, code: str, message: str, **extra):
@@ -35,6 +37,9 @@ def validation_response(exc: ValidationError, prefix: str = ""):
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(DomainError)
     def _domain(exc: DomainError):
+        if isinstance(exc, OverLimit):
+            body, status = error_response(429, exc.code, exc.message, limit=exc.limit, retry_after=exc.retry_after)
+            return body, status, {"Retry-After": str(exc.retry_after)}
         return error_response(exc.status, exc.code, exc.message, field=exc.field)
 
     @app.errorhandler(ValidationError)

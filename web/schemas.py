@@ -1,12 +1,10 @@
-"""Request and response models of the HTTP API (pydantic), and how rows become responses."""
+"""Request models of the HTTP API (pydantic); responses are built by core/resources.py."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
-from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PERMISSION_MODES = Literal["default", "acceptEdits", "bypassPermissions", "plan", "dontAsk"]
 
@@ -53,15 +51,57 @@ class CreateSession(Strict):
     config: SessionConfig = Field(default_factory=SessionConfig)
 
 
-class ChatRequest(Strict):
-    prompt: str = Field(min_length=1, max_length=500_000)
+Prompt = Field(min_length=1, max_length=500_000)
+Webhook = Field(None, min_length=1, max_length=2000, description="POSTed the final resource when it ends")
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt is blank")
-        return prompt
+
+def not_blank(prompt: str) -> str:
+    if not prompt.strip():
+        raise ValueError("prompt is blank")
+    return prompt
+
+
+class ChatRequest(Strict):
+    prompt: str = Prompt
+    wait: int | None = Field(None, ge=0, description="hold the request up to this many seconds "
+                                                      "(capped by CCD_MAX_WAIT_SECONDS)")
+    stream: bool = False
+    webhook: str | None = Webhook
+
+    _prompt = field_validator("prompt")(not_blank)
+
+
+class BatchItemSpec(Strict):
+    prompt: str = Prompt
+    session_id: uuid.UUID | None = None
+    config: SessionConfig | None = None
+    custom_id: str | None = Field(None, min_length=1, max_length=255)
+
+    _prompt = field_validator("prompt")(not_blank)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "BatchItemSpec":
+        if (self.session_id is None) == (self.config is None):
+            raise ValueError("give either session_id (an existing session) or config (a new session)")
+        return self
+
+
+MAX_BATCH_ITEMS = 10_000
+
+
+class BatchOptions(Strict):
+    concurrency: int = Field(4, ge=1, le=1000)
+    webhook: str | None = Webhook
+
+
+class CreateBatch(BatchOptions):
+    items: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
+
+
+class EventsQuery(Strict):
+    since: str | None = Field(None, max_length=40)
+    limit: int = Field(100, ge=1, le=1000)
+    token: str | None = None
 
 
 class PageQuery(Strict):
@@ -73,75 +113,6 @@ class SessionListQuery(PageQuery):
     status: Literal["creating", "ready", "busy", "stopping", "stopped", "failed", "deleted"] | None = None
 
 
-class Out(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-
-class TurnOut(Out):
-    id: uuid.UUID
-    session_id: uuid.UUID
-    seq: int
-    status: str
-    prompt: str
-    attempt: int
-    result: str | None
-    usage: dict[str, Any] | None
-    cost_usd: Decimal | None
-    duration_ms: int | None
-    error: str | None
-    first_event_id: str | None
-    last_event_id: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-
-    def body(self) -> dict[str, Any]:
-        data = self.model_dump(mode="json")
-        data["cost_usd"] = float(self.cost_usd) if self.cost_usd is not None else None
-        data["links"] = {
-            "self": f"/api/v1/turns/{self.id}",
-            "session": f"/api/v1/sessions/{self.session_id}",
-            "stream": f"/api/v1/sessions/{self.session_id}/stream",
-        }
-        return data
-
-
-class SessionOut(Out):
-    id: uuid.UUID
-    owner: str
-    parent_id: uuid.UUID | None
-    depth: int
-    status: str
-    config: dict[str, Any]
-    workspace: dict[str, Any]
-    container_id: str | None
-    host_queue: str | None
-    claude_session_id: uuid.UUID
-    turn_count: int
-    error: str | None
-    input_tokens: int
-    output_tokens: int
-    cost_usd: Decimal
-    created_at: datetime
-    updated_at: datetime
-    last_active_at: datetime
-
-    def body(self, latest_turn: dict | None = None, with_latest: bool = False) -> dict[str, Any]:
-        data = self.model_dump(mode="json", exclude={"input_tokens", "output_tokens", "cost_usd"})
-        data["totals"] = {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                          "cost_usd": float(self.cost_usd)}
-        if with_latest:
-            data["latest_turn"] = latest_turn
-        base = f"/api/v1/sessions/{self.id}"
-        data["links"] = {"self": base, "chat": f"{base}/chat", "turns": f"{base}/turns",
-                         "stream": f"{base}/stream", "stop": f"{base}/stop"}
-        return data
-
-
-def session_body(row, latest=None, with_latest: bool = False) -> dict[str, Any]:
-    latest_body = TurnOut.model_validate(latest).body() if latest is not None else None
-    return SessionOut.model_validate(row).body(latest_body, with_latest)
-
-
-def turn_body(row) -> dict[str, Any]:
-    return TurnOut.model_validate(row).body()
+class ResultsQuery(Strict):
+    follow: bool = False
+    token: str | None = None

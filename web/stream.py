@@ -1,61 +1,102 @@
-"""WebSocket stream of a session's events: replay from ?since (or the start), then live."""
+"""The WebSocket: a session's events (replay from ?since, then live), and chat/cancel commands.
+
+Client → server, JSON text frames:
+    {"type": "chat", "prompt": "...", "id": "<optional, echoed>"}
+    {"type": "cancel", "turn_id": "...", "id": "<optional, echoed>"}
+Server → client: every event envelope, plus one reply per command:
+    {"type": "reply", "id": .., "ok": true, "turn": {..}}   or   {"type": "reply", "id": .., "ok": false, "error": {code, message}}
+Heartbeats are WebSocket pings every CCD_WS_PING_SECONDS; clients answer them automatically.
+"""
 from __future__ import annotations
 
+import json
 import logging
-import time
-import uuid
+import threading
 
-from flask import request
+from flask import current_app, g, request
 from flask_sock import ConnectionClosed, Sock
+from pydantic import ValidationError
 
-from core.envelope import Event
-from core.models import Session
+from core.errors import DomainError
 from web.api import api
-from web.context import ctx, unit_of_work
+from web.context import ctx
+from web.follow import tail
+from web.routes.events import session_alive
+from web.routes.turns import cancel, submit_chat
+from web.schemas import ChatRequest
 
 log = logging.getLogger(__name__)
 sock = Sock()
 
-BLOCK_MS = 1000
-SESSION_CHECK_SECONDS = 5.0
+
+class Socket:
+    """Serialises sends: the event loop and the command thread both write to the client."""
+
+    def __init__(self, ws) -> None:
+        self.ws, self.lock = ws, threading.Lock()
+
+    def send(self, text: str) -> None:
+        with self.lock:
+            self.ws.send(text)
 
 
-def gap_event(session_id: str, since: str, trimmed_through: str) -> Event:
-    return Event(session_id=session_id, type="stream.gap",
-                 data={"since": since, "missing_through": trimmed_through,
-                       "message": "events after `since` were trimmed; fetch turn results instead"})
+def handle_command(owner: str, session_id: str, raw: str) -> dict:
+    """Runs one client command and returns its reply."""
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        message = None
+    if not isinstance(message, dict):
+        return {"type": "reply", "id": None, "ok": False,
+                "error": {"code": "invalid_json", "message": "send JSON objects with a type"}}
+    reply = {"type": "reply", "id": message.get("id")}
+    try:
+        if message.get("type") == "chat":
+            spec = ChatRequest.model_validate({k: v for k, v in message.items() if k in ("prompt", "webhook")})
+            return {**reply, "ok": True, "turn": submit_chat(owner, session_id, spec)}
+        if message.get("type") == "cancel":
+            body, _ = cancel(owner, str(message.get("turn_id")))
+            if body["session_id"] != session_id:
+                raise DomainError("that turn belongs to another session", code="wrong_session")
+            return {**reply, "ok": True, "turn": body}
+        raise DomainError("type must be chat or cancel", code="unknown_command")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        error = {"code": "validation_error", "message": f"{'.'.join(map(str, first['loc']))}: {first['msg']}"}
+    except DomainError as exc:
+        error = {"code": exc.code, "message": exc.message}
+    except Exception:  # the socket stays up; the failure is logged
+        log.exception("websocket command failed")
+        error = {"code": "internal_error", "message": "the command failed; it was logged"}
+    return {**reply, "ok": False, "error": error}
 
 
-def session_exists(session_id: str) -> bool:
-    with unit_of_work() as db:
-        row = db.get(Session, uuid.UUID(session_id))
-        return row is not None and row.status != "deleted"
+def serve_commands(app, socket: Socket, owner: str, session_id: str) -> None:
+    """Reads client frames until the socket closes, answering each command."""
+    with app.app_context():
+        try:
+            while True:
+                raw = socket.ws.receive()
+                if raw is None:
+                    continue
+                socket.send(json.dumps(handle_command(owner, session_id, raw)))
+        except ConnectionClosed:
+            return
 
 
 @sock.route("/sessions/<session_id>/stream", bp=api, endpoint="stream")
 def stream(ws, session_id: str) -> None:
     """Sends every event after `since` exactly once, in order; auth ran in api.before_request."""
-    events = ctx().events
-    since = request.args.get("since")
-    cursor = since or "0-0"
-    trimmed = events.gap_after(session_id, cursor)
+    socket = Socket(ws)
+    commands = threading.Thread(target=serve_commands, name=f"ws-commands-{session_id[:8]}", daemon=True,
+                                args=(current_app._get_current_object(), socket, g.owner, session_id))
+    commands.start()
     try:
-        if trimmed:
-            ws.send(gap_event(session_id, cursor, trimmed).to_json())
-        while batch := events.read(session_id, cursor):
-            for event in batch:
-                ws.send(event.to_json())
-            cursor = batch[-1].id
-        checked = time.monotonic()
-        while True:
-            for event in events.wait(session_id, cursor, BLOCK_MS):
-                ws.send(event.to_json())
-                cursor = event.id
-            ws.receive(timeout=0)  # raises ConnectionClosed once the client has gone
-            if time.monotonic() - checked > SESSION_CHECK_SECONDS:
-                checked = time.monotonic()
-                if not session_exists(session_id):
-                    ws.close(reason=1000, message="session deleted")
-                    return
+        for event in tail(ctx().events, session_id, request.args.get("since"), session_alive(session_id)):
+            if event is not None:
+                socket.send(event.to_json())
+            elif not ws.connected:
+                return
+        ws.close(reason=1000, message="session deleted")
     except ConnectionClosed:
         log.debug("stream client of session %s went away", session_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 
+from core.cancels import CancelSignals
 from core.db import make_engine, make_session_factory
 from core.events import EventLog
 from core.queues import TaskSender
@@ -29,6 +30,10 @@ class WorkerContext:
         return EventLog.from_settings(self.settings)
 
     @cached_property
+    def cancels(self) -> CancelSignals:
+        return CancelSignals(self.events.redis, self.settings.key_prefix)
+
+    @cached_property
     def runtime(self):
         from workers.runtime import DockerRuntime
 
@@ -45,7 +50,7 @@ class WorkerContext:
 
     def reset_after_fork(self) -> None:
         """Drops connections inherited from the parent; a child must never share a socket."""
-        for name in ("engine", "db", "events", "runtime", "sender"):
+        for name in ("engine", "db", "events", "cancels", "runtime", "sender"):
             value = self.__dict__.pop(name, None)
             if name == "engine" and value is not None:
                 value.dispose(close=False)

@@ -1,13 +1,15 @@
-"""The reaper: ends turns whose worker vanished and re-sends turns whose task was lost."""
+"""The reaper: ends turns whose worker vanished, re-sends lost tasks, moves batches on,
+and forgets idempotency keys past their time."""
 from __future__ import annotations
 
 import logging
 from datetime import timedelta
 
-from core.db import transaction
-from core.envelope import Event
 from sqlalchemy import select
 
+from core import batches, idempotency
+from core.db import transaction
+from core.envelope import Event
 from core.models import Session, utcnow
 from core.turns import expired_leases, stale_queued_turns
 from workers.context import WorkerContext
@@ -20,6 +22,7 @@ STALE_AFTER = timedelta(seconds=60)
 def reap(ctx: WorkerContext, stale_after: timedelta = STALE_AFTER) -> dict[str, int]:
     """One sweep; returns how many turns it ended and how many tasks it re-sent."""
     ended: list[Event] = []
+    webhooks: list[str] = []
     with transaction(ctx.db) as db:
         for turn in expired_leases(db, utcnow()):
             error = f"the worker running this turn ({turn.lease_holder}) stopped renewing its lease"
@@ -30,17 +33,23 @@ def reap(ctx: WorkerContext, stale_after: timedelta = STALE_AFTER) -> dict[str, 
                 session.status = "ready"
             ended.append(Event(session_id=str(turn.session_id), turn_id=str(turn.id), seq=turn.seq,
                                type="turn.failed", data={"status": "failed", "error": error}))
+            if turn.webhook:
+                webhooks.append(str(turn.id))
         cutoff = utcnow() - stale_after
         stale = [(str(t.id), s.host_queue) for t, s in stale_queued_turns(db, cutoff)]
         # A session still `creating` long after it was made: its start task never arrived.
         unstarted = [str(i) for i in db.scalars(select(Session.id).where(
             Session.status == "creating", Session.created_at < cutoff))]
+        idempotency.purge(db, utcnow() - timedelta(seconds=ctx.settings.idempotency_ttl_seconds))
     if ended:
         ctx.events.publish_many(ended)
     for turn_id, host_queue in stale:
         ctx.sender.run_turn(turn_id, host_queue)
     for session_id in unstarted:
         ctx.sender.start_session(session_id)
+    for turn_id in webhooks:
+        ctx.sender.deliver_webhook("turn", turn_id)
+    batches.advance(ctx.db, ctx.events, ctx.sender, ctx.cancels, ctx.settings)
     resent = len(stale) + len(unstarted)
     if ended or resent:
         log.info("reaper: ended %d turns with expired leases, re-sent %d tasks", len(ended), resent)

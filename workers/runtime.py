@@ -125,6 +125,12 @@ class DockerRuntime:
             except NotFound:
                 pass
 
+    def run(self, container_id: str, argv: list[str]) -> int | None:
+        """Runs a short command in the container as the agent user; returns its exit code."""
+        exec_id = self.api.exec_create(container_id, argv, stdout=True, stderr=True, user=AGENT_USER)["Id"]
+        self.api.exec_start(exec_id)
+        return self.api.exec_inspect(exec_id).get("ExitCode")
+
     def exec_lines(self, container_id: str, argv: list[str], env: dict[str, str], stdin: bytes,
                    result: list[ExecResult]) -> Iterator[str]:
         """Runs argv in the container with `stdin` as input; yields stdout lines as they arrive.

@@ -8,6 +8,7 @@ from workers import lifecycle
 from workers.context import WorkerContext
 from workers.reaper import reap
 from workers.turn_runner import TurnRunner
+from workers.webhooks import deliver
 
 
 def register_tasks(app: Celery, ctx: WorkerContext) -> None:
@@ -28,6 +29,10 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
     @app.task(name=queues.DELETE_SESSION)
     def delete_session(session_id: str) -> None:
         lifecycle.delete_session(ctx, session_id)
+
+    @app.task(name=queues.DELIVER_WEBHOOK)
+    def deliver_webhook(kind: str, resource_id: str, attempt: int = 1) -> str:
+        return deliver(ctx, kind, resource_id, attempt)
 
     @app.task(name=queues.REAP)
     def reap_task() -> dict:

@@ -50,6 +50,8 @@ class TurnOutput:
         stderr = ((self.exit or {}).get("stderr") or "").strip()
         if self.exit is None:
             return "failed", "the turn's process ended without reporting (container stopped or removed?)"
+        if self.exit.get("cancelled"):
+            return "cancelled", "cancelled by request"
         if self.exit.get("timed_out"):
             return "timed_out", "the turn ran past its timeout and was stopped"
         if self.invalid:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from decimal import Decimal
 
 from sqlalchemy import update
 
+from core import batches
 from core.db import transaction
 from core.envelope import Event
 from core.models import Session, Turn, utcnow
@@ -20,6 +22,7 @@ log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 120.0
 RENEW_EVERY = 30.0
+CANCEL_POLL_SECONDS = 1.0
 
 
 def turn_timeout(config: dict, ceiling: int) -> int:
@@ -28,10 +31,11 @@ def turn_timeout(config: dict, ceiling: int) -> int:
     return max(1, min(int(asked), ceiling))
 
 
-def wrapper_argv(turn_id: str, session: dict, timeout: int) -> list[str]:
+def wrapper_argv(turn_id: str, session: dict, timeout: int, grace: int) -> list[str]:
     """The in-container command for a turn; the prompt goes on stdin, never here."""
     config = session["config"]
-    argv = ["python3", "-m", "wrapper", "run", "--turn-id", turn_id, "--timeout", str(timeout)]
+    argv = ["python3", "-m", "wrapper", "run", "--turn-id", turn_id, "--timeout", str(timeout),
+            "--grace", str(grace)]
     flag = "--resume" if session["conversation_started"] else "--session-id"
     argv += [flag, session["claude_session_id"]]
     if config.get("model"):
@@ -59,19 +63,24 @@ class TurnRunner:
         turn, session = snapshot
         log.info("turn %s (session %s, #%s) started", turn_id, session["id"], turn["seq"])
         first_id = self._publish(session, turn, "turn.started", {"attempt": turn["attempt"]})
-        output, failure = TurnOutput(), None
-        stop_heartbeat = self._heartbeat(turn)
+        output, failure, stop_watch = TurnOutput(), None, None
         try:
             container_id = self.ctx.runtime.ensure_running(session["id"], session["owner"], session["config"])
+            stop_watch = self._watch(turn, container_id)
             self._execute(container_id, session, turn, output)
         except Exception as exc:  # the turn fails, the worker and the session carry on
             log.warning("turn %s could not run: %s", turn_id, exc)
             failure = f"the session container could not run the turn: {exc}"
         finally:
-            stop_heartbeat()
+            if stop_watch:
+                stop_watch()
         status, error = ("failed", failure) if failure else output.outcome()
-        self._finish(session, turn, output, status, error, first_id)
+        if status not in ("succeeded", "cancelled") and self._cancel_requested(turn):
+            status, error = "cancelled", "cancelled by request"  # e.g. its container was stopped
+        finished = self._finish(session, turn, output, status, error, first_id)
         self._start_next(session)
+        if finished:
+            self._after(turn_id)
 
     def _claim(self, turn_id: str) -> tuple[dict, dict] | None:
         with transaction(self.ctx.db) as db:
@@ -90,19 +99,51 @@ class TurnRunner:
                  "host_queue": session.host_queue},
             )
 
-    def _heartbeat(self, turn: dict):
-        """Renews the lease in the background while the turn runs; returns the stop function."""
+    def _watch(self, turn: dict, container_id: str):
+        """While the turn runs: renew its lease and interrupt it when cancelled. Returns the stop function."""
         done = threading.Event()
+        turn_uuid = uuid.UUID(turn["id"])
 
-        def beat() -> None:
-            while not done.wait(RENEW_EVERY):
-                with transaction(self.ctx.db) as db:
-                    if not renew_lease(db, uuid.UUID(turn["id"]), turn["attempt"], LEASE_SECONDS):
-                        return
+        def watch() -> None:
+            renew_at, interrupted = time.monotonic() + RENEW_EVERY, False
+            while not done.is_set():
+                signalled = not interrupted and self.ctx.cancels.wait(turn["id"], CANCEL_POLL_SECONDS)
+                if interrupted:
+                    done.wait(CANCEL_POLL_SECONDS)
+                if time.monotonic() >= renew_at and not done.is_set():
+                    renew_at = time.monotonic() + RENEW_EVERY
+                    with transaction(self.ctx.db) as db:
+                        if not renew_lease(db, turn_uuid, turn["attempt"], LEASE_SECONDS):
+                            return
+                    signalled = signalled or (not interrupted and self._cancel_requested(turn))
+                if signalled and not done.is_set():
+                    interrupted = True
+                    self._interrupt(container_id, turn)
 
-        thread = threading.Thread(target=beat, name=f"lease-{turn['id'][:8]}", daemon=True)
+        thread = threading.Thread(target=watch, name=f"watch-{turn['id'][:8]}", daemon=True)
         thread.start()
-        return done.set
+
+        def stop() -> None:
+            done.set()
+            self.ctx.cancels.clear(turn["id"])
+        return stop
+
+    def _cancel_requested(self, turn: dict) -> bool:
+        with transaction(self.ctx.db) as db:
+            row = db.get(Turn, uuid.UUID(turn["id"]))
+            return row is not None and row.cancel_requested_at is not None
+
+    def _interrupt(self, container_id: str, turn: dict) -> None:
+        """Stops Claude Code in the container: interrupt, then terminate, then kill."""
+        log.info("turn %s: cancel requested, interrupting Claude Code", turn["id"])
+        grace = self.ctx.settings.cancel_grace_seconds
+        try:
+            code = self.ctx.runtime.run(container_id, ["python3", "-m", "wrapper", "cancel",
+                                                       "--turn-id", turn["id"], "--grace", str(grace)])
+            if code != 0:
+                log.warning("turn %s: Claude Code outlived the kill signal (exit %s)", turn["id"], code)
+        except Exception as exc:  # the container may be gone already: then so is the turn
+            log.warning("turn %s: could not interrupt: %s", turn["id"], exc)
 
     def _execute(self, container_id: str, session: dict, turn: dict, output: TurnOutput) -> None:
         settings = self.ctx.settings
@@ -110,8 +151,8 @@ class TurnRunner:
                                  ("ANTHROPIC_BASE_URL", settings.anthropic_base_url)) if v}
         timeout = turn_timeout(session["config"], settings.container_timeout_default)
         result: list[ExecResult] = []
-        lines = self.ctx.runtime.exec_lines(container_id, wrapper_argv(turn["id"], session, timeout),
-                                            env, turn["prompt"].encode(), result)
+        argv = wrapper_argv(turn["id"], session, timeout, settings.cancel_grace_seconds)
+        lines = self.ctx.runtime.exec_lines(container_id, argv, env, turn["prompt"].encode(), result)
         for record in lines:
             line = output.take(record)
             if line is not None:
@@ -125,14 +166,14 @@ class TurnRunner:
                                              seq=turn["seq"], type=kind, data=data))
 
     def _finish(self, session: dict, turn: dict, output: TurnOutput, status: str,
-                error: str | None, first_id: str) -> None:
+                error: str | None, first_id: str) -> bool:
         result = output.result or {}
         usage = result.get("usage") or {}
         cost = Decimal(str(result.get("total_cost_usd") or 0))
         summary = {"status": status, "result": result.get("result"), "error": error,
                    "usage": usage or None, "cost_usd": float(cost) if result else None,
                    "duration_ms": result.get("duration_ms")}
-        kind = "turn.completed" if status == "succeeded" else "turn.failed"
+        kind = {"succeeded": "turn.completed", "cancelled": "turn.cancelled"}.get(status, "turn.failed")
         last_id = self._publish(session, turn, kind, summary)
         with transaction(self.ctx.db) as db:
             done = db.execute(
@@ -144,7 +185,7 @@ class TurnRunner:
                         finished_at=utcnow(), lease_holder=None, lease_expires_at=None))
             if done.rowcount != 1:
                 log.warning("turn %s was taken from us before it finished; result dropped", turn["id"])
-                return
+                return False
             row = db.get(Session, uuid.UUID(session["id"]), with_for_update=True)
             row.input_tokens += int(usage.get("input_tokens") or 0)
             row.output_tokens += int(usage.get("output_tokens") or 0)
@@ -154,6 +195,18 @@ class TurnRunner:
             if row.status == "busy":
                 row.status = "ready"
         log.info("turn %s %s%s", turn["id"], status, f": {error}" if error else "")
+        return True
+
+    def _after(self, turn_id: str) -> None:
+        """The turn's webhook, and its batch's next items."""
+        with transaction(self.ctx.db) as db:
+            row = db.get(Turn, uuid.UUID(turn_id))
+            webhook, batch_id = row.webhook, row.batch_id
+        if webhook:
+            self.ctx.sender.deliver_webhook("turn", turn_id)
+        if batch_id:
+            batches.advance(self.ctx.db, self.ctx.events, self.ctx.sender, self.ctx.cancels,
+                            self.ctx.settings, [batch_id])
 
     def _start_next(self, session: dict) -> None:
         """Sends the session's next queued turn on its way, now that this one is done."""

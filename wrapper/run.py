@@ -2,8 +2,12 @@
 
 Output protocol (read by workers/turn_runner.py), one record per line:
     <n>\t<line Claude Code printed>      n = 1, 2, 3 ... in the order printed
-    exit\t{"code": .., "timed_out": .., "stderr": ..}   always last
+    exit\t{"code": .., "timed_out": .., "cancelled": .., "stderr": ..}   always last
 The same records go to <log-dir>/<turn-id>.log, so a worker that lost the stream can re-read them.
+
+`wrapper cancel --turn-id T` stops a running turn from a second `docker exec`: it leaves a
+marker (so the exit record says cancelled), then interrupts Claude Code's process group,
+escalating to terminate and kill.
 """
 from __future__ import annotations
 
@@ -14,9 +18,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 STDERR_TAIL = 4000
+DEFAULT_LOG_DIR = str(Path.home() / ".ccd" / "turns")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -33,8 +40,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--permission-mode")
     run.add_argument("--append-system-prompt")
     run.add_argument("--timeout", type=float, default=3600.0)
-    run.add_argument("--log-dir", default=str(Path.home() / ".ccd" / "turns"))
+    run.add_argument("--grace", type=float, default=5.0, help="seconds between stop signals")
+    run.add_argument("--log-dir", default=DEFAULT_LOG_DIR)
     run.add_argument("--claude", default="claude")
+    cancel = sub.add_parser("cancel", help="stop a running turn: interrupt, terminate, kill")
+    cancel.add_argument("--turn-id", required=True)
+    cancel.add_argument("--grace", type=float, default=5.0, help="seconds between stop signals")
+    cancel.add_argument("--log-dir", default=DEFAULT_LOG_DIR)
     return parser.parse_args(argv)
 
 
@@ -72,29 +84,66 @@ class Recorder:
         self._log.close()
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Ends Claude Code politely, then firmly: interrupt, terminate, kill."""
-    for sig, grace in ((signal.SIGINT, 5), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        if proc.poll() is not None:
+def stop_group(pgid: int, alive: Callable[[], bool], grace: float) -> None:
+    """Ends a process group politely, then firmly: interrupt, terminate, kill, `grace` apart.
+
+    The whole group, so the tools Claude Code started (a Bash command) go with it.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        if not alive():
             return
-        proc.send_signal(sig)
         try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            continue
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie waiting for its parent counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def cancel_turn(args: argparse.Namespace) -> int:
+    """Stops a running turn of this container; 0 when it is gone (or was never running)."""
+    base = Path(args.log_dir) / args.turn_id
+    Path(f"{base}.cancel").touch()
+    try:
+        pid = int(Path(f"{base}.pid").read_text())
+    except (OSError, ValueError):
+        return 0  # not started yet: the marker makes the wrapper stop as soon as it does
+    stop_group(pid, lambda: pid_alive(pid), args.grace)
+    return 0 if not pid_alive(pid) else 1
 
 
 def run_turn(args: argparse.Namespace) -> int:
     """Runs the turn and returns Claude Code's exit code."""
     prompt = sys.stdin.buffer.read()
-    recorder = Recorder(Path(args.log_dir) / f"{args.turn_id}.log")
+    base = Path(args.log_dir) / args.turn_id
+    recorder = Recorder(Path(f"{base}.log"))
+    cancel_marker = Path(f"{base}.cancel")
     try:
-        proc = subprocess.Popen(claude_command(args), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # Its own process group, so a cancel or timeout can signal Claude Code and its tools at once.
+        proc = subprocess.Popen(claude_command(args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
     except OSError as exc:
         recorder.write("exit", json.dumps({"code": 127, "timed_out": False, "stderr": str(exc)}))
         recorder.close()
         return 127
+    Path(f"{base}.pid").write_text(str(proc.pid))
+
+    def stop(_signum=None, _frame=None) -> None:
+        threading.Thread(target=stop_group, args=(proc.pid, lambda: proc.poll() is None, args.grace),
+                         daemon=True).start()
+
+    if cancel_marker.exists():  # cancelled before Claude Code started
+        stop()
     stderr_chunks: list[bytes] = []
     drain = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
     drain.start()
@@ -102,11 +151,11 @@ def run_turn(args: argparse.Namespace) -> int:
 
     def on_timeout() -> None:
         timed_out.set()
-        stop(proc)
+        stop()
 
     timer = threading.Timer(args.timeout, on_timeout)
     timer.start()
-    signal.signal(signal.SIGTERM, lambda *_: stop(proc))
+    signal.signal(signal.SIGTERM, stop)
     proc.stdin.write(prompt)
     proc.stdin.close()
     n = 0
@@ -121,12 +170,13 @@ def run_turn(args: argparse.Namespace) -> int:
     drain.join(5)
     stderr = b"".join(stderr_chunks).decode("utf-8", "replace")[-STDERR_TAIL:]
     recorder.write("exit", json.dumps({"code": code, "timed_out": timed_out.is_set(),
-                                       "lines": n, "stderr": stderr}))
+                                       "cancelled": cancel_marker.exists(), "lines": n, "stderr": stderr}))
     recorder.close()
+    Path(f"{base}.pid").unlink(missing_ok=True)
     return code
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     os.umask(0o077)
-    return run_turn(args)
+    return cancel_turn(args) if args.command == "cancel" else run_turn(args)

@@ -1,0 +1,36 @@
+"""Cancel signals: how the web tier tells the worker running a turn to interrupt it, at once.
+
+A Redis list per turn rather than pub/sub, so a signal sent before the worker starts listening
+still arrives; the turn row's cancel_requested_at is the durable record the worker re-checks.
+"""
+from __future__ import annotations
+
+import redis
+
+SIGNAL_TTL_SECONDS = 3600
+
+
+class CancelSignals:
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.redis = client
+        self.prefix = prefix
+
+    def key(self, turn_id: str) -> str:
+        return f"{self.prefix}:cancel:{turn_id}"
+
+    def send(self, turn_ids: list[str]) -> None:
+        """Signals each running turn in one round trip."""
+        if not turn_ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for turn_id in turn_ids:
+            pipe.rpush(self.key(turn_id), "cancel")
+            pipe.expire(self.key(turn_id), SIGNAL_TTL_SECONDS)
+        pipe.execute()
+
+    def wait(self, turn_id: str, timeout: float) -> bool:
+        """True when a cancel signal for the turn arrives within `timeout` seconds."""
+        return self.redis.blpop([self.key(turn_id)], timeout=timeout) is not None
+
+    def clear(self, turn_id: str) -> None:
+        self.redis.delete(self.key(turn_id))

@@ -1,0 +1,62 @@
+"""Session events over HTTP: a page of past events as JSON, or a live SSE stream."""
+from __future__ import annotations
+
+import uuid
+
+from flask import Response, g, request
+
+from core import sessions as session_cmds
+from core.db import transaction
+from core.errors import ValidationFailed
+from core.events import is_stream_id
+from core.models import Session
+from web.api import api, query
+from web.context import ctx, unit_of_work
+from web.follow import SSE_HEARTBEAT, gap_event, sse_frame, tail
+from web.schemas import EventsQuery
+
+
+def session_alive(session_id: str):
+    """A check that runs outside the request (inside a streaming response)."""
+    db_factory = ctx().db
+
+    def alive() -> bool:
+        with transaction(db_factory) as db:
+            row = db.get(Session, uuid.UUID(session_id))
+            return row is not None and row.status != "deleted"
+    return alive
+
+
+@api.get("/sessions/<session_id>/events")
+def events(session_id: str):
+    """Past events after `since`, `limit` at a time; with Accept: text/event-stream, live SSE
+    that resumes after the Last-Event-ID header (or `since`)."""
+    q = query(EventsQuery)
+    live = request.accept_mimetypes.best_match(["application/json", "text/event-stream"]) == "text/event-stream"
+    since = (request.headers.get("Last-Event-ID") if live else None) or q.since
+    if since and not is_stream_id(since):
+        raise ValidationFailed("since (or Last-Event-ID) must be an event id like 1732450000000-0",
+                               field="since")
+    with unit_of_work() as db:
+        row = session_cmds.get_owned(db, g.owner, session_id)
+        sid = str(row.id)
+    log = ctx().events
+    if live:
+        alive = session_alive(sid)
+
+        def frames():
+            yield "retry: 2000\n\n"
+            for event in tail(log, sid, since, alive):
+                yield SSE_HEARTBEAT if event is None else sse_frame(event)
+
+        return Response(frames(), 200, {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                        mimetype="text/event-stream")
+    items = []
+    trimmed = log.gap_after(sid, since or "0-0")
+    if trimmed:
+        items.append(gap_event(sid, since or "0-0", trimmed))
+    batch = log.read(sid, since, count=q.limit + 1)
+    more = len(batch) > q.limit
+    items += batch[:q.limit]
+    cursor = items[-1].id if items and items[-1].id else since
+    return {"items": [e.frame() for e in items], "next_since": cursor, "has_more": more}

@@ -1,0 +1,157 @@
+"""Turn routes: chat (answer at once, wait for the end, or stream it), list, show, cancel."""
+from __future__ import annotations
+
+import time
+import uuid
+
+from flask import Response, g, request
+from sqlalchemy import func, select
+
+from core import admission
+from core import sessions as session_cmds
+from core import turns as turn_cmds
+from core.db import transaction
+from core.models import FINISHED_TURN_STATUSES, Turn
+from core.resources import turn_body
+from core.webhooks import check_url
+from web.api import (api, claim_idempotency_key, enqueue, json_body, page, query,
+                     remember_idempotency_key)
+from web.context import ctx, unit_of_work
+from web.follow import SSE_HEARTBEAT, sse_frame, turn_events
+from web.routes.sessions import after_turns_ended
+from web.schemas import ChatRequest, PageQuery
+
+# A final event is published just before the turn row is updated; allow the row that long.
+ROW_CATCH_UP_SECONDS = 2.0
+
+
+def has_turns_in_flight(db, session_id: uuid.UUID) -> bool:
+    return bool(db.scalar(select(func.count()).select_from(Turn).where(
+        Turn.session_id == session_id, Turn.status.in_(("queued", "running")))))
+
+
+@api.post("/sessions/<session_id>/chat")
+def chat(session_id: str):
+    """Queues a turn behind the session's earlier ones; answers at once, after `wait`, or as a stream."""
+    spec = json_body(ChatRequest)
+    settings = ctx().settings
+    body = submit_chat(g.owner, session_id, spec, idempotent=True)
+    if spec.stream:
+        return stream_turn(body)
+    if spec.wait:
+        return wait_for_turn(body, min(spec.wait, settings.max_wait_seconds))
+    return body, 202, {"Location": body["links"]["self"]}
+
+
+def submit_chat(owner: str, session_id: str, spec: ChatRequest, idempotent: bool = False) -> dict:
+    """Queues the turn (or finds the one an earlier request with the same key queued)."""
+    settings = ctx().settings
+    if spec.webhook:
+        check_url(spec.webhook, settings.webhook_allow_private)
+    host_queue = None
+    with unit_of_work() as db:
+        prior = claim_idempotency_key(db) if idempotent else None
+        if prior is not None:
+            turn = turn_cmds.get_owned_turn(db, owner, str(prior.resource_id))
+        else:
+            row = session_cmds.get_owned(db, owner, session_id, lock=True)
+            admission.admit_turn(db, owner, settings, session_idle=not has_turns_in_flight(db, row.id))
+            turn = turn_cmds.queue_turn(db, row, spec.prompt, webhook=spec.webhook)
+            # Published under the session lock, so turn.queued always precedes turn.started.
+            turn.queued_event_id = ctx().events.publish(turn_cmds.queued_event(turn))
+            if idempotent:
+                remember_idempotency_key(db, "turn", turn.id, 202)
+            host_queue = row.host_queue
+        body = turn_body(turn, turn_cmds.queue_positions(db, {turn.session_id}).get(turn.id))
+    if host_queue:
+        enqueue(ctx().sender.run_turn, body["id"], host_queue)
+    return body
+
+
+def cancel(owner: str, turn_id: str) -> tuple[dict, bool]:
+    """Cancels a turn; True when it ended now (it was queued), False when its worker was signalled."""
+    with unit_of_work() as db:
+        turn = turn_cmds.get_owned_turn(db, owner, turn_id)
+        session_cmds.get_owned(db, owner, str(turn.session_id), lock=True)
+        db.refresh(turn)  # as it is now that no worker can claim it under us
+        ended = turn_cmds.request_cancel(db, turn)
+        if ended:
+            turn.last_event_id = ctx().events.publish(turn_cmds.ended_event(turn))
+        body = turn_body(turn)
+    after_turns_ended([turn] if ended else [], [] if ended else [body["id"]])
+    return body, ended
+
+
+def turn_is_running(turn_id: str):
+    """A check that runs outside the request (inside a streaming response)."""
+    db_factory = ctx().db
+
+    def running() -> bool:
+        with transaction(db_factory) as db:
+            row = db.get(Turn, uuid.UUID(turn_id))
+            return row is not None and row.status not in FINISHED_TURN_STATUSES
+    return running
+
+
+def wait_for_turn(body: dict, seconds: int):
+    """Holds the request until the turn ends (200, final turn) or `seconds` pass (202, turn as it is)."""
+    if body["status"] not in FINISHED_TURN_STATUSES and body["queued_event_id"]:
+        deadline = time.monotonic() + seconds
+        for event in turn_events(ctx().events, body["session_id"], body["id"], body["queued_event_id"],
+                                 turn_is_running(body["id"]), deadline):
+            if event is not None and event.type in ("turn.completed", "turn.failed", "turn.cancelled"):
+                break
+        give_up = min(deadline, time.monotonic() + ROW_CATCH_UP_SECONDS)
+        while True:
+            body = current_turn(body["id"])
+            if body["status"] in FINISHED_TURN_STATUSES or time.monotonic() >= give_up:
+                break
+            time.sleep(0.05)
+    status = 200 if body["status"] in FINISHED_TURN_STATUSES else 202
+    return body, status, {"Location": body["links"]["self"]}
+
+
+def current_turn(turn_id: str) -> dict:
+    with unit_of_work() as db:
+        turn = turn_cmds.get_owned_turn(db, g.owner, turn_id)
+        return turn_body(turn, turn_cmds.queue_positions(db, {turn.session_id}).get(turn.id))
+
+
+def stream_turn(body: dict) -> Response:
+    """The turn's events as they happen, NDJSON (or SSE when asked), ending after its final event."""
+    sse = request.accept_mimetypes.best_match(["application/x-ndjson", "text/event-stream"]) == "text/event-stream"
+    events, running = ctx().events, turn_is_running(body["id"])
+
+    def frames():
+        for event in turn_events(events, body["session_id"], body["id"], body["queued_event_id"], running):
+            if event is None:
+                if sse:
+                    yield SSE_HEARTBEAT
+                continue
+            yield sse_frame(event) if sse else event.to_json() + "\n"
+
+    headers = {"Location": body["links"]["self"], "X-Turn-Id": body["id"], "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
+    return Response(frames(), 200, headers, mimetype="text/event-stream" if sse else "application/x-ndjson")
+
+
+@api.get("/sessions/<session_id>/turns")
+def list_turns(session_id: str):
+    q = query(PageQuery)
+    with unit_of_work() as db:
+        row = session_cmds.get_owned(db, g.owner, session_id)
+        rows, total = turn_cmds.list_turns(db, row.id, q.limit, q.offset)
+        positions = turn_cmds.queue_positions(db, {row.id})
+        return page([turn_body(t, positions.get(t.id)) for t in rows], total, q)
+
+
+@api.get("/turns/<turn_id>")
+def get_turn(turn_id: str):
+    return current_turn(turn_id)
+
+
+@api.post("/turns/<turn_id>/cancel")
+def cancel_turn(turn_id: str):
+    """A queued turn is cancelled at once (200); a running one is interrupted by its worker (202)."""
+    body, ended = cancel(g.owner, turn_id)
+    return body, 200 if ended else 202
