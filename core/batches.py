@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, case, func, insert, select, update
 from sqlalchemy.orm import Session as DbSession
 
 from core import sessions as session_cmds
@@ -85,14 +85,15 @@ def get_owned(db: DbSession, owner: str, batch_id: str, *, lock: bool = False) -
 
 
 def counts(db: DbSession, batch_id: uuid.UUID) -> dict[str, int]:
-    """Items by status; `released` items are split into queued and running by their turn."""
-    rows = db.execute(select(func.coalesce(Turn.status, BatchItem.status), func.count())
-                      .select_from(BatchItem)
-                      .outerjoin(Turn, and_(Turn.id == BatchItem.turn_id, BatchItem.status == "released"))
-                      .where(BatchItem.batch_id == batch_id)
-                      .group_by(func.coalesce(Turn.status, BatchItem.status))).all()
+    """Items by status. A released item is `queued` while its turn waits and `running` until its
+    outcome is settled onto the item, so counts and results always agree."""
+    status = case((and_(BatchItem.status == "released", Turn.status == "queued"), "queued"),
+                  (BatchItem.status == "released", "running"), else_=BatchItem.status)
+    rows = db.execute(select(status, func.count()).select_from(BatchItem)
+                      .outerjoin(Turn, Turn.id == BatchItem.turn_id)
+                      .where(BatchItem.batch_id == batch_id).group_by(status)).all()
     result = dict.fromkeys(("pending", "queued", "running") + FINISHED_TURN_STATUSES, 0)
-    result.update({status: n for status, n in rows})
+    result.update({name: n for name, n in rows})
     return result
 
 

@@ -29,7 +29,8 @@ def settings() -> Settings:
                           redis_url=os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL,
                           key_prefix=f"ccdt{RUN_ID}", session_network=f"ccdt{RUN_ID}-net",
                           image=os.environ.get("CCD_IMAGE") or "ccd-session:latest",
-                          anthropic_api_key="sk-test-not-a-real-key")
+                          anthropic_api_key="sk-test-not-a-real-key", webhook_secret=secrets.token_hex(16),
+                          webhook_allow_private=True, cancel_grace_seconds=2)
     yield s
     client = redis.Redis.from_url(s.redis_url)
     keys = list(client.scan_iter(match=f"{s.key_prefix}*", count=1000))
@@ -87,6 +88,9 @@ def stack_env(settings, docker_client):
         "CCD_SESSION_NETWORK": settings.session_network, "CCD_IMAGE": settings.image,
         "ANTHROPIC_API_KEY": settings.anthropic_api_key, "ANTHROPIC_BASE_URL": model.url,
         "CONTAINER_TIMEOUT_DEFAULT": "120", "LOG_LEVEL": "INFO", "CCD_PORT": str(port),
+        # Webhook receivers in the tests listen on loopback; cancels escalate quickly.
+        "CCD_WEBHOOK_SECRET": settings.webhook_secret, "CCD_WEBHOOK_ALLOW_PRIVATE": "true",
+        "CCD_CANCEL_GRACE_SECONDS": str(settings.cancel_grace_seconds),
     }
     web = stack.start_web(env, port)
     worker = stack.start_worker(env)

@@ -95,13 +95,16 @@ def page(items: list, total: int, q: PageQuery) -> dict:
             "next_offset": nxt if nxt < total else None}
 
 
-def claim_idempotency_key(db: DbSession) -> idempotency.Prior | None:
-    """With an Idempotency-Key header: the earlier request's result, or None after taking the key."""
+def claim_idempotency_key(db: DbSession, what: bytes | None = None) -> idempotency.Prior | None:
+    """With an Idempotency-Key header: the earlier request's result, or None after taking the key.
+
+    `what` is what identifies the request (the raw body unless given).
+    """
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
     return idempotency.claim(db, g.owner, key, idempotency.fingerprint(
-        request.method, request.path, request.get_data(cache=True)))
+        request.method, request.path, request.get_data(cache=True) if what is None else what))
 
 
 def remember_idempotency_key(db: DbSession, resource_type: str, resource_id, status: int) -> None:

@@ -169,7 +169,8 @@ class TurnRunner:
                 error: str | None, first_id: str) -> bool:
         result = output.result or {}
         usage = result.get("usage") or {}
-        cost = Decimal(str(result.get("total_cost_usd") or 0))
+        # Rounded as the database stores it, so the event and the turn row report the same cost.
+        cost = Decimal(str(result.get("total_cost_usd") or 0)).quantize(Decimal("0.000001"))
         summary = {"status": status, "result": result.get("result"), "error": error,
                    "usage": usage or None, "cost_usd": float(cost) if result else None,
                    "duration_ms": result.get("duration_ms")}

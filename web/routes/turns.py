@@ -1,6 +1,7 @@
 """Turn routes: chat (answer at once, wait for the end, or stream it), list, show, cancel."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -50,7 +51,9 @@ def submit_chat(owner: str, session_id: str, spec: ChatRequest, idempotent: bool
         check_url(spec.webhook, settings.webhook_allow_private)
     host_queue = None
     with unit_of_work() as db:
-        prior = claim_idempotency_key(db) if idempotent else None
+        # wait and stream shape the answer, not the turn: a retry may switch between them.
+        what = json.dumps(spec.model_dump(exclude={"wait", "stream"}), sort_keys=True).encode()
+        prior = claim_idempotency_key(db, what) if idempotent else None
         if prior is not None:
             turn = turn_cmds.get_owned_turn(db, owner, str(prior.resource_id))
         else:

@@ -1,0 +1,282 @@
+"""The job API end to end with the real stack and the real Claude Code: wait, stream (NDJSON and
+SSE), poll, resume after a drop, idempotent retries, cancellation, batches, webhooks."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import redis
+import requests
+import websocket
+from sqlalchemy import create_engine, select
+
+from core.models import Turn
+from core.webhooks import SIGNATURE_HEADER, verify
+from tests.conftest import wait_for
+from tests.test_e2e import FINAL, Api, container_of
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture(scope="module")
+def api(stack_env, token):
+    return Api(stack_env["base"], token("jobs-owner"))
+
+
+def stream_ids(settings, sid: str) -> list[str]:
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    return [entry_id for entry_id, _ in client.xrange(f"{settings.key_prefix}:events:{sid}")]
+
+
+def post_chat(api: Api, sid: str, body: dict, **headers) -> requests.Response:
+    return requests.post(f"{api.base}/api/v1/sessions/{sid}/chat", json=body, timeout=120,
+                         headers={**api.headers, **headers}, stream=bool(body.get("stream")))
+
+
+def read_sse(resp: requests.Response, stop_after: int | None = None) -> list[dict]:
+    """Envelopes from an SSE response, until a final turn event or `stop_after` frames."""
+    frames, data = [], []
+    for line in resp.iter_lines(decode_unicode=True):
+        if line.startswith("data: "):
+            data.append(line[len("data: "):])
+        elif line == "" and data:
+            frames.append(json.loads("\n".join(data)))
+            data = []
+            if frames[-1]["type"] in FINAL or (stop_after and len(frames) >= stop_after):
+                break
+    return frames
+
+
+def test_wait_stream_sse_and_poll_give_the_same_result_for_the_same_turn(api):
+    sid = api.session()["id"]
+    key = {"Idempotency-Key": "same-turn"}
+    body = {"prompt": "SAY: one answer, four ways"}
+
+    streamed = post_chat(api, sid, {**body, "stream": True}, **key)
+    assert streamed.status_code == 200 and streamed.headers["Content-Type"].startswith("application/x-ndjson")
+    ndjson = [json.loads(line) for line in streamed.iter_lines() if line]
+    turn_id = streamed.headers["X-Turn-Id"]
+    assert ndjson[0]["type"] == "turn.queued" and ndjson[-1]["type"] == "turn.completed"
+    assert {f["turn_id"] for f in ndjson} == {turn_id}
+
+    # The same key and body: the same turn, followed again by each other way.
+    waited = post_chat(api, sid, {**body, "wait": 60}, **key)
+    assert waited.status_code == 200, waited.text
+    sse = post_chat(api, sid, {**body, "stream": True}, Accept="text/event-stream", **key)
+    assert sse.headers["Content-Type"].startswith("text/event-stream")
+    sse_frames = read_sse(sse)
+    polled = api.finished_turn(turn_id)
+
+    assert waited.json()["id"] == turn_id and polled["status"] == "succeeded"
+    assert polled["result"] == "one answer, four ways"
+    for final in (ndjson[-1]["data"], sse_frames[-1]["data"], waited.json()):
+        assert (final["result"], final["usage"], final["cost_usd"]) == (polled["result"], polled["usage"], polled["cost_usd"])
+    assert [f["id"] for f in sse_frames] == [f["id"] for f in ndjson], "both streams carry the same events"
+    assert api.call("GET", f"/api/v1/sessions/{sid}/turns", 200)["total"] == 1
+    api.call("DELETE", f"/api/v1/sessions/{sid}", 202)
+
+
+def test_sse_and_websocket_resume_mid_turn_without_loss_or_repeats(stack_env, api, token):
+    sid = api.session()["id"]
+    api.session_status(sid, "ready")
+    turn = api.chat(sid, "SLOW: 4")
+    events_url = f"{api.base}/api/v1/sessions/{sid}/events"
+    sse_headers = {**api.headers, "Accept": "text/event-stream"}
+
+    first = requests.get(events_url, headers=sse_headers, stream=True, timeout=60)
+    part = read_sse(first, stop_after=6)
+    first.close()  # the connection drops mid-turn
+    assert part[-1]["type"] not in FINAL
+    rest = read_sse(requests.get(events_url, headers={**sse_headers, "Last-Event-ID": part[-1]["id"]},
+                                 stream=True, timeout=60))
+    sse_ids = [f["id"] for f in part + rest]
+
+    # The WebSocket the same way: drop after a few frames, reconnect with since.
+    ws_base = f"{stack_env['ws']}/api/v1/sessions/{sid}/stream?token={token('jobs-owner')}"
+    ws = websocket.create_connection(ws_base, timeout=60)
+    head = [json.loads(ws.recv()) for _ in range(4)]
+    ws.close()
+    ws = websocket.create_connection(f"{ws_base}&since={head[-1]['id']}", timeout=60)
+    tail = []
+    while not tail or tail[-1]["type"] not in FINAL:
+        tail.append(json.loads(ws.recv()))
+    ws.close()
+
+    assert api.finished_turn(turn["id"])["status"] == "succeeded"
+    stored = stream_ids(stack_env["settings"], sid)
+    assert sse_ids == stored and len(set(sse_ids)) == len(sse_ids)
+    assert [f["id"] for f in head + tail] == stored
+    assert sum(f["type"] == "claude.stream_event" for f in rest) > 3, "the turn was still streaming at the drop"
+    api.call("DELETE", f"/api/v1/sessions/{sid}", 202)
+
+
+def test_five_concurrent_retries_with_one_key_make_one_turn(api, stack_env):
+    sid = api.session()["id"]
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda _: post_chat(api, sid, {"prompt": "SAY: only once"},
+                                                    **{"Idempotency-Key": "five-at-once"}), range(5)))
+    assert [a.status_code for a in answers] == [202] * 5
+    assert len({a.json()["id"] for a in answers}) == 1
+    api.finished_turn(answers[0].json()["id"])
+    assert api.call("GET", f"/api/v1/sessions/{sid}/turns", 200)["total"] == 1
+    runs = [r for r in stack_env["model"].tool_requests() if "only once" in json.dumps(r["messages"])]
+    assert len(runs) == 1, "the model was asked exactly once"
+    api.call("DELETE", f"/api/v1/sessions/{sid}", 202)
+
+
+def claude_processes(docker_client, settings, sid: str) -> list[str]:
+    """Command lines of Claude Code processes in the session's container."""
+    script = ("import os\nfor p in os.listdir('/proc'):\n if p.isdigit():\n  try: c=open(f'/proc/{p}/cmdline','rb')"
+              ".read().replace(b'\\0',b' ').decode()\n  except OSError: continue\n"
+              "  if 'claude' in c and 'wrapper' not in c: print(c)")
+    out = container_of(docker_client, settings, sid).exec_run(["python3", "-c", script], user="agent")
+    return [line for line in out.output.decode().splitlines() if line.strip()]
+
+
+def test_cancel_interrupts_a_streaming_turn_and_the_session_carries_on(stack_env, api, docker_client):
+    settings = stack_env["settings"]
+    sid = api.session()["id"]
+    turn = api.chat(sid, "SLOW: 120")
+    queued = api.chat(sid, "SAY: never runs")
+
+    def streaming():
+        page = api.call("GET", f"/api/v1/sessions/{sid}/events?limit=1000", 200)
+        return sum(e["type"] == "claude.stream_event" for e in page["items"]) >= 3
+    wait_for(streaming, 60, what="the long turn to stream")
+    assert claude_processes(docker_client, settings, sid), "Claude Code runs before the cancel"
+
+    assert api.call("POST", f"/api/v1/turns/{queued['id']}/cancel", 200)["status"] == "cancelled"
+    asked = time.monotonic()
+    accepted = api.call("POST", f"/api/v1/turns/{turn['id']}/cancel", 202)
+    assert accepted["status"] == "running" and accepted["cancel_requested_at"]
+    ended = api.finished_turn(turn["id"], timeout=60)
+    took = time.monotonic() - asked
+    bound = 3 * settings.cancel_grace_seconds + 5
+    assert ended["status"] == "cancelled" and took < bound, (ended, took)
+    assert claude_processes(docker_client, settings, sid) == [], "Claude Code is gone from the container"
+    page = api.call("GET", f"/api/v1/sessions/{sid}/events?limit=1000", 200)["items"]
+    finals = [(e["turn_id"], e["type"]) for e in page if e["type"] in FINAL]
+    assert finals == [(queued["id"], "turn.cancelled"), (turn["id"], "turn.cancelled")]
+    api.call("POST", f"/api/v1/turns/{turn['id']}/cancel", 409)
+
+    after = api.finished_turn(api.chat(sid, "SAY: still here")["id"])
+    assert after["status"] == "succeeded" and after["result"] == "still here"
+    assert api.call("GET", f"/api/v1/sessions/{sid}", 200)["status"] == "ready"
+    api.call("DELETE", f"/api/v1/sessions/{sid}", 202)
+
+
+def test_stopping_a_session_cancels_its_running_and_queued_turns(api):
+    sid = api.session()["id"]
+    running = api.chat(sid, "SLOW: 120")
+    waiting = api.chat(sid, "SAY: later")
+    wait_for(lambda: api.call("GET", f"/api/v1/turns/{running['id']}", 200)["status"] == "running", 60,
+             what="the turn to start")
+    api.call("POST", f"/api/v1/sessions/{sid}/stop", 202)
+    assert api.finished_turn(waiting["id"], timeout=5)["status"] == "cancelled"
+    assert api.finished_turn(running["id"], timeout=60)["status"] == "cancelled"
+    api.session_status(sid, "stopped")
+    api.call("DELETE", f"/api/v1/sessions/{sid}", 202)
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    running = peak = 0
+    for _, step in points:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_batch_of_200_over_20_sessions_runs_at_most_4_at_once(api, stack_env):
+    sids = [api.session()["id"] for _ in range(20)]
+    items = [{"prompt": f"SAY: answer {n}", "session_id": sids[n % 20], "custom_id": f"item-{n}"} for n in range(200)]
+    batch = api.call("POST", "/api/v1/batches", 202, json={"items": items, "concurrency": 4})
+    assert batch["total"] == 200
+
+    # Results stream while the batch runs, one line per item, each once.
+    resp = requests.get(f"{api.base}/api/v1/batches/{batch['id']}/results?follow=true", headers=api.headers,
+                        stream=True, timeout=600)
+    lines = [json.loads(line) for line in resp.iter_lines() if line]
+    assert len(lines) == 200 and {r["custom_id"] for r in lines} == {f"item-{n}" for n in range(200)}
+    by_id = {r["custom_id"]: r for r in lines}
+    for n in range(200):
+        r = by_id[f"item-{n}"]
+        assert r["status"] == "succeeded" and r["result"] == f"answer {n}", r
+        assert r["session_id"] == sids[n % 20] and r["usage"] and r["cost_usd"] > 0
+    done = api.call("GET", f"/api/v1/batches/{batch['id']}", 200)
+    assert done["status"] == "completed" and done["counts"]["succeeded"] == 200 and done["progress"] == 1.0
+
+    engine = create_engine(stack_env["settings"].database_url)
+    with engine.connect() as conn:
+        spans = conn.execute(select(Turn.started_at, Turn.finished_at).where(Turn.batch_id == batch["id"])).all()
+    engine.dispose()
+    assert len(spans) == 200
+    assert max_overlap([(s.timestamp(), f.timestamp()) for s, f in spans]) <= 4
+    for sid in sids:
+        api.call("DELETE", f"/api/v1/sessions/{sid}", 202)
+
+
+def test_cancelling_a_batch_midway_leaves_nothing_running(api):
+    items = [{"prompt": "SLOW: 30", "config": {}, "custom_id": f"slow-{n}"} for n in range(6)]
+    batch = api.call("POST", "/api/v1/batches", 202, json={"items": items, "concurrency": 2})
+    wait_for(lambda: api.call("GET", f"/api/v1/batches/{batch['id']}", 200)["counts"]["running"] >= 1, 90,
+             what="a batch turn to start")
+    api.call("POST", f"/api/v1/batches/{batch['id']}/cancel", 202)
+
+    def settled():
+        body = api.call("GET", f"/api/v1/batches/{batch['id']}", 200)
+        return body if not any(body["counts"][s] for s in ("pending", "queued", "running")) else None
+    body = settled_body = wait_for(settled, 60, what="the batch to settle")
+    assert body["status"] == "cancelled" and settled_body["counts"]["cancelled"] == 6
+    results = requests.get(f"{api.base}/api/v1/batches/{batch['id']}/results", headers=api.headers, timeout=30)
+    lines = [json.loads(line) for line in results.text.splitlines()]
+    assert len(lines) == 6 and {r["status"] for r in lines} == {"cancelled"}
+    for sid in {r["session_id"] for r in lines if r["session_id"]}:
+        turns = api.call("GET", f"/api/v1/sessions/{sid}/turns", 200)["items"]
+        assert all(t["status"] not in ("queued", "running") for t in turns)
+        api.call("DELETE", f"/api/v1/sessions/{sid}", 202)
+
+
+class Receiver:
+    """A webhook receiver on loopback that fails its first delivery with a 500."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, object, bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = 500 if not receiver.calls else 200
+                receiver.calls.append((status, self.headers, body))
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+
+
+def test_webhook_is_signed_retried_after_a_500_and_delivered_once(api, stack_env):
+    receiver = Receiver()
+    sid = api.session()["id"]
+    turn = api.call("POST", f"/api/v1/sessions/{sid}/chat", 202,
+                    json={"prompt": "SAY: hooked", "webhook": receiver.url})
+    wait_for(lambda: len(receiver.calls) >= 2, 60, what="the webhook to be retried")
+    time.sleep(3)  # time for a wrong extra delivery to show up
+    receiver.server.shutdown()
+    assert [status for status, _, _ in receiver.calls] == [500, 200]
+    _, headers, body = receiver.calls[-1]
+    assert verify(stack_env["settings"].webhook_secret, headers[SIGNATURE_HEADER], body)
+    assert not verify("another-secret", headers[SIGNATURE_HEADER], body)
+    delivered = json.loads(body)
+    assert delivered["id"] == turn["id"] and delivered["status"] == "succeeded" and delivered["result"] == "hooked"
+    assert api.call("GET", f"/api/v1/turns/{turn['id']}", 200)["webhook_status"] == "delivered"
+    api.call("DELETE", f"/api/v1/sessions/{sid}", 202)
