@@ -90,7 +90,7 @@ def stack_env(settings, docker_client):
         "CONTAINER_TIMEOUT_DEFAULT": "120", "LOG_LEVEL": "INFO", "CCD_PORT": str(port),
         # Webhook receivers in the tests listen on loopback; cancels escalate quickly.
         "CCD_WEBHOOK_SECRET": settings.webhook_secret, "CCD_WEBHOOK_ALLOW_PRIVATE": "true",
-        "CCD_CANCEL_GRACE_SECONDS": str(settings.cancel_grace_seconds),
+        "CCD_CANCEL_GRACE_SECONDS": str(settings.cancel_grace_seconds), "CCD_WS_PING_SECONDS": "3",
     }
     web = stack.start_web(env, port)
     worker = stack.start_worker(env)

@@ -280,3 +280,48 @@ def test_webhook_is_signed_retried_after_a_500_and_delivered_once(api, stack_env
     assert delivered["id"] == turn["id"] and delivered["status"] == "succeeded" and delivered["result"] == "hooked"
     assert api.call("GET", f"/api/v1/turns/{turn['id']}", 200)["webhook_status"] == "delivered"
     api.call("DELETE", f"/api/v1/sessions/{sid}", 202)
+
+
+def test_websocket_takes_chat_and_cancel_commands_and_sends_heartbeats(stack_env, api, token):
+    sid = api.session()["id"]
+    ws = websocket.create_connection(f"{stack_env['ws']}/api/v1/sessions/{sid}/stream?token={token('jobs-owner')}",
+                                     timeout=60)
+    frames, replies, pings = [], [], 0
+
+    def receive_until(done):
+        nonlocal pings
+        while not done():
+            op, frame = ws.recv_data_frame(control_frame=True)
+            if op == websocket.ABNF.OPCODE_PING:
+                pings += 1
+                ws.pong(frame.data)
+            elif op == websocket.ABNF.OPCODE_TEXT:
+                message = json.loads(frame.data)
+                (replies if message["type"] == "reply" else frames).append(message)
+
+    ws.send(json.dumps({"type": "chat", "prompt": "SLOW: 60", "id": "first"}))
+    receive_until(lambda: replies)
+    assert replies[0]["id"] == "first" and replies[0]["ok"] is True
+    long_turn = replies[0]["turn"]
+    receive_until(lambda: any(f["type"] == "turn.started" for f in frames))
+    ws.send(json.dumps({"type": "chat", "prompt": "SAY: after the cancel", "id": "second"}))
+    ws.send(json.dumps({"type": "cancel", "turn_id": long_turn["id"], "id": "stop-it"}))
+    ws.send(json.dumps({"type": "dance"}))
+    ws.send("not json")
+    receive_until(lambda: len(replies) >= 5)
+    by_id = {r["id"]: r for r in replies}
+    assert by_id["second"]["ok"] and by_id["second"]["turn"]["queue_position"] == 1
+    assert by_id["stop-it"]["ok"] and by_id["stop-it"]["turn"]["id"] == long_turn["id"]
+    assert [r["error"]["code"] for r in replies if not r["ok"]] == ["unknown_command", "invalid_json"]
+
+    second_id = by_id["second"]["turn"]["id"]
+    receive_until(lambda: any(f["type"] == "turn.completed" and f["turn_id"] == second_id for f in frames))
+    finals = [(f["turn_id"], f["type"]) for f in frames if f["type"] in FINAL]
+    assert finals == [(long_turn["id"], "turn.cancelled"), (second_id, "turn.completed")]
+    # An idle socket still gets pings (CCD_WS_PING_SECONDS=3 in the test stack).
+    quiet_until = time.monotonic() + 7
+    ws.settimeout(8)
+    receive_until(lambda: time.monotonic() > quiet_until)
+    assert pings >= 2
+    ws.close()
+    api.call("DELETE", f"/api/v1/sessions/{sid}", 202)

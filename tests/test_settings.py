@@ -61,3 +61,12 @@ def test_every_setting_is_documented_in_readme_and_env_example():
     for name in ENV_NAMES.values():
         assert f"`{name}`" in readme, f"{name} missing from README"
         assert f"{name}=" in example, f"{name} missing from .env.example"
+
+
+def test_booleans_and_the_idempotency_floor_are_checked():
+    assert Settings.from_env({"JWT_SECRET": "x", "CCD_WEBHOOK_ALLOW_PRIVATE": "true"}).webhook_allow_private is True
+    assert Settings.from_env({"JWT_SECRET": "x", "CCD_WEBHOOK_ALLOW_PRIVATE": "no"}).webhook_allow_private is False
+    with pytest.raises(ConfigError, match="CCD_WEBHOOK_ALLOW_PRIVATE"):
+        Settings.from_env({"JWT_SECRET": "x", "CCD_WEBHOOK_ALLOW_PRIVATE": "maybe"})
+    with pytest.raises(ConfigError, match="24 h"):
+        Settings.from_env({"JWT_SECRET": "x", "CCD_IDEMPOTENCY_TTL_SECONDS": "60"})
