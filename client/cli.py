@@ -2,11 +2,68 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, TextIO
 
+from client.api import (ApiError, Client, ConnectionFailed, Event, NotFound, Unavailable, batch_body)
 from client.tokens import mint_token
 
+DEFAULT_URL = "http://127.0.0.1:8000"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EPILOG = """\
+environment:
+  CCD_URL      the API's base URL (default http://127.0.0.1:8000); --url overrides it
+  CCD_TOKEN    the API token (mint one with `ccd token`); --token overrides it
+  JWT_SECRET   the server's secret, read by `ccd token` only
+
+exit codes:
+  0    success
+  1    the turn or batch ran but had failures (failed, cancelled, timed out)
+  2    usage or validation error (a 4xx answer other than 404)
+  3    the server or the connection is unavailable (5xx, refused, broken)
+  4    not found (404)
+  130  interrupted (Ctrl-C)
+"""
+
+
+class UsageError(Exception):
+    """A problem with the command line or its input files (exit code 2)."""
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def client_of(args: argparse.Namespace) -> Client:
+    """The API client for the --url and --token of the command line."""
+    if not args.token:
+        raise UsageError("no token: pass --token or export CCD_TOKEN (mint one with `ccd token`)")
+    return Client(args.url, args.token)
+
+
+def print_json(value: Any, out: TextIO = sys.stdout) -> None:
+    """Prints a value as indented JSON."""
+    print(json.dumps(value, indent=2), file=out)
+
+
+def exit_code_of(exc: ApiError) -> int:
+    """The exit code that an API error maps to."""
+    if isinstance(exc, NotFound):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, (ConnectionFailed, Unavailable)) or exc.status >= 500:
+        return EXIT_UNAVAILABLE
+    return EXIT_USAGE
+
+
+def say(message: str) -> None:
+    """Prints a message for the user on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- token --------------------------------------------------------------------------------------
 
 def cmd_token(args: argparse.Namespace) -> int:
     """Prints a token for --sub, valid for --ttl seconds, signed with JWT_SECRET."""
@@ -22,19 +79,447 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- sessions -----------------------------------------------------------------------------------
+
+def cmd_sessions_create(args: argparse.Namespace) -> int:
+    """Creates a session and prints its id (or the whole session with --json)."""
+    config = {"model": args.model} if args.model else {}
+    session = client_of(args).create_session(config)
+    if args.json:
+        print_json(session)
+    else:
+        print(session["id"])
+    return EXIT_OK
+
+
+def cmd_sessions_list(args: argparse.Namespace) -> int:
+    """Prints the owner's sessions, one per line (or the page as JSON with --json)."""
+    page = client_of(args).list_sessions(args.status, args.limit, args.offset)
+    if args.json:
+        print_json(page)
+        return EXIT_OK
+    for s in page["items"]:
+        print(f"{s['id']}  {s['status']:<9} turns={s['turn_count']:<4} "
+              f"model={s['config'].get('model') or '-'}  created={s['created_at']}")
+    if page.get("next_offset") is not None:
+        say(f"({page['total']} in all; more with --offset {page['next_offset']})")
+    return EXIT_OK
+
+
+def cmd_sessions_show(args: argparse.Namespace) -> int:
+    """Prints one session as JSON."""
+    print_json(client_of(args).session(args.id))
+    return EXIT_OK
+
+
+def cmd_sessions_stop(args: argparse.Namespace) -> int:
+    """Stops a session's container."""
+    session = client_of(args).stop_session(args.id)
+    print(f"{session['id']} {session['status']}")
+    return EXIT_OK
+
+
+def cmd_sessions_rm(args: argparse.Namespace) -> int:
+    """Deletes a session."""
+    session = client_of(args).delete_session(args.id)
+    print(f"{session['id']} {session['status']}")
+    return EXIT_OK
+
+
+# -- chat and tail ------------------------------------------------------------------------------
+
+def text_delta(event: Event) -> str | None:
+    """The assistant text a `claude.stream_event` carries, if it is a text delta."""
+    if event.get("type") != "claude.stream_event":
+        return None
+    inner = (event.get("data") or {}).get("event") or {}
+    delta = inner.get("delta") or {}
+    if inner.get("type") == "content_block_delta" and delta.get("type") == "text_delta":
+        return delta.get("text") or ""
+    return None
+
+
+def turn_summary(data: dict) -> str:
+    """A one-line account of a finished turn from its final event's data."""
+    parts = [data.get("status") or "?"]
+    if data.get("duration_ms") is not None:
+        parts.append(f"{data['duration_ms'] / 1000:.1f}s")
+    if data.get("cost_usd") is not None:
+        parts.append(f"${data['cost_usd']:.4f}")
+    if data.get("error"):
+        parts.append(f"error: {data['error']}")
+    return "[" + ", ".join(parts) + "]"
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Sends a prompt and streams the answer; Ctrl-C cancels the turn."""
+    client = client_of(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    turn_id, streamed, final = None, False, None
+    try:
+        for event in client.chat_stream(args.session, prompt):
+            turn_id = event.get("turn_id") or turn_id
+            if args.json:
+                print(json.dumps(event), flush=True)
+            elif (text := text_delta(event)) is not None:
+                streamed = True
+                print(text, end="", flush=True)
+            if event.get("type") in ("turn.completed", "turn.failed", "turn.cancelled"):
+                final = event
+    except KeyboardInterrupt:
+        cancel_quietly(client, turn_id)
+        raise
+    return finish_chat(final, streamed, args.json)
+
+
+def finish_chat(final: Event | None, streamed: bool, raw: bool) -> int:
+    """Prints the result (unless it was streamed) and the final status; returns the exit code."""
+    data = (final or {}).get("data") or {}
+    if not raw:
+        if streamed:
+            print(flush=True)
+        elif data.get("result"):
+            print(data["result"], flush=True)
+        say(turn_summary(data) if final else "[the stream ended before the turn did]")
+    if final is None:
+        return EXIT_UNAVAILABLE
+    return EXIT_OK if data.get("status") == "succeeded" else EXIT_FAILED
+
+
+def cancel_quietly(client: Client, turn_id: str | None) -> None:
+    """Best effort: cancels the turn a Ctrl-C abandoned."""
+    if turn_id:
+        try:
+            client.cancel(turn_id)
+            say(f"\ncancelled turn {turn_id}")
+        except ApiError:
+            pass
+
+
+def event_line(event: Event) -> str:
+    """One line describing an event: id, type, turn, and a short summary of its data."""
+    data = event.get("data") or {}
+    detail = text_delta(event)
+    if detail is None:
+        if "status" in data:
+            detail = str(data["status"]) + (f" ({data['error']})" if data.get("error") else "")
+        elif event.get("type") == "turn.queued" or "prompt" in data:
+            detail = data.get("prompt", "")
+        else:
+            detail = data.get("subtype") or data.get("message") or ""
+    turn = (event.get("turn_id") or "-")[:8]
+    return f"{event.get('id') or '-'}  {event.get('type')}  turn={turn}  {json.dumps(detail)[:120]}"
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    """Follows a session's events, resuming after dropped connections, until it is deleted."""
+    with client_of(args).events(args.session, since=args.since) as follower:
+        for event in follower:
+            print(json.dumps(event) if args.json else event_line(event), flush=True)
+    return EXIT_OK
+
+
+# -- batches ------------------------------------------------------------------------------------
+
+def read_prompts(path: Path, session: str | None, model: str | None) -> list[dict]:
+    """The batch items of a JSONL file, each with a custom_id (its line number when not given)."""
+    items, seen = [], set()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        item = parse_prompt_line(line, f"{path}:{number}")
+        item["custom_id"] = str(item.get("custom_id") or number)
+        if item["custom_id"] in seen:
+            raise UsageError(f"{path}:{number}: custom_id {item['custom_id']!r} appears twice")
+        seen.add(item["custom_id"])
+        items.append(with_target(item, session, model))
+    if not items:
+        raise UsageError(f"{path} holds no prompts")
+    return items
+
+
+def parse_prompt_line(line: str, where: str) -> dict:
+    """One input line as an item: {"prompt", "custom_id"?, "session_id"?, "config"?}."""
+    try:
+        item = json.loads(line)
+    except ValueError as exc:
+        raise UsageError(f"{where}: not JSON ({exc})") from None
+    if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+        raise UsageError(f'{where}: each line must be an object with a "prompt" string')
+    unknown = set(item) - {"prompt", "custom_id", "session_id", "config"}
+    if unknown:
+        raise UsageError(f"{where}: unknown fields {sorted(unknown)}")
+    return item
+
+
+def with_target(item: dict, session: str | None, model: str | None) -> dict:
+    """The item aimed at its own session or config, else --session, else a new session (+ --model)."""
+    if item.get("session_id") or item.get("config") is not None:
+        return item
+    if session:
+        return {**item, "session_id": session}
+    return {**item, "config": {"model": model} if model else {}}
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """The results already in the --out file, by custom_id (a torn last line is ignored)."""
+    done: dict[str, dict] = {}
+    if not path.exists():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            result = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(result, dict) and result.get("custom_id") is not None:
+            done[str(result["custom_id"])] = result
+    return done
+
+
+def idempotency_key_of(body: bytes) -> str:
+    """A key derived from the exact submission, so a re-run after a crash finds the same batch."""
+    return "ccd-batch-" + hashlib.sha256(body).hexdigest()
+
+
+class Progress:
+    """A progress bar on stderr when it is a terminal, else a line every few seconds."""
+
+    def __init__(self, total: int, width: int = 30) -> None:
+        self.total, self.width, self.done, self.failed = total, width, 0, 0
+        self.tty = sys.stderr.isatty()
+        self.printed_at = 0.0
+
+    def add(self, result: dict) -> None:
+        """Counts one finished item and redraws."""
+        self.done += 1
+        self.failed += result.get("status") != "succeeded"
+        self.show()
+
+    def show(self, force: bool = False) -> None:
+        """Draws the bar (terminal) or prints a line at most every 5 s (otherwise)."""
+        filled = self.width * self.done // max(self.total, 1)
+        text = f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total}"
+        text += f" ({self.failed} failed)" if self.failed else ""
+        if self.tty:
+            sys.stderr.write("\r" + text)
+            sys.stderr.flush()
+        elif force or time.monotonic() - self.printed_at >= 5 or self.done == self.total:
+            self.printed_at = time.monotonic()
+            say(text)
+
+    def end(self) -> None:
+        """Finishes the bar's line."""
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+class ResultsFile:
+    """The --out JSONL file, appended one flushed line per finished item."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done = read_results(path)
+        self.file = path.open("a", encoding="utf-8")
+        if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            self.file.write("\n")  # a crash tore the last line: start a fresh one
+
+    def add(self, result: dict) -> bool:
+        """Appends a result unless its custom_id is already recorded; True when appended."""
+        custom_id = str(result.get("custom_id"))
+        if custom_id in self.done:
+            return False
+        self.file.write(json.dumps(result, separators=(",", ":")) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.done[custom_id] = result
+        return True
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def marker_path(out: Path) -> Path:
+    """Where a run notes the batch it is following, so a re-run after a crash reattaches to it."""
+    return out.with_name(out.name + ".batch")
+
+
+def collect(client: Client, batch_id: str, results: ResultsFile, progress: Progress | None) -> None:
+    """Streams the batch's results into the --out file as they arrive."""
+    for result in client.batch_results(batch_id, follow=True):
+        if results.add(result) and progress is not None:
+            progress.add(result)
+
+
+def reattach(client: Client, out: Path, results: ResultsFile) -> None:
+    """Finishes collecting the batch an interrupted run was following, if any."""
+    marker = marker_path(out)
+    if not marker.exists():
+        return
+    batch_id = marker.read_text().strip()
+    try:
+        client.batch(batch_id)
+    except NotFound:
+        marker.unlink()
+        return
+    say(f"reattaching to batch {batch_id} of an interrupted run")
+    collect(client, batch_id, results, None)
+    marker.unlink()
+
+
+def cmd_batch_run(args: argparse.Namespace) -> int:
+    """Submits the prompts not yet in --out as one batch and appends each result as it finishes."""
+    if args.session and args.model:
+        raise UsageError("give --session or --model, not both")
+    items = read_prompts(Path(args.prompts), args.session, args.model)
+    client, out = client_of(args), Path(args.out)
+    results = ResultsFile(out)
+    try:
+        reattach(client, out, results)
+        pending = [i for i in items if i["custom_id"] not in results.done]
+        if pending:
+            run_batch(client, pending, args.concurrency, out, results)
+        else:
+            say(f"nothing to submit: all {len(items)} items are in {out}")
+    finally:
+        results.close()
+    failed = [i["custom_id"] for i in items if results.done.get(i["custom_id"], {}).get("status") != "succeeded"]
+    if failed:
+        say(f"{len(failed)} of {len(items)} items did not succeed: {', '.join(failed[:10])}"
+            + (" ..." if len(failed) > 10 else ""))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def run_batch(client: Client, pending: list[dict], concurrency: int, out: Path, results: ResultsFile) -> None:
+    """Submits one batch (reattaching to it if an earlier run submitted the same) and follows it."""
+    key = idempotency_key_of(batch_body(pending, concurrency))
+    batch = client.create_batch(pending, concurrency, idempotency_key=key)
+    marker_path(out).write_text(batch["id"] + "\n")
+    say(f"batch {batch['id']}: {len(pending)} items, concurrency {concurrency}")
+    progress = Progress(len(pending))
+    progress.show(force=True)
+    try:
+        collect(client, batch["id"], results, progress)
+    except KeyboardInterrupt:
+        progress.end()
+        say(f"interrupted; batch {batch['id']} keeps running. Re-run the same command to collect "
+            f"its results, or stop it with: ccd batch cancel {batch['id']}")
+        raise
+    progress.end()
+    marker_path(out).unlink(missing_ok=True)
+
+
+def cmd_batch_status(args: argparse.Namespace) -> int:
+    """Prints a batch's status and counts (or the batch as JSON with --json)."""
+    batch = client_of(args).batch(args.id)
+    if args.json:
+        print_json(batch)
+    else:
+        counts = " ".join(f"{k}={v}" for k, v in batch["counts"].items() if v)
+        print(f"{batch['id']}  {batch['status']}  {batch['progress'] * 100:.0f}% of {batch['total']}  {counts}")
+    return EXIT_OK
+
+
+def cmd_batch_cancel(args: argparse.Namespace) -> int:
+    """Cancels the unfinished items of a batch."""
+    batch = client_of(args).cancel_batch(args.id)
+    print(f"{batch['id']} {batch['status']}")
+    return EXIT_OK
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+def connection_flags() -> argparse.ArgumentParser:
+    """--url and --token, accepted before or after the subcommand."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--url", default=argparse.SUPPRESS, help="API base URL (env CCD_URL)")
+    flags.add_argument("--token", default=argparse.SUPPRESS, help="API token (env CCD_TOKEN)")
+    return flags
+
+
+def add_command(sub, name: str, func, help_text: str, parents: Iterable = ()) -> argparse.ArgumentParser:
+    """Adds a subcommand that runs `func`."""
+    parser = sub.add_parser(name, help=help_text, description=help_text, parents=list(parents))
+    parser.set_defaults(func=func)
+    return parser
+
+
+def add_session_commands(sub, common: list) -> None:
+    sessions = sub.add_parser("sessions", help="create, list, show, stop and remove sessions")
+    ssub = sessions.add_subparsers(dest="action", required=True)
+    create = add_command(ssub, "create", cmd_sessions_create, "create a session", common)
+    create.add_argument("--model", help="the model the session uses")
+    create.add_argument("--json", action="store_true", help="print the whole session as JSON")
+    listing = add_command(ssub, "list", cmd_sessions_list, "list your sessions", common)
+    listing.add_argument("--status", help="only sessions in this status")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--offset", type=int, default=0)
+    listing.add_argument("--json", action="store_true", help="print the page as JSON")
+    for name, func, text in (("show", cmd_sessions_show, "show a session as JSON"),
+                             ("stop", cmd_sessions_stop, "stop a session's container"),
+                             ("rm", cmd_sessions_rm, "delete a session, its container and workspace")):
+        add_command(ssub, name, func, text, common).add_argument("id", help="session id")
+
+
+def add_batch_commands(sub, common: list) -> None:
+    batch = sub.add_parser("batch", help="run many prompts as a batch")
+    bsub = batch.add_subparsers(dest="action", required=True)
+    run = add_command(bsub, "run", cmd_batch_run, "submit the prompts of a JSONL file not yet in --out, "
+                      "and append each result to --out as it finishes (re-run to resume)", common)
+    run.add_argument("prompts", help='JSONL, one {"prompt", "custom_id"?, "session_id"?, "config"?} per line')
+    run.add_argument("--out", required=True, help="results JSONL, appended to")
+    run.add_argument("--concurrency", type=int, default=4, help="turns running at once (default 4)")
+    run.add_argument("--session", help="run items without session_id/config in this session")
+    run.add_argument("--model", help="model of the new session made for each item without a target")
+    status = add_command(bsub, "status", cmd_batch_status, "show a batch's progress", common)
+    status.add_argument("id", help="batch id")
+    status.add_argument("--json", action="store_true", help="print the batch as JSON")
+    add_command(bsub, "cancel", cmd_batch_cancel, "cancel a batch's unfinished items", common).add_argument("id")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ccd", description="cc-docker command line")
+    parser = argparse.ArgumentParser(prog="ccd", description="cc-docker command line", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=os.environ.get("CCD_URL") or DEFAULT_URL,
+                        help="API base URL (env CCD_URL, default %(default)s)")
+    parser.add_argument("--token", default=os.environ.get("CCD_TOKEN"), help="API token (env CCD_TOKEN)")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = [connection_flags()]
     token = sub.add_parser("token", help="mint an API token from JWT_SECRET")
     token.add_argument("--sub", default=os.environ.get("USER") or "dev", help="the token's owner")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     token.set_defaults(func=cmd_token)
+    add_session_commands(sub, common)
+    chat = add_command(sub, "chat", cmd_chat, "send a prompt to a session and stream the answer", common)
+    chat.add_argument("session", help="session id")
+    chat.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
+    chat.add_argument("--json", action="store_true", help="print the raw events, one JSON per line")
+    tail = add_command(sub, "tail", cmd_tail, "follow a session's events live", common)
+    tail.add_argument("session", help="session id")
+    tail.add_argument("--since", help="start after this event id")
+    tail.add_argument("--json", action="store_true", help="print the raw events, one JSON per line")
+    add_batch_commands(sub, common)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        say(f"error: {exc}")
+        return EXIT_USAGE
+    except ApiError as exc:
+        say(f"error: {exc}")
+        return exit_code_of(exc)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `| head`): nothing left to say
+        return EXIT_OK
 
 
 if __name__ == "__main__":

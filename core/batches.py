@@ -127,7 +127,13 @@ def _stop_made_session(db: DbSession, session_id: uuid.UUID, plan: Dispatch) -> 
 def release(db: DbSession, events: EventLog, batch_id: uuid.UUID, settings: Settings, plan: Dispatch) -> None:
     """Turns the next pending items into queued turns, as far as the batch and its owner have room."""
     batch = db.get(Batch, batch_id, with_for_update=True)
-    if batch is None or batch.status != "running":
+    if batch is None or batch.finished_at is not None:
+        return
+    if batch.status == "cancelled":  # it ends once its last interrupted turn has settled
+        if not db.scalar(select(func.count()).select_from(BatchItem).where(
+                BatchItem.batch_id == batch_id, BatchItem.status == "released")):
+            batch.finished_at = utcnow()
+            plan.finished_batches.append(str(batch_id))
         return
     in_flight = db.scalar(select(func.count()).select_from(BatchItem)
                           .where(BatchItem.batch_id == batch_id, BatchItem.status == "released")) or 0
@@ -179,7 +185,7 @@ def cancel(db: DbSession, batch: Batch, plan: Dispatch) -> None:
     """Cancels everything of the batch that has not finished: pending items, queued and running turns."""
     if batch.status != "running":
         raise WrongState(f"batch {batch.id} is {batch.status}; there is nothing to cancel", code="batch_finished")
-    batch.status, batch.finished_at = "cancelled", utcnow()
+    batch.status = "cancelled"
     db.execute(update(BatchItem).where(BatchItem.batch_id == batch.id, BatchItem.status == "pending")
                .values(status="cancelled", finished_at=func.now(), error="batch cancelled"))
     released = db.scalars(select(Turn).join(BatchItem, BatchItem.turn_id == Turn.id)
@@ -195,7 +201,6 @@ def cancel(db: DbSession, batch: Batch, plan: Dispatch) -> None:
         else:
             plan.signal_turns.append(str(turn.id))
     db.flush()
-    plan.finished_batches.append(str(batch.id))
 
 
 def results(db: DbSession, batch_id: uuid.UUID, not_before: datetime | None = None

@@ -221,8 +221,10 @@ def test_batch_of_200_over_20_sessions_runs_at_most_4_at_once(api, stack_env):
 
 
 def test_cancelling_a_batch_midway_leaves_nothing_running(api):
+    receiver = Receiver()
     items = [{"prompt": "SLOW: 30", "config": {}, "custom_id": f"slow-{n}"} for n in range(6)]
-    batch = api.call("POST", "/api/v1/batches", 202, json={"items": items, "concurrency": 2})
+    batch = api.call("POST", "/api/v1/batches", 202, json={"items": items, "concurrency": 2,
+                                                           "webhook": receiver.url})
     wait_for(lambda: api.call("GET", f"/api/v1/batches/{batch['id']}", 200)["counts"]["running"] >= 1, 90,
              what="a batch turn to start")
     api.call("POST", f"/api/v1/batches/{batch['id']}/cancel", 202)
@@ -235,6 +237,12 @@ def test_cancelling_a_batch_midway_leaves_nothing_running(api):
     results = requests.get(f"{api.base}/api/v1/batches/{batch['id']}/results", headers=api.headers, timeout=30)
     lines = [json.loads(line) for line in results.text.splitlines()]
     assert len(lines) == 6 and {r["status"] for r in lines} == {"cancelled"}
+    # The batch's webhook comes once everything has settled, with the final counts.
+    wait_for(lambda: receiver.calls and receiver.calls[-1][0] == 200, 30, what="the batch webhook")
+    hooked = json.loads(receiver.calls[-1][2])
+    assert hooked["id"] == batch["id"] and hooked["status"] == "cancelled" and hooked["counts"]["cancelled"] == 6
+    assert hooked["finished_at"] and hooked["webhook_status"] == "pending"  # as it was when sent
+    receiver.server.shutdown()
     for sid in {r["session_id"] for r in lines if r["session_id"]}:
         turns = api.call("GET", f"/api/v1/sessions/{sid}/turns", 200)["items"]
         assert all(t["status"] not in ("queued", "running") for t in turns)
