@@ -209,3 +209,18 @@ def test_webhooks_to_loopback_or_private_addresses_are_refused(api_settings, aut
         resp = chat(client, who, sid, webhook=url)
         assert resp.status_code == 400 and error_of(resp)["field"] == "webhook", url
     assert client.get(f"/api/v1/sessions/{sid}/turns", headers=who).get_json()["total"] == 0
+
+
+def test_batch_items_wait_for_the_owners_limit_instead_of_failing(limited_client, auth):
+    who = auth(owner())
+    sid = create(limited_client, who).get_json()["id"]
+    items = [{"prompt": f"p{n}", "session_id": sid} for n in range(3)]
+    resp = limited_client.post("/api/v1/batches", json={"items": items, "concurrency": 3}, headers=who)
+    assert resp.status_code == 202
+    counts = resp.get_json()["counts"]
+    # One running turn allowed per owner: one item released, the others wait (none failed).
+    assert (counts["queued"], counts["pending"], counts["failed"]) == (1, 2, 0)
+    assert create(limited_client, who).status_code == 201
+    config_items = [{"prompt": "x", "config": {}} for _ in range(2)]
+    body = limited_client.post("/api/v1/batches", json={"items": config_items}, headers=who).get_json()
+    assert body["counts"]["pending"] == 2, "no room for another turn (or session): they wait"

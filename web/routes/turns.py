@@ -124,9 +124,10 @@ def stream_turn(body: dict) -> Response:
     """The turn's events as they happen, NDJSON (or SSE when asked), ending after its final event."""
     sse = request.accept_mimetypes.best_match(["application/x-ndjson", "text/event-stream"]) == "text/event-stream"
     events, running = ctx().events, turn_is_running(body["id"])
+    start = body["queued_event_id"] or "0-1"  # turns queued before event ids were recorded: from the start
 
     def frames():
-        for event in turn_events(events, body["session_id"], body["id"], body["queued_event_id"], running):
+        for event in turn_events(events, body["session_id"], body["id"], start, running):
             if event is None:
                 if sse:
                     yield SSE_HEARTBEAT
