@@ -14,7 +14,7 @@ import redis
 
 from client.api import (Client, Conflict, ConnectionFailed, NotFound, Unauthorized, ValidationError,
                         batch_body, sse_events, split_lines)
-from client.cli import idempotency_key_of, read_prompts
+from client.batch_run import idempotency_key_of, read_prompts
 
 pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parent.parent
