@@ -87,6 +87,8 @@ def enqueue(send: Callable[..., None], *args) -> None:
         send(*args)
     except (BrokerDown, redis.RedisError) as exc:
         log.warning("could not enqueue %s%s (%s); the reaper will retry", send.__name__, args, exc)
+    except Exception:  # committed work must not turn into an error answer; the reaper catches up
+        log.exception("follow-up %s%s failed after commit; the reaper will retry", send.__name__, args)
 
 
 def page(items: list, total: int, q: PageQuery) -> dict:
