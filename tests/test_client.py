@@ -13,7 +13,8 @@ import pytest
 import redis
 
 from client.api import (Client, Conflict, ConnectionFailed, NotFound, Unauthorized, ValidationError,
-                        batch_body, sse_events, split_lines)
+                        batch_body)
+from client.follow import split_lines, sse_events
 from client.batch_run import idempotency_key_of, read_prompts
 
 pytestmark = pytest.mark.docker
