@@ -129,14 +129,13 @@ def release(db: DbSession, events: EventLog, batch_id: uuid.UUID, settings: Sett
     batch = db.get(Batch, batch_id, with_for_update=True)
     if batch is None or batch.finished_at is not None:
         return
+    in_flight = db.scalar(select(func.count()).select_from(BatchItem)
+                          .where(BatchItem.batch_id == batch_id, BatchItem.status == "released")) or 0
     if batch.status == "cancelled":  # it ends once its last interrupted turn has settled
-        if not db.scalar(select(func.count()).select_from(BatchItem).where(
-                BatchItem.batch_id == batch_id, BatchItem.status == "released")):
+        if not in_flight:
             batch.finished_at = utcnow()
             plan.finished_batches.append(str(batch_id))
         return
-    in_flight = db.scalar(select(func.count()).select_from(BatchItem)
-                          .where(BatchItem.batch_id == batch_id, BatchItem.status == "released")) or 0
     owner_turns = turn_counts(db, batch.owner)
     room = min(batch.concurrency - in_flight,
                settings.owner_max_running_turns - owner_turns["running"] - owner_turns["queued"])

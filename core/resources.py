@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from core.models import FINISHED_TURN_STATUSES
+
 
 class Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -92,7 +94,7 @@ def turn_body(row, queue_position: int | None = None) -> dict[str, Any]:
 
 def batch_body(row, counts: dict[str, int]) -> dict[str, Any]:
     """A batch with its items counted by status and how far along it is."""
-    done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled", "timed_out"))
+    done = sum(counts.get(s, 0) for s in FINISHED_TURN_STATUSES)
     base = f"/api/v1/batches/{row.id}"
     return {"id": str(row.id), "status": row.status, "concurrency": row.concurrency, "total": row.total,
             "counts": counts, "progress": round(done / row.total, 4) if row.total else 1.0,

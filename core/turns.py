@@ -40,11 +40,15 @@ def queued_event(turn: Turn) -> Event:
                  type="turn.queued", data={"status": "queued"})
 
 
+def final_event_type(status: str) -> str:
+    """The event that ends a turn with this status: turn.completed, turn.cancelled or turn.failed."""
+    return {"succeeded": "turn.completed", "cancelled": "turn.cancelled"}.get(status, "turn.failed")
+
+
 def ended_event(turn: Turn) -> Event:
-    """The final event of a turn that ended without running (cancelled while queued)."""
-    kind = {"succeeded": "turn.completed", "cancelled": "turn.cancelled"}.get(turn.status, "turn.failed")
-    return Event(session_id=str(turn.session_id), turn_id=str(turn.id), seq=turn.seq, type=kind,
-                 data={"status": turn.status, "error": turn.error})
+    """The final event of a turn that ended without finishing its run (cancelled, worker lost)."""
+    return Event(session_id=str(turn.session_id), turn_id=str(turn.id), seq=turn.seq,
+                 type=final_event_type(turn.status), data={"status": turn.status, "error": turn.error})
 
 
 def request_cancel(db: DbSession, turn: Turn) -> bool:

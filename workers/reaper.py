@@ -11,7 +11,7 @@ from core import batches, idempotency
 from core.db import transaction
 from core.envelope import Event
 from core.models import Session, utcnow
-from core.turns import expired_leases, stale_queued_turns
+from core.turns import ended_event, expired_leases, stale_queued_turns
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,7 @@ def reap(ctx: WorkerContext, stale_after: timedelta = STALE_AFTER) -> dict[str, 
             session = db.get(Session, turn.session_id, with_for_update=True)
             if session.status == "busy":
                 session.status = "ready"
-            ended.append(Event(session_id=str(turn.session_id), turn_id=str(turn.id), seq=turn.seq,
-                               type="turn.failed", data={"status": "failed", "error": error}))
+            ended.append(ended_event(turn))
             if turn.webhook:
                 webhooks.append(str(turn.id))
         cutoff = utcnow() - stale_after

@@ -13,7 +13,7 @@ from core import batches
 from core.db import transaction
 from core.envelope import Event
 from core.models import Session, Turn, utcnow
-from core.turns import claim_turn, head_queued_turn, renew_lease
+from core.turns import claim_turn, final_event_type, head_queued_turn, renew_lease
 from workers.context import WorkerContext
 from workers.runtime import ExecResult
 from workers.turn_output import TurnOutput
@@ -80,7 +80,7 @@ class TurnRunner:
         finished = self._finish(session, turn, output, status, error, first_id)
         self._start_next(session)
         if finished:
-            self._after(turn_id)
+            self._after(turn)
 
     def _claim(self, turn_id: str) -> tuple[dict, dict] | None:
         with transaction(self.ctx.db) as db:
@@ -92,7 +92,8 @@ class TurnRunner:
                 session.status = "busy"
             session.last_active_at = utcnow()
             return (
-                {"id": str(turn.id), "seq": turn.seq, "prompt": turn.prompt, "attempt": turn.attempt},
+                {"id": str(turn.id), "seq": turn.seq, "prompt": turn.prompt, "attempt": turn.attempt,
+                 "webhook": turn.webhook, "batch_id": turn.batch_id},
                 {"id": str(session.id), "owner": session.owner, "config": dict(session.config),
                  "claude_session_id": str(session.claude_session_id),
                  "conversation_started": session.conversation_started,
@@ -174,8 +175,7 @@ class TurnRunner:
         summary = {"status": status, "result": result.get("result"), "error": error,
                    "usage": usage or None, "cost_usd": float(cost) if result else None,
                    "duration_ms": result.get("duration_ms")}
-        kind = {"succeeded": "turn.completed", "cancelled": "turn.cancelled"}.get(status, "turn.failed")
-        last_id = self._publish(session, turn, kind, summary)
+        last_id = self._publish(session, turn, final_event_type(status), summary)
         with transaction(self.ctx.db) as db:
             done = db.execute(
                 update(Turn).where(Turn.id == uuid.UUID(turn["id"]), Turn.attempt == turn["attempt"],
@@ -198,16 +198,13 @@ class TurnRunner:
         log.info("turn %s %s%s", turn["id"], status, f": {error}" if error else "")
         return True
 
-    def _after(self, turn_id: str) -> None:
+    def _after(self, turn: dict) -> None:
         """The turn's webhook, and its batch's next items."""
-        with transaction(self.ctx.db) as db:
-            row = db.get(Turn, uuid.UUID(turn_id))
-            webhook, batch_id = row.webhook, row.batch_id
-        if webhook:
-            self.ctx.sender.deliver_webhook("turn", turn_id)
-        if batch_id:
+        if turn["webhook"]:
+            self.ctx.sender.deliver_webhook("turn", turn["id"])
+        if turn["batch_id"]:
             batches.advance(self.ctx.db, self.ctx.events, self.ctx.sender, self.ctx.cancels,
-                            self.ctx.settings, [batch_id])
+                            self.ctx.settings, [turn["batch_id"]])
 
     def _start_next(self, session: dict) -> None:
         """Sends the session's next queued turn on its way, now that this one is done."""

@@ -39,23 +39,14 @@ def read_submission() -> tuple[list, BatchOptions]:
             except ValueError:
                 raise ValidationFailed(f"line {number + 1} of the NDJSON body is not JSON", code="invalid_json",
                                        field=f"items[{len(items)}]") from None
-        return items, _options(request.args.to_dict())
+        return items, query(BatchOptions)
     data = json_data()
     if isinstance(data, list):
-        return data, _options(request.args.to_dict())
+        return data, query(BatchOptions)
     if not isinstance(data, dict):
         raise ValidationFailed("send a JSON object with items, a JSON array, or NDJSON", code="invalid_json")
     spec = CreateBatch.model_validate(data)
     return spec.items, BatchOptions(concurrency=spec.concurrency, webhook=spec.webhook)
-
-
-def _options(args: dict) -> BatchOptions:
-    args.pop("token", None)
-    try:
-        return BatchOptions.model_validate(args)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ValidationFailed(f"query.{first['loc'][0]}: {first['msg']}", field=f"query.{first['loc'][0]}") from None
 
 
 def validate_items(raw: list) -> list[dict]:

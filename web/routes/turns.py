@@ -18,7 +18,7 @@ from core.webhooks import check_url
 from web.api import (api, claim_idempotency_key, enqueue, json_body, page, query,
                      remember_idempotency_key)
 from web.context import ctx, unit_of_work
-from web.follow import SSE_HEARTBEAT, sse_frame, turn_events
+from web.follow import FINAL_TYPES, SSE_HEARTBEAT, sse_frame, turn_events
 from web.routes.sessions import after_turns_ended
 from web.schemas import ChatRequest, PageQuery
 
@@ -102,7 +102,7 @@ def wait_for_turn(body: dict, seconds: int):
         deadline = time.monotonic() + seconds
         for event in turn_events(ctx().events, body["session_id"], body["id"], body["queued_event_id"],
                                  turn_is_running(body["id"]), deadline):
-            if event is not None and event.type in ("turn.completed", "turn.failed", "turn.cancelled"):
+            if event is not None and event.type in FINAL_TYPES:
                 break
         give_up = min(deadline, time.monotonic() + ROW_CATCH_UP_SECONDS)
         while True:
