@@ -77,7 +77,11 @@ class Event:
                    seq=body.get("seq"), type=body["type"], ts=body["ts"], data=body["data"])
 
 
-def status_event(session_id: str, status: str, error: str | None = None) -> Event:
-    """The `session.status` event for a session entering `status`."""
-    data = {"status": status} if error is None else {"status": status, "error": error}
+def status_event(session_id: str, status: str, error: str | None = None, reason: str | None = None) -> Event:
+    """The `session.status` event for a session entering `status` (with why, when it is not obvious)."""
+    data = {"status": status}
+    if error is not None:
+        data["error"] = error
+    if reason is not None:
+        data["reason"] = reason
     return Event(session_id=session_id, type="session.status", data=data)

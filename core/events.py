@@ -69,6 +69,12 @@ class EventLog:
         reply = self.redis.xread({self.key(session_id): after}, count=count, block=block_ms)
         return self._decode(reply[0][1]) if reply else []
 
+    def wait_many(self, positions: dict[str, str], block_ms: int, count: int = 500) -> dict[str, list[Event]]:
+        """Events after each session's position, waiting up to block_ms for the first one anywhere."""
+        keys = {self.key(sid): sid for sid in positions}
+        reply = self.redis.xread({key: positions[sid] for key, sid in keys.items()}, count=count, block=block_ms)
+        return {keys[key]: self._decode(entries) for key, entries in reply or []}
+
     def last_id(self, session_id: str) -> str:
         """The newest id in the stream, or '0-0' when it is empty."""
         newest = self.redis.xrevrange(self.key(session_id), count=1)

@@ -39,6 +39,8 @@ class Session(Base):
     parent_id: Mapped[uuid.UUID | None] = mapped_column(
         UUID(as_uuid=True), ForeignKey("sessions.id", ondelete="SET NULL"), nullable=True)
     depth: Mapped[int] = mapped_column(Integer, default=0)
+    # The top of the session's spawn tree (itself for a root): the tree budget and tree events use it.
+    root_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True, index=True)
     status: Mapped[str] = mapped_column(String(16), default="creating", index=True)
     config: Mapped[dict] = mapped_column(JSONB, default=dict)
     workspace: Mapped[dict] = mapped_column(JSONB, default=dict)
@@ -148,3 +150,22 @@ class IdempotencyKey(Base):
     resource_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True)
     status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class Workspace(Base):
+    """A named persistent workspace: its latest snapshot, and which session holds it now."""
+
+    __tablename__ = "workspaces"
+
+    owner: Mapped[str] = mapped_column(String(255), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    holder_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True)
+    # The conversation the snapshot's agent home holds, so a new session can resume it.
+    claude_session_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True)
+    conversation_started: Mapped[bool] = mapped_column(default=False)
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    snapshot_key: Mapped[str | None] = mapped_column(String(400), nullable=True)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    saved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

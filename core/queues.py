@@ -11,6 +11,8 @@ STOP_SESSION = "ccd.stop_session"
 DELETE_SESSION = "ccd.delete_session"
 REAP = "ccd.reap"
 DELIVER_WEBHOOK = "ccd.deliver_webhook"
+STOP_IDLE = "ccd.stop_idle_sessions"
+WORKSPACE_FILES = "ccd.workspace_files"
 
 REAP_EVERY_SECONDS = 30.0
 
@@ -38,6 +40,8 @@ def celery_config(settings: Settings) -> dict:
         "beat_schedule": {
             "reap": {"task": REAP, "schedule": REAP_EVERY_SECONDS,
                      "options": {"queue": settings.placement_queue, "expires": REAP_EVERY_SECONDS}},
+            "stop-idle": {"task": STOP_IDLE, "schedule": float(settings.idle_check_seconds),
+                          "options": {"queue": settings.placement_queue, "expires": settings.idle_check_seconds}},
         },
     }
 
@@ -69,6 +73,11 @@ class TaskSender:
         """Posts a finished turn's or batch's webhook (kind "turn" or "batch"); any worker may."""
         self.celery.send_task(DELIVER_WEBHOOK, args=[kind, resource_id, attempt],
                               queue=self.settings.placement_queue, countdown=countdown or None)
+
+    def workspace_files(self, request: dict, host_queue: str) -> None:
+        """Asks the session's host to read or write its workspace files (see workers/files.py)."""
+        self.celery.send_task(WORKSPACE_FILES, args=[request], queue=host_queue,
+                              expires=self.settings.files_timeout_seconds)
 
     def delete_session(self, session_id: str, host_queue: str | None) -> None:
         self.celery.send_task(DELETE_SESSION, args=[session_id],

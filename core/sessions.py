@@ -22,10 +22,12 @@ def parse_uuid(value: str, what: str) -> uuid.UUID:
 
 
 def create_session(db: DbSession, owner: str, config: dict, workspace: dict,
-                   parent_id: uuid.UUID | None = None, depth: int = 0) -> Session:
+                   parent_id: uuid.UUID | None = None, depth: int = 0,
+                   root_id: uuid.UUID | None = None) -> Session:
     """A new session row in `creating`; its container is made by the start task."""
-    row = Session(id=uuid.uuid4(), owner=owner, config=config, workspace=workspace,
-                  parent_id=parent_id, depth=depth, status="creating", claude_session_id=uuid.uuid4())
+    session_id = uuid.uuid4()
+    row = Session(id=session_id, owner=owner, config=config, workspace=workspace, parent_id=parent_id,
+                  depth=depth, root_id=root_id or session_id, status="creating", claude_session_id=uuid.uuid4())
     db.add(row)
     db.flush()
     return row

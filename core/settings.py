@@ -30,6 +30,9 @@ class Settings:
     minio_endpoint: str = ""
     minio_access_key: str = ""
     minio_secret_key: str = ""
+    minio_bucket: str = "ccd-workspaces"
+    minio_secure: bool = False
+    storage_dir: str = ".run/storage"
     key_prefix: str = "ccd"
     host_name: str = field(default_factory=socket.gethostname)
     events_maxlen: int = 100_000
@@ -46,6 +49,11 @@ class Settings:
     webhook_allow_private: bool = False
     webhook_max_attempts: int = 8
     ws_ping_seconds: int = 25
+    max_children: int = 10
+    session_api_url: str = ""
+    idle_check_seconds: int = 60
+    max_upload_bytes: int = 104_857_600
+    files_timeout_seconds: int = 120
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -85,7 +93,8 @@ class Settings:
         for name in ("port", "container_timeout_default", "max_spawn_depth", "events_maxlen",
                      "max_body_bytes", "max_batch_bytes", "worker_concurrency", "cancel_grace_seconds", "max_wait_seconds",
                      "owner_max_sessions", "owner_max_running_turns", "owner_max_queued_turns",
-                     "idempotency_ttl_seconds", "webhook_max_attempts", "ws_ping_seconds"):
+                     "idempotency_ttl_seconds", "webhook_max_attempts", "ws_ping_seconds", "max_children",
+                     "idle_check_seconds", "max_upload_bytes", "files_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
         if self.idempotency_ttl_seconds < 86400:
@@ -119,6 +128,9 @@ ENV_NAMES = {
     "minio_endpoint": "MINIO_ENDPOINT",
     "minio_access_key": "MINIO_ACCESS_KEY",
     "minio_secret_key": "MINIO_SECRET_KEY",
+    "minio_bucket": "MINIO_BUCKET",
+    "minio_secure": "MINIO_SECURE",
+    "storage_dir": "CCD_STORAGE_DIR",
     "key_prefix": "CCD_KEY_PREFIX",
     "host_name": "CCD_HOST_NAME",
     "events_maxlen": "CCD_EVENTS_MAXLEN",
@@ -135,4 +147,9 @@ ENV_NAMES = {
     "webhook_allow_private": "CCD_WEBHOOK_ALLOW_PRIVATE",
     "webhook_max_attempts": "CCD_WEBHOOK_MAX_ATTEMPTS",
     "ws_ping_seconds": "CCD_WS_PING_SECONDS",
+    "max_children": "CCD_MAX_CHILDREN",
+    "session_api_url": "CCD_SESSION_API_URL",
+    "idle_check_seconds": "CCD_IDLE_CHECK_SECONDS",
+    "max_upload_bytes": "CCD_MAX_UPLOAD_BYTES",
+    "files_timeout_seconds": "CCD_FILES_TIMEOUT_SECONDS",
 }

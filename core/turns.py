@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session as DbSession
 
+from core import trees, workspaces
 from core.envelope import Event
 from core.errors import NotFound, WrongState
 from core.models import FINISHED_TURN_STATUSES, Session, Turn, utcnow
@@ -17,6 +18,9 @@ def submit_turn(db: DbSession, session: Session, prompt: str) -> Turn:
     """Queues a prompt; `session` must be locked so seq stays gap-free and ordered."""
     if session.status not in CHAT_STATES:
         raise WrongState(f"session {session.id} is {session.status}; it takes no new turns")
+    trees.check_budget(db, session)
+    if session.status == "stopped":  # it restarts for this turn, so it must hold its workspace again
+        workspaces.hold(db, session)
     session.turn_count += 1
     session.last_active_at = utcnow()
     turn = Turn(id=uuid.uuid4(), session_id=session.id, seq=session.turn_count, prompt=prompt,

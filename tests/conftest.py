@@ -75,8 +75,8 @@ def docker_client():
 
 
 @pytest.fixture(scope="session")
-def stack_env(settings, docker_client):
-    """The real stack: session image, network, scripted model server, web and worker processes."""
+def stack_env(settings, docker_client, s3_endpoint):
+    """The real stack: session image, network, scripted model server, S3 server, web, worker and beat."""
     stack.build_image(settings.image)
     gateway = stack.network_gateway(docker_client, settings.session_network)
     model = ModelServer(gateway, 0).start()  # on the gateway: where session containers reach the host
@@ -87,15 +87,25 @@ def stack_env(settings, docker_client):
         "REDIS_URL": settings.redis_url, "CCD_KEY_PREFIX": settings.key_prefix,
         "CCD_SESSION_NETWORK": settings.session_network, "CCD_IMAGE": settings.image,
         "ANTHROPIC_API_KEY": settings.anthropic_api_key, "ANTHROPIC_BASE_URL": model.url,
-        "CONTAINER_TIMEOUT_DEFAULT": "120", "LOG_LEVEL": "INFO", "CCD_PORT": str(port),
+        "CONTAINER_TIMEOUT_DEFAULT": "900", "LOG_LEVEL": "INFO", "CCD_PORT": str(port),
+        # Agents reach the API where they reach the host; spawn chains stop at depth 1 here.
+        "CCD_SESSION_API_URL": f"http://{gateway}:{port}", "MAX_SPAWN_DEPTH": "1",
+        "CCD_IDLE_CHECK_SECONDS": "2",
+        "MINIO_ENDPOINT": s3_endpoint["endpoint"], "MINIO_ACCESS_KEY": s3_endpoint["access_key"],
+        "MINIO_SECRET_KEY": s3_endpoint["secret_key"], "MINIO_BUCKET": f"ccdt{RUN_ID}",
         # Webhook receivers in the tests listen on loopback; cancels escalate quickly.
         "CCD_WEBHOOK_SECRET": settings.webhook_secret, "CCD_WEBHOOK_ALLOW_PRIVATE": "true",
         "CCD_CANCEL_GRACE_SECONDS": str(settings.cancel_grace_seconds), "CCD_WS_PING_SECONDS": "3",
     }
-    web = stack.start_web(env, port)
+    web = stack.start_web(env, port, also_on=gateway)
     worker = stack.start_worker(env)
+    beat = stack.start_beat(env)
     yield {"base": f"http://127.0.0.1:{port}", "ws": f"ws://127.0.0.1:{port}", "model": model,
-           "web": web, "worker": worker, "settings": replace(settings, anthropic_base_url=model.url)}
+           "web": web, "worker": worker, "beat": beat, "env": env,
+           "settings": replace(settings, anthropic_base_url=model.url, minio_endpoint=env["MINIO_ENDPOINT"],
+                               minio_access_key=env["MINIO_ACCESS_KEY"], minio_secret_key=env["MINIO_SECRET_KEY"],
+                               minio_bucket=env["MINIO_BUCKET"], max_spawn_depth=1)}
+    beat.stop()
     worker.stop()
     web.stop()
     model.stop()
@@ -111,3 +121,13 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-protocol server (moto_server) on loopback, once per run."""
+    from tests.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
+
+    server = S3Server().start()
+    yield {"endpoint": server.endpoint, "access_key": ACCESS_KEY, "secret_key": SECRET_KEY}
+    server.stop()

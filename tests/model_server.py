@@ -6,6 +6,14 @@ The prompt chooses the script. In the newest user message:
   FAIL: <status>     answer the request with that HTTP error status
   SLOW: <seconds>    stream the reply's text slowly, over about that many seconds
 A tool result is answered with "BASH-RESULT: <output>". Anything else gets "OK".
+
+  CALL: <tool name> <json object>    call that tool (e.g. mcp__ccd__spawn_child) with that input
+A prompt may hold several CALL lines, made one after another: the n-th once n-1 tool results
+have come back since the prompt (the newest user message without tool results). `{{key}}` in
+a CALL's JSON is first replaced by that top-level key of the previous tool result (read as
+JSON), e.g. `CALL: mcp__ccd__wait_for_child {"session_id": "{{session_id}}"}`. After the last
+CALL's result the reply is "TOOL-RESULT: <its text>"; a tool the request does not offer gets
+"NO-TOOL: <name>" instead of a call, and a CALL whose input is not a JSON object "BAD-CALL: ...".
 Every request body is recorded, so a test can check what the model was sent.
 """
 from __future__ import annotations
@@ -19,6 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 DIRECTIVE = re.compile(r"^(RUN|SAY|FAIL|SLOW):\s*(.+)$", re.MULTILINE)
+CALL = re.compile(r"^CALL:[ \t]*(\S+)[ \t]*(.*)$", re.MULTILINE)
+PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
 def message_text(message: dict[str, Any]) -> str:
@@ -46,10 +56,57 @@ def tool_results(message: dict[str, Any]) -> list[str]:
     ]
 
 
+def plan_calls(users: list[dict[str, Any]], tools: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The next step of the prompt's CALL script, or None when the prompt has no CALL lines."""
+    prompt_at = max((i for i, m in enumerate(users) if not tool_results(m)), default=None)
+    if prompt_at is None:
+        return None
+    calls = CALL.findall(message_text(users[prompt_at]))
+    if not calls:
+        return None
+    results = [r for m in users[prompt_at + 1:] for r in tool_results(m)]
+    if len(results) >= len(calls):
+        return {"text": "TOOL-RESULT: " + results[-1].strip()}
+    name, raw = calls[len(results)]
+    if name not in {t.get("name") for t in tools}:
+        return {"text": f"NO-TOOL: {name}"}
+    if results:
+        raw = fill_placeholders(raw, results[-1])
+    try:
+        arguments = json.loads(raw or "{}")
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        return {"text": f"BAD-CALL: {name} {raw}"}  # a broken script says so rather than failing the request
+    return {"tool": arguments, "name": name}
+
+
+def fill_placeholders(template: str, previous: str) -> str:
+    """`{{key}}` becomes that key of the previous tool result's JSON; left as is when there is none."""
+    try:
+        values = json.loads(previous)
+    except ValueError:
+        return template
+    if not isinstance(values, dict):
+        return template
+
+    def value(match: re.Match) -> str:
+        if match.group(1) not in values:
+            return match.group(0)
+        found = values[match.group(1)]
+        return found if isinstance(found, str) else json.dumps(found)
+
+    return PLACEHOLDER.sub(value, template)
+
+
 def plan_reply(body: dict[str, Any]) -> dict[str, Any]:
     """Decide the reply to one request: an error status, text, or a tool call."""
     # Claude Code may append a system-role message after the prompt: read the newest user one.
     users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
+    if body.get("tools"):
+        script = plan_calls(users, body["tools"])
+        if script is not None:
+            return script
     last = users[-1] if users else {"content": ""}
     results = tool_results(last)
     if results:
@@ -73,7 +130,7 @@ def content_blocks(plan: dict[str, Any]) -> list[dict[str, Any]]:
     """The content blocks of a planned reply."""
     if "tool" in plan:
         return [{"type": "tool_use", "id": "toolu_" + uuid.uuid4().hex[:20],
-                 "name": "Bash", "input": plan["tool"]}]
+                 "name": plan.get("name", "Bash"), "input": plan["tool"]}]
     return [{"type": "text", "text": plan["text"]}]
 
 

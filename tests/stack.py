@@ -110,8 +110,10 @@ class Process:
         self._log.close()
 
 
-def start_web(env: dict[str, str], port: int) -> Process:
-    web = Process("web", [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{port}", "-k", "gthread",
+def start_web(env: dict[str, str], port: int, also_on: str | None = None) -> Process:
+    """The web tier on loopback, and on `also_on` too (where session containers reach the host)."""
+    binds = ["-b", f"127.0.0.1:{port}"] + (["-b", f"{also_on}:{port}"] if also_on else [])
+    web = Process("web", [sys.executable, "-m", "gunicorn", *binds, "-k", "gthread",
                           "--threads", "32", "--graceful-timeout", "3", "web.wsgi:app"], env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -135,6 +137,19 @@ def start_worker(env: dict[str, str]) -> Process:
             return worker
         time.sleep(0.2)
     raise RuntimeError(f"worker did not become ready:\n{worker.tail()}")
+
+
+def start_beat(env: dict[str, str]) -> Process:
+    """The scheduler: the reaper and the idle-session sweep run from it."""
+    beat = Process("beat", [sys.executable, "-m", "workers", "beat"], env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not beat.alive():
+            raise RuntimeError(f"beat exited:\n{beat.tail()}")
+        if "beat: Starting" in beat.log_path.read_text(errors="replace"):
+            return beat
+        time.sleep(0.2)
+    raise RuntimeError(f"beat did not start:\n{beat.tail()}")
 
 
 def free_port() -> int:

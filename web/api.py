@@ -16,7 +16,8 @@ from core import idempotency
 from core import sessions as session_cmds
 from core.errors import DomainError, ValidationFailed
 from core.events import is_stream_id
-from web.auth import authenticate
+from core.session_tokens import SCOPE_CLAIM
+from web.auth import authenticate, check_scope
 from web.context import ctx, unit_of_work
 from web.errors import validation_response
 from web.schemas import PageQuery
@@ -33,7 +34,11 @@ QUERY_TOKEN_ENDPOINTS = (STREAM_ENDPOINT, "api.events")
 def _authenticate():
     """Every API call needs a token; the WebSocket may carry it as ?token= (browsers send no headers)."""
     is_stream = request.endpoint == STREAM_ENDPOINT
-    owner = authenticate(ctx().settings.jwt_secret, allow_query=request.endpoint in QUERY_TOKEN_ENDPOINTS)
+    claims = authenticate(ctx().settings.jwt_secret, allow_query=request.endpoint in QUERY_TOKEN_ENDPOINTS)
+    owner = claims["sub"]
+    if SCOPE_CLAIM in claims:
+        with unit_of_work() as db:
+            check_scope(db, claims)
     if is_stream:  # refuse before the WebSocket handshake, while a status code can still be sent
         since = request.args.get("since")
         if since and not is_stream_id(since):

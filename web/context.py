@@ -13,6 +13,7 @@ from core.db import make_engine, make_session_factory, transaction
 from core.events import EventLog
 from core.queues import TaskSender
 from core.settings import Settings
+from core.storage import storage_from_settings
 
 
 class WebContext:
@@ -25,6 +26,7 @@ class WebContext:
         self.events = EventLog.from_settings(settings)
         self.sender = TaskSender(settings)
         self.cancels = CancelSignals(self.events.redis, settings.key_prefix)
+        self.storage = storage_from_settings(settings)
 
     def advance_batches(self, batch_ids: list) -> None:
         """Moves batches on after some of their turns ended here (the worker does it for the rest)."""

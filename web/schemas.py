@@ -22,6 +22,9 @@ class Limits(Strict):
 class Timeouts(Strict):
     turn_seconds: int | None = Field(None, ge=1, le=86400,
                                      description="capped by CONTAINER_TIMEOUT_DEFAULT")
+    idle_seconds: int | None = Field(None, ge=1, le=30 * 86400,
+                                     description="stop the container after this long without a turn "
+                                                 "(default CONTAINER_TIMEOUT_DEFAULT)")
 
 
 class SessionConfig(Strict):
@@ -32,6 +35,8 @@ class SessionConfig(Strict):
     permission_mode: PERMISSION_MODES = "bypassPermissions"
     timeouts: Timeouts = Field(default_factory=Timeouts)
     limits: Limits = Field(default_factory=Limits)
+    max_budget_usd: float | None = Field(None, ge=0, le=1_000_000,
+                                         description="on a root session: the whole spawn tree's cost limit")
 
     @field_validator("allowed_tools")
     @classmethod
@@ -42,13 +47,49 @@ class SessionConfig(Strict):
         return tools
 
 
+WORKSPACE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
 class Workspace(Strict):
-    type: Literal["ephemeral"] = "ephemeral"
+    """ephemeral: lives and dies with the session; persistent: saved under `name` on stop, restored on start."""
+    type: Literal["ephemeral", "persistent"] = "ephemeral"
+    name: str | None = Field(None, pattern=WORKSPACE_NAME)
+
+    @model_validator(mode="after")
+    def _named_when_persistent(self) -> "Workspace":
+        if (self.type == "persistent") != (self.name is not None):
+            raise ValueError("a persistent workspace needs a name; an ephemeral one takes none")
+        return self
+
+    def stored(self) -> dict:
+        return self.model_dump(exclude_none=True)
 
 
 class CreateSession(Strict):
     workspace: Workspace = Field(default_factory=Workspace)
     config: SessionConfig = Field(default_factory=SessionConfig)
+
+
+class SpawnRequest(Strict):
+    prompt: str | None = Field(None, min_length=1, max_length=500_000)
+    config: dict[str, Any] = Field(default_factory=dict, description="keys that replace the parent's config")
+    workspace: Workspace = Field(default_factory=Workspace)
+
+    _prompt = field_validator("prompt")(lambda p: p if p is None else not_blank(p))
+
+    def config_overrides(self) -> dict:
+        """Only the keys the request gave, validated."""
+        spec = SessionConfig.model_validate(self.config)
+        return spec.model_dump(include=spec.model_fields_set)
+
+
+class ChildrenQuery(Strict):
+    recursive: bool = False
+
+
+class TurnQuery(Strict):
+    wait: int | None = Field(None, ge=0, description="hold the request until the turn ends, up to this many "
+                                                     "seconds (capped by CCD_MAX_WAIT_SECONDS)")
 
 
 Prompt = Field(min_length=1, max_length=500_000)
@@ -99,7 +140,8 @@ class CreateBatch(BatchOptions):
 
 
 class EventsQuery(Strict):
-    since: str | None = Field(None, max_length=40)
+    since: str | None = Field(None, max_length=8000)
+    tree: bool = False
     limit: int = Field(100, ge=1, le=1000)
     token: str | None = None
 

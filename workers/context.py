@@ -1,4 +1,4 @@
-"""Per-process resources of a worker: settings, database, event log, Docker runtime, task sender."""
+"""Per-process resources of a worker: settings, database, event log, Docker runtime, storage, task sender."""
 from __future__ import annotations
 
 import os
@@ -40,6 +40,12 @@ class WorkerContext:
         return DockerRuntime(self.settings)
 
     @cached_property
+    def storage(self):
+        from core.storage import storage_from_settings
+
+        return storage_from_settings(self.settings)
+
+    @cached_property
     def sender(self) -> TaskSender:
         return TaskSender(self.settings)
 
@@ -50,7 +56,7 @@ class WorkerContext:
 
     def reset_after_fork(self) -> None:
         """Drops connections inherited from the parent; a child must never share a socket."""
-        for name in ("engine", "db", "events", "cancels", "runtime", "sender"):
+        for name in ("engine", "db", "events", "cancels", "runtime", "storage", "sender"):
             value = self.__dict__.pop(name, None)
             if name == "engine" and value is not None:
                 value.dispose(close=False)

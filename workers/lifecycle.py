@@ -1,13 +1,18 @@
-"""Session lifecycle on this host: start the container, stop it, delete everything."""
+"""Session lifecycle on this host: start the container, stop it, delete everything, stop idle ones."""
 from __future__ import annotations
 
 import logging
 import uuid
 
+from sqlalchemy import func, select
+
+from core import workspaces
 from core.db import transaction
 from core.envelope import status_event
-from core.models import Session, utcnow
+from core.models import Session, Turn, utcnow
+from core.sessions import request_stop
 from core.turns import head_queued_turn
+from workers import snapshots
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -17,25 +22,30 @@ def _locked(db, session_id: str) -> Session | None:
     return db.get(Session, uuid.UUID(session_id), with_for_update=True)
 
 
-def publish_status(ctx: WorkerContext, session_id: str, status: str, error: str | None = None) -> None:
-    ctx.events.publish(status_event(session_id, status, error))
+def publish_status(ctx: WorkerContext, session_id: str, status: str, error: str | None = None,
+                   reason: str | None = None) -> None:
+    ctx.events.publish(status_event(session_id, status, error, reason))
 
 
 def start_session(ctx: WorkerContext, session_id: str) -> None:
-    """Creates and starts the container here, pins the session to this host, starts its turns."""
+    """Creates and starts the container here, restores its workspace, pins the session to this host,
+    and starts its turns."""
     with transaction(ctx.db) as db:
         row = _locked(db, session_id)
         if row is None or row.status != "creating":
             return  # already started, or stopped/deleted before we got here
         owner, config = row.owner, dict(row.config)
     try:
-        container_id = ctx.runtime.ensure_running(session_id, owner, config)
+        container_id, _ = ctx.runtime.ensure_running(session_id, owner, config)
+        snapshots.restore(ctx, session_id, container_id)
     except Exception as exc:
         log.error("session %s: container failed to start: %s", session_id, exc)
+        ctx.runtime.stop(session_id)
         with transaction(ctx.db) as db:
             row = _locked(db, session_id)
             if row is not None and row.status == "creating":
                 row.status, row.error = "failed", f"container failed to start: {exc}"
+                workspaces.release(db, row)
         publish_status(ctx, session_id, "failed", f"container failed to start: {exc}")
         return
     with transaction(ctx.db) as db:
@@ -56,21 +66,47 @@ def start_session(ctx: WorkerContext, session_id: str) -> None:
         ctx.sender.run_turn(str(head.id), ctx.settings.host_queue())
 
 
+def wake(ctx: WorkerContext, session_id: str, owner: str, config: dict) -> str:
+    """The session's running container; a stopped one is started (and its workspace restored) first,
+    and the session's stream says so."""
+    if not ctx.runtime.is_running(session_id):
+        publish_status(ctx, session_id, "starting", reason="the container was stopped; starting it again")
+    container_id, started = ctx.runtime.ensure_running(session_id, owner, config)
+    if started:
+        snapshots.restore(ctx, session_id, container_id)
+    return container_id
+
+
+def save_workspace(ctx: WorkerContext, session_id: str) -> str | None:
+    """Snapshots a persistent workspace; returns the error instead of raising, so a stop still completes."""
+    try:
+        snapshots.save(ctx, session_id)
+        return None
+    except Exception as exc:
+        log.error("session %s: saving the workspace failed: %s", session_id, exc)
+        return f"saving the workspace failed: {exc}; the volumes on {ctx.settings.host_name} still hold it"
+
+
 def stop_session(ctx: WorkerContext, session_id: str) -> None:
-    """Stops the container; volumes stay, so the next turn resumes where this one left off."""
+    """Stops the container and saves a persistent workspace; volumes stay, so the next turn resumes."""
     ctx.runtime.stop(session_id)
+    error = save_workspace(ctx, session_id)
     with transaction(ctx.db) as db:
         row = _locked(db, session_id)
         if row is None or row.status != "stopping":
             return
-        row.status = "stopped"
+        row.status, row.error = "stopped", error
         row.updated_at = utcnow()
-    publish_status(ctx, session_id, "stopped")
+        workspaces.release(db, row)
+    publish_status(ctx, session_id, "stopped", error)
     log.info("session %s stopped", session_id)
 
 
 def delete_session(ctx: WorkerContext, session_id: str) -> None:
-    """Removes the container, its volumes and its events, then marks the row deleted."""
+    """Saves a persistent workspace, removes the container, its volumes and its events, then marks
+    the row deleted."""
+    ctx.runtime.stop(session_id)
+    save_workspace(ctx, session_id)
     ctx.runtime.remove(session_id)
     ctx.events.delete(session_id)
     with transaction(ctx.db) as db:
@@ -78,4 +114,28 @@ def delete_session(ctx: WorkerContext, session_id: str) -> None:
         if row is None:
             return
         row.status, row.container_id = "deleted", None
+        workspaces.release(db, row)
     log.info("session %s deleted", session_id)
+
+
+def stop_idle_sessions(ctx: WorkerContext) -> int:
+    """Stops sessions that had no turn for their idle timeout (config.timeouts.idle_seconds, else
+    CONTAINER_TIMEOUT_DEFAULT); the next chat starts them again. Returns how many it stopped."""
+    idle_seconds = func.coalesce(Session.config["timeouts"]["idle_seconds"].as_integer(),
+                                 ctx.settings.container_timeout_default)
+    busy = select(Turn.id).where(Turn.session_id == Session.id, Turn.status.in_(("queued", "running")))
+    stopped = []
+    with transaction(ctx.db) as db:
+        rows = db.scalars(select(Session).where(
+            Session.status == "ready",
+            Session.last_active_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, idle_seconds),
+            ~busy.exists()).with_for_update(skip_locked=True)).all()
+        for row in rows:
+            request_stop(db, row)
+            stopped.append((str(row.id), row.host_queue))
+        ctx.events.publish_many([status_event(sid, "stopping", reason="idle") for sid, _ in stopped])
+    for session_id, host_queue in stopped:
+        ctx.sender.stop_session(session_id, host_queue)
+    if stopped:
+        log.info("stopped %d idle sessions", len(stopped))
+    return len(stopped)

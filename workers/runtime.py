@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import docker
 from docker.errors import APIError, NotFound
@@ -61,14 +61,22 @@ class DockerRuntime:
         except NotFound:
             return None
 
-    def ensure_running(self, session_id: str, owner: str, config: dict) -> str:
-        """The session's container, created if missing and started if stopped; returns its id."""
+    def is_running(self, session_id: str) -> bool:
+        container = self.find(session_id)
+        return container is not None and container.status == "running"
+
+    def ensure_running(self, session_id: str, owner: str, config: dict) -> tuple[str, bool]:
+        """The session's container, created if missing and started if stopped.
+
+        Returns its id, and whether it had to be started (so its workspace may need restoring).
+        """
         container = self.find(session_id)
         if container is None:
             container = self._create(session_id, owner, config)
-        if container.status != "running":
+        started = container.status != "running"
+        if started:
             container.start()
-        return container.id
+        return container.id, started
 
     def _create(self, session_id: str, owner: str, config: dict):
         self.ensure_network()
@@ -130,6 +138,38 @@ class DockerRuntime:
         exec_id = self.api.exec_create(container_id, argv, stdout=True, stderr=True, user=AGENT_USER)["Id"]
         self.api.exec_start(exec_id)
         return self.api.exec_inspect(exec_id).get("ExitCode")
+
+    def archive(self, session_id: str, path: str) -> Iterator[bytes] | None:
+        """A tar stream of `path` in the session's container (running or stopped); None without a container."""
+        container = self.find(session_id)
+        if container is None:
+            return None
+        stream, _stat = container.get_archive(path, chunk_size=1 << 20)
+        return stream
+
+    def exec_io(self, container_id: str, argv: list[str], stdin: BinaryIO | None = None,
+                stdout: BinaryIO | None = None, user: str = AGENT_USER) -> ExecResult:
+        """Runs argv in the container, `stdin` copied to its input and its output copied to `stdout`."""
+        exec_id = self.api.exec_create(container_id, argv, stdin=stdin is not None, stdout=True, stderr=True,
+                                       user=user, workdir="/workspace")["Id"]
+        sock = self.api.exec_start(exec_id, socket=True)
+        raw = getattr(sock, "_sock", sock)
+        stderr = bytearray()
+        try:
+            if stdin is not None:
+                while chunk := stdin.read(1 << 20):
+                    raw.sendall(chunk)
+                raw.shutdown(socket.SHUT_WR)
+            for stream, chunk in frames_iter(sock, tty=False):
+                if stream == STDOUT:
+                    if stdout is not None:
+                        stdout.write(chunk)
+                else:
+                    stderr.extend(chunk[-8192:])
+        finally:
+            sock.close()
+        code = self.api.exec_inspect(exec_id).get("ExitCode")
+        return ExecResult(code, stderr.decode("utf-8", "replace")[-4000:])
 
     def exec_lines(self, container_id: str, argv: list[str], env: dict[str, str], stdin: bytes,
                    result: list[ExecResult]) -> Iterator[str]:

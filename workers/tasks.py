@@ -4,7 +4,7 @@ from __future__ import annotations
 from celery import Celery
 
 from core import queues
-from workers import lifecycle
+from workers import files, lifecycle
 from workers.context import WorkerContext
 from workers.reaper import reap
 from workers.turn_runner import TurnRunner
@@ -33,6 +33,14 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
     @app.task(name=queues.DELIVER_WEBHOOK)
     def deliver_webhook(kind: str, resource_id: str, attempt: int = 1) -> str:
         return deliver(ctx, kind, resource_id, attempt)
+
+    @app.task(name=queues.STOP_IDLE)
+    def stop_idle_sessions() -> int:
+        return lifecycle.stop_idle_sessions(ctx)
+
+    @app.task(name=queues.WORKSPACE_FILES)
+    def workspace_files(request: dict) -> None:
+        files.serve(ctx, request)
 
     @app.task(name=queues.REAP)
     def reap_task() -> dict:

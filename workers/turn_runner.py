@@ -12,9 +12,11 @@ from sqlalchemy import update
 from core import batches
 from core.db import transaction
 from core.envelope import Event
+from core.session_tokens import mint_session_token
 from core.models import Session, Turn, utcnow
 from core.turns import claim_turn, final_event_type, head_queued_turn, renew_lease
 from workers.context import WorkerContext
+from workers.lifecycle import wake
 from workers.runtime import ExecResult
 from workers.turn_output import TurnOutput
 
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 LEASE_SECONDS = 120.0
 RENEW_EVERY = 30.0
 CANCEL_POLL_SECONDS = 1.0
+# A session token outlives its turn by this much, so a spawn tool call at the very end still works.
+TOKEN_SLACK_SECONDS = 300
 
 
 def turn_timeout(config: dict, ceiling: int) -> int:
@@ -65,7 +69,7 @@ class TurnRunner:
         first_id = self._publish(session, turn, "turn.started", {"attempt": turn["attempt"]})
         output, failure, stop_watch = TurnOutput(), None, None
         try:
-            container_id = self.ctx.runtime.ensure_running(session["id"], session["owner"], session["config"])
+            container_id = wake(self.ctx, session["id"], session["owner"], session["config"])
             stop_watch = self._watch(turn, container_id)
             self._execute(container_id, session, turn, output)
         except Exception as exc:  # the turn fails, the worker and the session carry on
@@ -151,6 +155,10 @@ class TurnRunner:
         env = {k: v for k, v in (("ANTHROPIC_API_KEY", settings.anthropic_api_key),
                                  ("ANTHROPIC_BASE_URL", settings.anthropic_base_url)) if v}
         timeout = turn_timeout(session["config"], settings.container_timeout_default)
+        if settings.session_api_url:  # the agent's spawn tools call the API with a token for its subtree only
+            env.update(CCD_API_URL=settings.session_api_url, CCD_SESSION_ID=session["id"],
+                       CCD_SESSION_TOKEN=mint_session_token(settings.jwt_secret, session["owner"], session["id"],
+                                                            timeout + TOKEN_SLACK_SECONDS))
         result: list[ExecResult] = []
         argv = wrapper_argv(turn["id"], session, timeout, settings.cancel_grace_seconds)
         lines = self.ctx.runtime.exec_lines(container_id, argv, env, turn["prompt"].encode(), result)

@@ -1,6 +1,16 @@
-"""Entry point: `python3 -m wrapper run ...` inside the session container."""
+"""Entry point inside the session container: `python3 -m wrapper run|cancel|mcp ...`."""
 import sys
 
-from wrapper.run import main
+
+def main(argv: list[str]) -> int:
+    """`mcp` serves the ccd MCP server on stdio; `run` and `cancel` belong to wrapper.run."""
+    if argv[:1] == ["mcp"]:
+        from wrapper.mcp import main as serve_mcp
+
+        return serve_mcp(argv[1:])
+    from wrapper.run import main as run_main
+
+    return run_main(argv)
+
 
 sys.exit(main(sys.argv[1:]))

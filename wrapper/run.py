@@ -8,6 +8,11 @@ The same records go to <log-dir>/<turn-id>.log, so a worker that lost the stream
 `wrapper cancel --turn-id T` stops a running turn from a second `docker exec`: it leaves a
 marker (so the exit record says cancelled), then interrupts Claude Code's process group,
 escalating to terminate and kill.
+
+When the environment has CCD_API_URL and CCD_SESSION_TOKEN, the turn also gets the "ccd" MCP
+server (wrapper/mcp.py, tools to spawn and wait for child sessions): its config goes to
+<log-dir>/<turn-id>.mcp.json (0600, it holds the token) for `--mcp-config`, `mcp__ccd` joins
+--allowed-tools when that was given, and the file is deleted when the turn ends.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from typing import Callable
 
 STDERR_TAIL = 4000
 DEFAULT_LOG_DIR = str(Path.home() / ".ccd" / "turns")
+MCP_SERVER = "ccd"
+MCP_TOOLS_RULE = f"mcp__{MCP_SERVER}"  # a permission rule naming a server allows all of its tools
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -50,20 +57,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def claude_command(args: argparse.Namespace) -> list[str]:
-    """The Claude Code command line for this turn."""
+def claude_command(args: argparse.Namespace, mcp_config: Path | None = None) -> list[str]:
+    """The Claude Code command line for this turn; with `mcp_config`, the ccd tools are loaded and allowed."""
     cmd = [args.claude, "-p", "--output-format", "stream-json", "--verbose",
            "--include-partial-messages"]
     cmd += ["--session-id", args.session_id] if args.session_id else ["--resume", args.resume]
     if args.model:
         cmd += ["--model", args.model]
+    if mcp_config:
+        cmd += ["--mcp-config", str(mcp_config)]
     if args.allowed_tools:
-        cmd += ["--allowedTools", args.allowed_tools]
+        allowed = f"{args.allowed_tools},{MCP_TOOLS_RULE}" if mcp_config else args.allowed_tools
+        cmd += ["--allowedTools", allowed]
     if args.permission_mode:
         cmd += ["--permission-mode", args.permission_mode]
     if args.append_system_prompt:
         cmd += ["--append-system-prompt", args.append_system_prompt]
     return cmd
+
+
+def write_mcp_config(env: dict[str, str], path: Path) -> Path | None:
+    """Writes the ccd MCP server's config for Claude Code when the env can reach the API; its path, or None."""
+    if not (env.get("CCD_API_URL") and env.get("CCD_SESSION_TOKEN")):
+        return None
+    server_env = {name: env.get(name, "") for name in ("CCD_API_URL", "CCD_SESSION_TOKEN", "CCD_SESSION_ID")}
+    server_env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)  # where `wrapper` imports from
+    config = {"mcpServers": {MCP_SERVER: {"type": "stdio", "command": sys.executable or "python3",
+                                          "args": ["-m", "wrapper", "mcp"], "env": server_env}}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # 0600 whatever the umask: the file holds the session's token.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        json.dump(config, out)
+    return path
 
 
 class Recorder:
@@ -123,14 +149,24 @@ def cancel_turn(args: argparse.Namespace) -> int:
 
 
 def run_turn(args: argparse.Namespace) -> int:
-    """Runs the turn and returns Claude Code's exit code."""
-    prompt = sys.stdin.buffer.read()
+    """Runs the turn and returns Claude Code's exit code; the MCP config lives only as long as the turn."""
     base = Path(args.log_dir) / args.turn_id
+    mcp_config = write_mcp_config(dict(os.environ), Path(f"{base}.mcp.json"))
+    try:
+        return run_claude(args, base, mcp_config)
+    finally:
+        if mcp_config:
+            mcp_config.unlink(missing_ok=True)
+
+
+def run_claude(args: argparse.Namespace, base: Path, mcp_config: Path | None) -> int:
+    """Runs Claude Code on the prompt from stdin, recording its lines; returns its exit code."""
+    prompt = sys.stdin.buffer.read()
     recorder = Recorder(Path(f"{base}.log"))
     cancel_marker = Path(f"{base}.cancel")
     try:
         # Its own process group, so a cancel or timeout can signal Claude Code and its tools at once.
-        proc = subprocess.Popen(claude_command(args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(claude_command(args, mcp_config), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
     except OSError as exc:
         recorder.write("exit", json.dumps({"code": 127, "timed_out": False, "stderr": str(exc)}))

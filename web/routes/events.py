@@ -6,6 +6,8 @@ import uuid
 from flask import Response, g, request
 
 from core import sessions as session_cmds
+from core import tree_events as tree_cursor
+from core import trees
 from core.db import transaction
 from core.errors import ValidationFailed
 from core.events import is_stream_id
@@ -27,13 +29,29 @@ def session_alive(session_id: str):
     return alive
 
 
+def tree_members(session_id: str):
+    """A function that lists the session and its live descendants (None once the session is deleted)."""
+    db_factory = ctx().db
+
+    def members() -> list[str] | None:
+        with transaction(db_factory) as db:
+            row = db.get(Session, uuid.UUID(session_id))
+            if row is None or row.status == "deleted":
+                return None
+            return [session_id] + [str(s.id) for s in trees.descendants(db, row.id) if s.status != "deleted"]
+    return members
+
+
 @api.get("/sessions/<session_id>/events")
 def events(session_id: str):
     """Past events after `since`, `limit` at a time; with Accept: text/event-stream, live SSE
-    that resumes after the Last-Event-ID header (or `since`)."""
+    that resumes after the Last-Event-ID header (or `since`). ?tree=true merges in the events
+    of every session below this one."""
     q = query(EventsQuery)
     live = request.accept_mimetypes.best_match(["application/json", "text/event-stream"]) == "text/event-stream"
     since = (request.headers.get("Last-Event-ID") if live else None) or q.since
+    if q.tree:
+        return tree_events(session_id, since, live, q.limit)
     if since and not is_stream_id(since):
         raise ValidationFailed("since (or Last-Event-ID) must be an event id like 1732450000000-0",
                                field="since")
@@ -60,3 +78,24 @@ def events(session_id: str):
     items += batch[:q.limit]
     cursor = items[-1].id if items and items[-1].id else since
     return {"items": [e.frame() for e in items], "next_since": cursor, "has_more": more}
+
+
+def tree_events(session_id: str, since: str | None, live: bool, limit: int):
+    """The ?tree=true variant: ids are tree cursors, and each event names its own session."""
+    positions = tree_cursor.decode_cursor(since)
+    with unit_of_work() as db:
+        sid = str(session_cmds.get_owned(db, g.owner, session_id).id)
+    members = tree_members(sid)
+    log = ctx().events
+    if live:
+        def frames():
+            yield "retry: 2000\n\n"
+            for event in tree_cursor.tail(log, members, positions):
+                yield SSE_HEARTBEAT if event is None else sse_frame(event)
+
+        return Response(frames(), 200, {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                        mimetype="text/event-stream")
+    batch = tree_cursor.read(log, members() or [], positions, limit + 1)
+    items = batch[:limit]
+    return {"items": [e.frame() for e in items], "next_since": items[-1].id if items else since,
+            "has_more": len(batch) > limit}

@@ -1,9 +1,10 @@
-"""Session routes: create, list, show, stop, delete."""
+"""Session routes: create, list, show, spawn a child, list children, stop, delete."""
 from __future__ import annotations
 
 from flask import g
+from pydantic import ValidationError
 
-from core import admission
+from core import admission, trees, workspaces
 from core import sessions as session_cmds
 from core import turns as turn_cmds
 from core.envelope import status_event
@@ -11,7 +12,8 @@ from core.resources import session_body, turn_body
 from web.api import (api, claim_idempotency_key, enqueue, json_body, page, query,
                      remember_idempotency_key)
 from web.context import ctx, unit_of_work
-from web.schemas import CreateSession, SessionListQuery
+from web.errors import validation_response
+from web.schemas import ChildrenQuery, CreateSession, SessionConfig, SessionListQuery, SpawnRequest
 
 
 @api.post("/sessions")
@@ -24,12 +26,61 @@ def create_session():
             body = session_body(session_cmds.get_owned(db, g.owner, str(prior.resource_id)))
             return body, prior.status_code, {"Location": body["links"]["self"]}
         admission.admit_session(db, g.owner, ctx().settings)
-        row = session_cmds.create_session(db, g.owner, spec.config.model_dump(),
-                                          spec.workspace.model_dump())
+        row = session_cmds.create_session(db, g.owner, spec.config.model_dump(), spec.workspace.stored())
+        workspaces.hold(db, row)
         remember_idempotency_key(db, "session", row.id, 201)
         body = session_body(row)
     enqueue(ctx().sender.start_session, body["id"])
     return body, 201, {"Location": body["links"]["self"]}
+
+
+@api.post("/sessions/<session_id>/spawn")
+def spawn(session_id: str):
+    """Makes a child session (the parent's config under the request's), optionally with a first prompt."""
+    spec = json_body(SpawnRequest)
+    try:
+        overrides = spec.config_overrides()
+    except ValidationError as exc:
+        return validation_response(exc, prefix="config.")
+    settings = ctx().settings
+    with unit_of_work() as db:
+        parent = session_cmds.get_owned(db, g.owner, session_id, lock=True)
+        admission.admit_session(db, g.owner, settings)
+        if spec.prompt is not None:
+            trees.check_budget(db, parent)
+            admission.admit_turn(db, g.owner, settings, session_idle=True)
+        config = SessionConfig.model_validate(trees.child_config(parent.config, overrides)).model_dump()
+        child = trees.spawn_child(db, parent, settings, config, spec.workspace.stored())
+        workspaces.hold(db, child)
+        turn = None
+        if spec.prompt is not None:
+            turn = turn_cmds.queue_turn(db, child, spec.prompt)
+            turn.queued_event_id = ctx().events.publish(turn_cmds.queued_event(turn))
+        body = session_body(child)
+        body["turn"] = turn_body(turn, 1) if turn is not None else None
+    enqueue(ctx().sender.start_session, body["id"])
+    return body, 201, {"Location": body["links"]["self"]}
+
+
+@api.get("/sessions/<session_id>/children")
+def list_children(session_id: str):
+    """The session's children; with ?recursive=true the whole tree below it, nested."""
+    q = query(ChildrenQuery)
+    with unit_of_work() as db:
+        row = session_cmds.get_owned(db, g.owner, session_id)
+        if not q.recursive:
+            return {"items": [with_latest_turn(db, child) for child in trees.children(db, row.id)]}
+        nodes = {row.id: {"children": []}}
+        for child in trees.descendants(db, row.id):
+            node = {**with_latest_turn(db, child), "children": []}
+            nodes[child.id] = node
+            nodes[child.parent_id]["children"].append(node)
+        return {"items": nodes[row.id]["children"], "tree_cost_usd": float(trees.tree_cost(db, row.root_id))}
+
+
+def with_latest_turn(db, row) -> dict:
+    latest = turn_cmds.latest_turn(db, row.id)
+    return session_body(row, latest, with_latest=True)
 
 
 @api.get("/sessions")
@@ -50,18 +101,30 @@ def get_session(session_id: str):
         return session_body(row, latest_body, with_latest=True)
 
 
-def wind_down(session_id: str, command) -> tuple[dict, str | None]:
-    """Runs a stop/delete command under the session lock: its queued turns are cancelled at once,
-    its running turn is signalled to stop, and the status change is published."""
+def wind_down(session_id: str, command, send) -> dict:
+    """Runs a stop/delete command on the session and every session below it, under their locks:
+    queued turns are cancelled at once, running ones signalled, the status changes published,
+    and `send(session_id, host_queue)` asks each one's worker to finish the job."""
     with unit_of_work() as db:
         row = session_cmds.get_owned(db, g.owner, session_id, lock=True)
-        cancelled = command(db, row)
-        running = turn_cmds.cancel_running_turns(db, row.id)
-        events = [turn_cmds.ended_event(t) for t in cancelled] + [status_event(str(row.id), row.status)]
-        ctx().events.publish_many(events)
-        body, host_queue = session_body(row), row.host_queue
+        tree = [row] + [s for s in trees.descendants(db, row.id) if s.status != "deleted"]
+        cancelled, running, events, targets = [], [], [], []
+        for session in tree:
+            db.refresh(session, with_for_update=True)
+            if session is not row and session.status == "deleted":
+                continue
+            was_stopped = session.status == "stopped"
+            cancelled += command(db, session)
+            running += turn_cmds.cancel_running_turns(db, session.id)
+            events.append(status_event(str(session.id), session.status))
+            if not (was_stopped and session.status == "stopped"):
+                targets.append((str(session.id), session.host_queue))
+        ctx().events.publish_many([turn_cmds.ended_event(t) for t in cancelled] + events)
+        body = session_body(row)
     after_turns_ended(cancelled, running)
-    return body, host_queue
+    for target in targets:
+        enqueue(send, *target)
+    return body
 
 
 def after_turns_ended(ended: list, running: list[str]) -> None:
@@ -77,16 +140,12 @@ def after_turns_ended(ended: list, running: list[str]) -> None:
 
 @api.post("/sessions/<session_id>/stop")
 def stop_session(session_id: str):
-    """Stops the container; the next chat starts it again with the workspace and conversation kept."""
-    body, host_queue = wind_down(session_id, session_cmds.request_stop)
-    if body["status"] == "stopping":
-        enqueue(ctx().sender.stop_session, body["id"], host_queue)
-    return body, 202
+    """Stops the container (and its descendants'); the next chat starts it again with the workspace
+    and conversation kept."""
+    return wind_down(session_id, session_cmds.request_stop, ctx().sender.stop_session), 202
 
 
 @api.delete("/sessions/<session_id>")
 def delete_session(session_id: str):
-    """Removes the container, volumes and events; the row stays, marked deleted."""
-    body, host_queue = wind_down(session_id, session_cmds.request_delete)
-    enqueue(ctx().sender.delete_session, body["id"], host_queue)
-    return body, 202
+    """Removes the container, volumes and events of the session and its descendants; rows stay, marked deleted."""
+    return wind_down(session_id, session_cmds.request_delete, ctx().sender.delete_session), 202

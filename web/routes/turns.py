@@ -20,7 +20,7 @@ from web.api import (api, claim_idempotency_key, enqueue, json_body, page, query
 from web.context import ctx, unit_of_work
 from web.follow import FINAL_TYPES, SSE_HEARTBEAT, sse_frame, turn_events
 from web.routes.sessions import after_turns_ended
-from web.schemas import ChatRequest, PageQuery
+from web.schemas import ChatRequest, PageQuery, TurnQuery
 
 # A final event is published just before the turn row is updated; allow the row that long.
 ROW_CATCH_UP_SECONDS = 2.0
@@ -151,7 +151,12 @@ def list_turns(session_id: str):
 
 @api.get("/turns/<turn_id>")
 def get_turn(turn_id: str):
-    return current_turn(turn_id)
+    """The turn; with ?wait=N the answer waits up to N seconds for it to end."""
+    q = query(TurnQuery)
+    body = current_turn(turn_id)
+    if q.wait:
+        body, _, _ = wait_for_turn(body, min(q.wait, ctx().settings.max_wait_seconds))
+    return body
 
 
 @api.post("/turns/<turn_id>/cancel")
