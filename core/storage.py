@@ -159,11 +159,13 @@ class LocalStorage(Storage):
 class S3Storage(Storage):
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str, secure: bool = False) -> None:
         self.endpoint, self.bucket, self.secure = endpoint, bucket, secure
-        # minio's default pool retries for minutes; an unreachable store should fail in seconds.
+        # minio's default pool waits 5 minutes per try, 6 tries: a dead store should fail in seconds, a hung one in
+        # a minute (the read timeout must still outlast a server-side copy of a large snapshot).
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=3, read=120), maxsize=10, cert_reqs="CERT_REQUIRED",
+            timeout=urllib3.Timeout(connect=3, read=60), maxsize=10, cert_reqs="CERT_REQUIRED",
             ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
-            retries=urllib3.Retry(total=3, connect=1, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]))
+            retries=urllib3.Retry(total=3, connect=1, read=0, backoff_factor=0.2,
+                                  status_forcelist=[500, 502, 503, 504]))
         try:
             check_bucket_name(bucket)
             self.client = Minio(endpoint, access_key=access_key or None, secret_key=secret_key or None,

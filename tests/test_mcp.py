@@ -141,5 +141,48 @@ def test_a_garbage_line_is_a_parse_error_with_a_null_id(server):
 def test_a_notification_gets_no_reply(server):
     server.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 99}})
     server.send({"jsonrpc": "2.0", "method": "no/such/notification"})
-    # Messages are answered in order: had either notification been answered, that reply would come first.
-    assert server.request("ping") == {"jsonrpc": "2.0", "id": 1 + 0 + server._next_id - 1, "result": {}}
+    # Messages are answered in order: had either notification been answered, that reply would come
+    # first, and request() would find the wrong id.
+    assert server.request("ping")["result"] == {}
+
+
+FAKE_CLAUDE = """#!/usr/bin/env python3
+import json, pathlib, sys
+path = sys.argv[sys.argv.index("--mcp-config") + 1] if "--mcp-config" in sys.argv else None
+config = json.loads(pathlib.Path(path).read_text()) if path else None
+mode = oct(pathlib.Path(path).stat().st_mode & 0o777) if path else None
+print(json.dumps({"argv": sys.argv[1:], "config": config, "mode": mode}))
+"""
+
+
+def run_wrapper(tmp_path: Path, extra_env: dict[str, str], *flags: str) -> dict:
+    """Runs `wrapper run` with a stand-in for Claude Code that reports its argv and MCP config."""
+    fake = tmp_path / "claude"
+    fake.write_text(FAKE_CLAUDE)
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CCD_")}
+    env.update(extra_env, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "wrapper", "run", "--turn-id", "t1", "--session-id", "c1",
+                           "--log-dir", str(tmp_path / "turns"), "--claude", str(fake), *flags],
+                          cwd=ROOT, env=env, input=b"hi", capture_output=True, timeout=10)
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.decode().splitlines()[0]
+    return json.loads(first.split("\t", 1)[1])
+
+
+def test_wrapper_run_gives_claude_the_ccd_server_and_deletes_its_config_after(tmp_path):
+    env = {"CCD_API_URL": "http://api", "CCD_SESSION_TOKEN": "secret", "CCD_SESSION_ID": "s1"}
+    seen = run_wrapper(tmp_path, env, "--allowed-tools", "Bash,Read")
+    server = seen["config"]["mcpServers"]["ccd"]
+    assert server["args"] == ["-m", "wrapper", "mcp"] and server["type"] == "stdio"
+    assert server["env"] == {**env, "PYTHONPATH": str(ROOT)}
+    assert seen["mode"] == "0o600"
+    argv = seen["argv"]
+    assert argv[argv.index("--allowedTools") + 1] == "Bash,Read,mcp__ccd"
+    assert not (tmp_path / "turns" / "t1.mcp.json").exists()
+
+
+def test_wrapper_run_without_the_api_env_adds_no_mcp_server(tmp_path):
+    seen = run_wrapper(tmp_path, {}, "--allowed-tools", "Bash")
+    assert "--mcp-config" not in seen["argv"] and seen["config"] is None
+    assert seen["argv"][seen["argv"].index("--allowedTools") + 1] == "Bash"

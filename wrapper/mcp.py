@@ -302,7 +302,7 @@ class Server:
             if isinstance(message, dict) and "method" not in message and ("result" in message or "error" in message):
                 return  # a response to a request we never make: nothing to do
             ident = message.get("id") if isinstance(message, dict) else None
-            self.send(error_response(ident, INVALID_REQUEST, "invalid request: expected a JSON-RPC object with a method"))
+            self.send(error_response(ident, INVALID_REQUEST, "invalid request: expected an object with a method"))
             return
         ident, method, params = message.get("id"), message["method"], message.get("params") or {}
         if "id" not in message:  # a notification: never answered

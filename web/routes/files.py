@@ -7,7 +7,7 @@ from flask import Response, g, request
 
 from core import files, workspaces
 from core import sessions as session_cmds
-from core.errors import DomainError, TooLarge, WrongState
+from core.errors import DomainError, TooLarge, Unavailable, WrongState
 from web.api import api, enqueue
 from web.context import ctx, unit_of_work
 
@@ -56,7 +56,7 @@ def ask_worker(session_id: str, op: str, path: str | None = None, upload=None) -
     reply = files.wait_reply(ctx().events.redis, settings.key_prefix, request_id, settings.files_timeout_seconds)
     if reply is None:
         storage.delete(files.transfer_key(request_id, "in"))
-        raise DomainError(f"the session's host did not answer within {settings.files_timeout_seconds}s "
+        raise Unavailable(f"the session's host did not answer within {settings.files_timeout_seconds}s "
                           "(CCD_FILES_TIMEOUT_SECONDS); is its worker running?", code="files_timeout")
     if not reply.get("ok"):
         raise FilesError(reply)

@@ -1,0 +1,156 @@
+"""Persistent workspaces, workspace files and idle sessions, end to end with every real part
+(the S3 server is moto on loopback)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import uuid
+
+import pytest
+import requests
+from sqlalchemy import create_engine, select
+
+from core.models import Workspace
+from core.storage import storage_from_settings
+from core.workspaces import snapshot_key
+from tests.conftest import wait_for
+from tests.model_server import message_text
+from tests.test_e2e import Api, container_of
+
+pytestmark = pytest.mark.docker
+OWNER = "ws-owner"
+
+
+@pytest.fixture(scope="module")
+def api(stack_env, token):
+    return Api(stack_env["base"], token(OWNER))
+
+
+def new_session(api: Api, workspace: dict | None = None, **config) -> dict:
+    body = {"workspace": workspace or {"type": "ephemeral"}, "config": config}
+    return api.call("POST", "/api/v1/sessions", 201, json=body)
+
+
+def run(api: Api, sid: str, prompt: str) -> dict:
+    turn = api.finished_turn(api.chat(sid, prompt)["id"], timeout=120)
+    assert turn["status"] == "succeeded", turn
+    return turn
+
+
+def prompts_seen(model, since: int) -> list[str]:
+    """Every user message text in the agent's model requests after the first `since` of them."""
+    return [message_text(m) for body in model.tool_requests()[since:] for m in body["messages"]
+            if m["role"] == "user"]
+
+
+def test_a_persistent_workspace_survives_stop_and_is_restored_with_its_conversation(stack_env, api, docker_client):
+    settings, model = stack_env["settings"], stack_env["model"]
+    name = f"proj-{uuid.uuid4().hex[:6]}"
+    first = new_session(api, {"type": "persistent", "name": name})
+    marker = uuid.uuid4().hex
+    run(api, first["id"], f"RUN: echo {marker} > /workspace/notes.txt && cat /workspace/notes.txt")
+    api.call("POST", f"/api/v1/sessions/{first['id']}/stop", 202)
+    api.session_status(first["id"], "stopped")
+
+    engine = create_engine(settings.database_url)
+    with engine.connect() as conn:
+        saved = conn.execute(select(Workspace).where(Workspace.owner == OWNER, Workspace.name == name)).one()
+    engine.dispose()
+    assert saved.generation == 1 and saved.holder_id is None
+    assert saved.snapshot_key == snapshot_key(OWNER, name)
+    with storage_from_settings(settings).open(saved.snapshot_key) as source:
+        data = source.read()
+    assert len(data) == saved.size_bytes and hashlib.sha256(data).hexdigest() == saved.sha256
+    names = tarfile.open(fileobj=io.BytesIO(data), mode="r:gz").getnames()
+    assert "workspace/notes.txt" in names and any(n.startswith("home/agent/.claude/") for n in names)
+
+    second = new_session(api, {"type": "persistent", "name": name})
+    api.session_status(second["id"], "ready", timeout=90)
+    assert container_of(docker_client, settings, second["id"]).id != first["container_id"]
+    # While the new session runs, nobody else may take the workspace: not a third session, not the old one.
+    third = requests.post(stack_env["base"] + "/api/v1/sessions", headers=api.headers, timeout=30,
+                          json={"workspace": {"type": "persistent", "name": name}})
+    assert third.status_code == 409 and third.json()["error"]["code"] == "workspace_in_use"
+    again = requests.post(f"{stack_env['base']}/api/v1/sessions/{first['id']}/chat", headers=api.headers,
+                          json={"prompt": "SAY: me too"}, timeout=30)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "workspace_in_use"
+
+    seen_before = len(model.tool_requests())
+    turn = run(api, second["id"], "RUN: cat /workspace/notes.txt")
+    assert marker in turn["result"]
+    # The restored session resumed the old conversation: the model was sent the first prompt again.
+    assert any(f"echo {marker}" in text for text in prompts_seen(model, seen_before))
+
+
+def test_workspace_files_download_upload_and_stay_inside_the_workspace(stack_env, api):
+    base, headers = stack_env["base"] + "/api/v1/sessions", api.headers
+    sid = new_session(api)["id"]
+    api.session_status(sid, "ready", timeout=90)
+    files = f"{base}/{sid}/workspace/files"
+
+    put = requests.put(f"{files}/dir/hello.txt", data=b"hi there", headers=headers, timeout=60)
+    assert put.status_code == 200 and put.json() == {"path": "dir/hello.txt", "bytes": 8}
+    got = requests.get(f"{files}/dir/hello.txt", headers=headers, timeout=60)
+    assert got.status_code == 200 and got.content == b"hi there"
+
+    upload = io.BytesIO()
+    with tarfile.open(fileobj=upload, mode="w:gz") as archive:
+        payload = uuid.uuid4().bytes * 1000
+        info = tarfile.TarInfo("src/data.bin")
+        info.size = len(payload)
+        archive.addfile(info, io.BytesIO(payload))
+    posted = requests.post(f"{base}/{sid}/workspace", data=upload.getvalue(), headers=headers, timeout=60)
+    assert posted.status_code == 200 and posted.json() == {"files": 1, "bytes": len(payload)}
+    # The agent sees uploaded files where it works.
+    turn = run(api, sid, "RUN: sha256sum src/data.bin && cat dir/hello.txt && ln -s /etc /workspace/etc "
+                         "&& ln -s /etc/hostname /workspace/host")
+    assert hashlib.sha256(payload).hexdigest() in turn["result"] and "hi there" in turn["result"]
+
+    whole = requests.get(f"{base}/{sid}/workspace", headers=headers, timeout=60)
+    assert whole.status_code == 200 and whole.headers["Content-Type"] == "application/gzip"
+    members = {m.name: m for m in tarfile.open(fileobj=io.BytesIO(whole.content), mode="r:gz")}
+    assert {"./dir/hello.txt", "./src/data.bin"} <= set(members)
+    assert members["./etc"].issym()  # a symlink is archived as a link, never followed
+
+    for method, path, code in (("GET", "etc/passwd", "invalid_path"), ("GET", "host", "invalid_path"),
+                               ("PUT", "etc/evil", "invalid_path"), ("GET", "missing.txt", "file_not_found"),
+                               ("GET", "dir", "not_a_file")):
+        resp = requests.request(method, f"{files}/{path}", data=b"x" if method == "PUT" else None,
+                                headers=headers, timeout=60)
+        assert resp.status_code in (404, 422) and resp.json()["error"]["code"] == code, (method, path, resp.text)
+
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w") as archive:
+        link = tarfile.TarInfo("escape")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+        archive.addfile(link)
+    resp = requests.post(f"{base}/{sid}/workspace", data=evil.getvalue(), headers=headers, timeout=60)
+    assert resp.status_code == 422 and resp.json()["error"]["code"] == "invalid_archive"
+
+    # A stopped session's files are still reachable: the request starts it again.
+    api.call("POST", f"/api/v1/sessions/{sid}/stop", 202)
+    api.session_status(sid, "stopped")
+    got = requests.get(f"{files}/dir/hello.txt", headers=headers, timeout=90)
+    assert got.status_code == 200 and got.content == b"hi there"
+    assert api.call("GET", f"/api/v1/sessions/{sid}", 200)["status"] == "ready"
+
+
+def test_an_idle_session_is_stopped_and_the_next_chat_resumes_it(stack_env, api):
+    model = stack_env["model"]
+    sid = new_session(api, timeouts={"idle_seconds": 3})["id"]
+    marker = uuid.uuid4().hex
+    run(api, sid, f"SAY: remember {marker}")
+    api.session_status(sid, "stopped", timeout=60)
+    events = api.call("GET", f"/api/v1/sessions/{sid}/events?limit=1000", 200)["items"]
+    assert any(e["type"] == "session.status" and e["data"].get("reason") == "idle" for e in events)
+
+    seen_before = len(model.tool_requests())
+    turn = run(api, sid, "SAY: back again")
+    assert turn["result"] == "back again"
+    assert any(f"remember {marker}" in text for text in prompts_seen(model, seen_before))
+    later = api.call("GET", f"/api/v1/sessions/{sid}/events?since={events[-1]['id']}&limit=1000", 200)["items"]
+    starting = [e for e in later if e["type"] == "session.status" and e["data"]["status"] == "starting"]
+    assert starting and starting[0]["data"]["reason"]
+    wait_for(lambda: api.call("GET", f"/api/v1/sessions/{sid}", 200)["status"] in ("ready", "stopped"),
+             what="the session to settle")
