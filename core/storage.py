@@ -206,9 +206,14 @@ class S3Storage(Storage):
                         raise
             self._bucket_ready = True
 
-    def put(self, key: str, source: BinaryIO) -> StoredObject:
-        key, reader = check_key(key), _HashingReader(source)
+    def _ready(self, key: str) -> str:
+        """The checked key, once the bucket exists."""
+        check_key(key)
         self._ensure_bucket()
+        return key
+
+    def put(self, key: str, source: BinaryIO) -> StoredObject:
+        key, reader = self._ready(key), _HashingReader(source)
         tmp = f"{TMP_PREFIX}/{uuid.uuid4().hex}"
         try:
             with self._errors(key, reader):
@@ -228,8 +233,7 @@ class S3Storage(Storage):
 
     @contextmanager
     def open(self, key: str) -> Iterator[BinaryIO]:
-        key = check_key(key)
-        self._ensure_bucket()
+        key = self._ready(key)
         with self._errors(key):
             response = self.client.get_object(self.bucket, key)
         try:
@@ -240,8 +244,7 @@ class S3Storage(Storage):
             response.release_conn()
 
     def exists(self, key: str) -> bool:
-        key = check_key(key)
-        self._ensure_bucket()
+        key = self._ready(key)
         try:
             with self._errors(key):
                 self.client.stat_object(self.bucket, key)
@@ -250,8 +253,7 @@ class S3Storage(Storage):
         return True
 
     def delete(self, key: str) -> None:
-        key = check_key(key)
-        self._ensure_bucket()
+        key = self._ready(key)
         with self._errors(key):
             self.client.remove_object(self.bucket, key)
 

@@ -146,9 +146,10 @@ def start_beat(env: dict[str, str]) -> Process:
     while time.monotonic() < deadline:
         if not beat.alive():
             raise RuntimeError(f"beat exited:\n{beat.tail()}")
-        if "beat: Starting" in beat.log_path.read_text(errors="replace"):
+        if "is starting." in beat.log_path.read_text(errors="replace"):
             return beat
         time.sleep(0.2)
+    beat.stop()
     raise RuntimeError(f"beat did not start:\n{beat.tail()}")
 
 

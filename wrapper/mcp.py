@@ -8,6 +8,7 @@ never a crash: the model reads what went wrong and decides what to do.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Callable
 
+Progress = Callable[[str], None]  # tells the client a long tool call is still alive
 log = logging.getLogger("ccd.mcp")
 
 SERVER_INFO = {"name": "ccd", "version": "1.0.0"}
@@ -115,43 +117,49 @@ def path_id(value: str) -> str:
 
 # --- the tools ---------------------------------------------------------------------------------
 
-def spawn_child(api: Api, args: dict) -> dict:
+def spawn_child(api: Api, args: dict, progress: Progress) -> dict:
     """Spawns a child session (and its first turn when there is a prompt); waits if asked."""
     body = {key: args[key] for key in ("prompt", "config") if key in args}
     child = api.call("POST", f"/api/v1/sessions/{path_id(api.own_session())}/spawn", body)
     turn = child.get("turn") or None
     wait_seconds = args.get("wait_seconds", 0)
     if wait_seconds > 0 and turn:
-        return wait_for_turn(api, child["id"], turn, wait_seconds, spawned=True)
+        return wait_for_turn(api, child["id"], turn, wait_seconds, progress, spawned=True)
     return {"session_id": child.get("id"), "turn_id": turn.get("id") if turn else None,
             "status": turn.get("status") if turn else child.get("status"), "depth": child.get("depth")}
 
 
-def send_message(api: Api, args: dict) -> dict:
+def send_message(api: Api, args: dict, progress: Progress) -> dict:
     """Queues a new turn with `prompt` on a child session."""
     session_id = args["session_id"]
     turn = api.call("POST", f"/api/v1/sessions/{path_id(session_id)}/chat", {"prompt": args["prompt"]})
     return {"session_id": session_id, "turn_id": turn.get("id"), "status": turn.get("status")}
 
 
-def wait_for_child(api: Api, args: dict) -> dict:
+def wait_for_child(api: Api, args: dict, progress: Progress) -> dict:
     """Waits for a child's turn (its latest one unless turn_id is given) to finish."""
     session_id = args["session_id"]
     timeout = args.get("timeout_seconds", 300)
     if "turn_id" in args:
-        return wait_for_turn(api, session_id, {"id": args["turn_id"]}, timeout)
+        return wait_for_turn(api, session_id, {"id": args["turn_id"]}, timeout, progress)
     session = api.call("GET", f"/api/v1/sessions/{path_id(session_id)}")
     latest = session.get("latest_turn")
     if not latest:
         raise ToolError("that child has no turn yet: give it one with send_message")
-    return wait_for_turn(api, session_id, latest, timeout)
+    return wait_for_turn(api, session_id, latest, timeout, progress)
 
 
-def wait_for_turn(api: Api, session_id: str, turn: dict, timeout: float, spawned: bool = False) -> dict:
+def wait_for_turn(api: Api, session_id: str, turn: dict, timeout: float, progress: Progress,
+                  spawned: bool = False) -> dict:
     """Polls the turn with long-held GETs until it finishes or `timeout` seconds pass."""
     turn_id = turn["id"]
     deadline = time.monotonic() + timeout
+    polled = False
     while turn.get("status") not in FINISHED:
+        if polled:
+            # Claude Code aborts a tool call silent for 30 min (stdio default); a wait may last an hour.
+            progress(f"turn {turn_id} of child {session_id} is {turn.get('status')}")
+        polled = True
         left = deadline - time.monotonic()
         if left <= 0:
             what = f"spawned child {session_id}, but its turn {turn_id}" if spawned else \
@@ -165,7 +173,7 @@ def wait_for_turn(api: Api, session_id: str, turn: dict, timeout: float, spawned
             "result": turn.get("result"), "error": turn.get("error"), "cost_usd": turn.get("cost_usd")}
 
 
-def list_children(api: Api, args: dict) -> list:
+def list_children(api: Api, args: dict, progress: Progress) -> list:
     """This session's direct children with the status of each one's latest turn."""
     answer = api.call("GET", f"/api/v1/sessions/{path_id(api.own_session())}/children")
     children = []
@@ -182,7 +190,7 @@ def schema(properties: dict, required: tuple[str, ...] = ()) -> dict:
 
 SESSION_ID = {"type": "string", "minLength": 1, "description": "the child session's id"}
 
-TOOLS: dict[str, tuple[str, dict, Callable[[Api, dict], Any]]] = {
+TOOLS: dict[str, tuple[str, dict, Callable[[Api, dict, Progress], Any]]] = {
     "spawn_child": (
         "Start a child Claude Code session (a copy of this session's setup, with `config` overrides) "
         "and give it `prompt` as its first turn; returns its session_id and turn_id, and with "
@@ -244,7 +252,7 @@ def check_arguments(spec: dict, args: Any) -> str | None:
     return None
 
 
-def call_tool(api: Api, name: str, args: Any) -> dict:
+def call_tool(api: Api, name: str, args: Any, progress: Progress = lambda message: None) -> dict:
     """Runs one tool; every failure comes back as a result with isError set."""
     description, spec, handler = TOOLS[name]
     problem = check_arguments(spec, args)
@@ -252,7 +260,7 @@ def call_tool(api: Api, name: str, args: Any) -> dict:
         return tool_result(f"invalid arguments for {name}: {problem}", True)
     args = {k: int(v) if spec["properties"][k]["type"] == "integer" else v for k, v in args.items()}
     try:
-        return tool_result(json.dumps(handler(api, args)), False)
+        return tool_result(json.dumps(handler(api, args, progress)), False)
     except ToolError as exc:
         return tool_result(str(exc), True)
     except Exception as exc:  # a bug here must not take the server down with it
@@ -357,8 +365,23 @@ class Server:
             name = params.get("name")
             if name not in TOOLS:
                 raise RpcError(INVALID_PARAMS, f"unknown tool: {name}")
-            return call_tool(self.api, name, params.get("arguments") or {})
+            return call_tool(self.api, name, params.get("arguments") or {}, self.progress_sender(params))
         raise RpcError(METHOD_NOT_FOUND, f"method not found: {method}")
+
+
+    def progress_sender(self, params: dict) -> Progress:
+        """Progress notifications for the request, when its client asked for them with a progressToken."""
+        meta = params.get("_meta")
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        if not isinstance(token, (str, int)) or isinstance(token, bool):
+            return lambda message: None
+        count = itertools.count(1)
+
+        def send(message: str) -> None:
+            self.send({"jsonrpc": "2.0", "method": "notifications/progress",
+                       "params": {"progressToken": token, "progress": next(count), "message": message}})
+
+        return send
 
 
 def error_response(ident: Any, code: int, message: str) -> dict:

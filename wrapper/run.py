@@ -11,8 +11,8 @@ escalating to terminate and kill.
 
 When the environment has CCD_API_URL and CCD_SESSION_TOKEN, the turn also gets the "ccd" MCP
 server (wrapper/mcp.py, tools to spawn and wait for child sessions): its config goes to
-<log-dir>/<turn-id>.mcp.json (0600, it holds the token) for `--mcp-config`, `mcp__ccd` joins
---allowed-tools when that was given, and the file is deleted when the turn ends.
+<log-dir>/<turn-id>.mcp.json (0600, it holds the token) for `--mcp-config`, `mcp__ccd` is added
+to --allowedTools (so the tools need no approval), and the file is deleted when the turn ends.
 """
 from __future__ import annotations
 
@@ -66,9 +66,11 @@ def claude_command(args: argparse.Namespace, mcp_config: Path | None = None) -> 
         cmd += ["--model", args.model]
     if mcp_config:
         cmd += ["--mcp-config", str(mcp_config)]
-    if args.allowed_tools:
-        allowed = f"{args.allowed_tools},{MCP_TOOLS_RULE}" if mcp_config else args.allowed_tools
-        cmd += ["--allowedTools", allowed]
+    # --allowedTools approves, it does not restrict: the ccd tools are approved even when no list was given,
+    # because in -p mode a tool nobody approved is refused.
+    allowed = [rule for rule in [args.allowed_tools, MCP_TOOLS_RULE if mcp_config else None] if rule]
+    if allowed:
+        cmd += ["--allowedTools", ",".join(allowed)]
     if args.permission_mode:
         cmd += ["--permission-mode", args.permission_mode]
     if args.append_system_prompt:
@@ -82,8 +84,11 @@ def write_mcp_config(env: dict[str, str], path: Path) -> Path | None:
         return None
     server_env = {name: env.get(name, "") for name in ("CCD_API_URL", "CCD_SESSION_TOKEN", "CCD_SESSION_ID")}
     server_env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)  # where `wrapper` imports from
+    # alwaysLoad: Claude Code (2.1.330) otherwise defers MCP tools behind its ToolSearch tool, so the
+    # model sees only their names; it also makes Claude Code wait for the server before the first request.
     config = {"mcpServers": {MCP_SERVER: {"type": "stdio", "command": sys.executable or "python3",
-                                          "args": ["-m", "wrapper", "mcp"], "env": server_env}}}
+                                          "args": ["-m", "wrapper", "mcp"], "env": server_env,
+                                          "alwaysLoad": True}}}
     path.parent.mkdir(parents=True, exist_ok=True)
     # 0600 whatever the umask: the file holds the session's token.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
