@@ -88,6 +88,10 @@ def queue_positions(db: DbSession, session_ids: set[uuid.UUID]) -> dict[uuid.UUI
     return {turn_id: position for turn_id, position in rows}
 
 
+def first_turn(db: DbSession, session_id: uuid.UUID) -> Turn | None:
+    return db.scalars(select(Turn).where(Turn.session_id == session_id).order_by(Turn.seq).limit(1)).first()
+
+
 def latest_turn(db: DbSession, session_id: uuid.UUID) -> Turn | None:
     return db.scalars(select(Turn).where(Turn.session_id == session_id)
                       .order_by(Turn.seq.desc()).limit(1)).first()

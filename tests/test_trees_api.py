@@ -190,3 +190,15 @@ def test_an_upload_over_the_limit_is_413(client, owner_auth, api_settings, db):
     body = b"x" * (api_settings.max_upload_bytes + 1)
     resp = client.put(f"/api/v1/sessions/{sid}/workspace/files/big.bin", data=body, headers=owner_auth)
     assert resp.status_code == 413 and error_of(resp)["code"] == "upload_too_large"
+
+
+def test_a_retried_spawn_with_the_same_idempotency_key_makes_one_child(client, owner_auth):
+    root = create(client, owner_auth).get_json()["id"]
+    headers = {**owner_auth, "Idempotency-Key": secrets.token_hex(8)}
+    first = spawn(client, headers, root, {"prompt": "once"})
+    again = spawn(client, headers, root, {"prompt": "once"})
+    assert first.status_code == again.status_code == 201
+    assert again.get_json()["id"] == first.get_json()["id"]
+    assert again.get_json()["turn"]["id"] == first.get_json()["turn"]["id"]
+    children = client.get(f"/api/v1/sessions/{root}/children", headers=owner_auth).get_json()["items"]
+    assert len(children) == 1

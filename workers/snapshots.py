@@ -66,6 +66,11 @@ def save(ctx: WorkerContext, session_id: str) -> None:
         row = db.get(Session, uuid.UUID(session_id))
         if row is None or not workspaces.is_persistent(row.workspace):
             return
+        held = workspaces.get(db, row.owner, row.workspace["name"])
+        if held is None or held.holder_id != row.id:
+            # Stopped earlier (its snapshot is saved) and perhaps taken over since: nothing of ours to save.
+            log.info("session %s does not hold workspace %r; not saving it", session_id, row.workspace["name"])
+            return
         key = workspaces.snapshot_key(row.owner, row.workspace["name"])
     with tempfile.TemporaryFile() as spool:
         if not write_snapshot(ctx, session_id, spool):

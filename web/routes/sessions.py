@@ -44,6 +44,13 @@ def spawn(session_id: str):
         return validation_response(exc, prefix="config.")
     settings = ctx().settings
     with unit_of_work() as db:
+        prior = claim_idempotency_key(db)
+        if prior is not None:
+            child = session_cmds.get_owned(db, g.owner, str(prior.resource_id))
+            body = session_body(child)
+            first = turn_cmds.first_turn(db, child.id)
+            body["turn"] = turn_body(first) if first is not None else None
+            return body, prior.status_code, {"Location": body["links"]["self"]}
         parent = session_cmds.get_owned(db, g.owner, session_id, lock=True)
         admission.admit_session(db, g.owner, settings)
         if spec.prompt is not None:
@@ -56,6 +63,7 @@ def spawn(session_id: str):
         if spec.prompt is not None:
             turn = turn_cmds.queue_turn(db, child, spec.prompt)
             turn.queued_event_id = ctx().events.publish(turn_cmds.queued_event(turn))
+        remember_idempotency_key(db, "session", child.id, 201)
         body = session_body(child)
         body["turn"] = turn_body(turn, 1) if turn is not None else None
     enqueue(ctx().sender.start_session, body["id"])
