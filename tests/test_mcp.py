@@ -175,6 +175,7 @@ def test_wrapper_run_gives_claude_the_ccd_server_and_deletes_its_config_after(tm
     seen = run_wrapper(tmp_path, env, "--allowed-tools", "Bash,Read")
     server = seen["config"]["mcpServers"]["ccd"]
     assert server["args"] == ["-m", "wrapper", "mcp"] and server["type"] == "stdio"
+    assert server["alwaysLoad"] is True  # else Claude Code hides the tools behind ToolSearch
     assert server["env"] == {**env, "PYTHONPATH": str(ROOT)}
     assert seen["mode"] == "0o600"
     argv = seen["argv"]
@@ -182,7 +183,44 @@ def test_wrapper_run_gives_claude_the_ccd_server_and_deletes_its_config_after(tm
     assert not (tmp_path / "turns" / "t1.mcp.json").exists()
 
 
+def test_wrapper_run_approves_the_ccd_tools_even_without_an_allowed_tools_list(tmp_path):
+    env = {"CCD_API_URL": "http://api", "CCD_SESSION_TOKEN": "secret", "CCD_SESSION_ID": "s1"}
+    argv = run_wrapper(tmp_path, env)["argv"]
+    assert argv[argv.index("--allowedTools") + 1] == "mcp__ccd"
+
+
 def test_wrapper_run_without_the_api_env_adds_no_mcp_server(tmp_path):
     seen = run_wrapper(tmp_path, {}, "--allowed-tools", "Bash")
     assert "--mcp-config" not in seen["argv"] and seen["config"] is None
     assert seen["argv"][seen["argv"].index("--allowedTools") + 1] == "Bash"
+
+
+def test_an_api_refusal_reads_as_message_code_and_status():
+    from wrapper.mcp import refusal
+
+    body = json.dumps({"error": {"code": "spawn_depth_exceeded", "message": "too deep"}}).encode()
+    assert refusal(409, body) == "cc-docker refused: too deep (spawn_depth_exceeded, HTTP 409)"
+    assert refusal(502, b"<html>bad gateway</html>") == "cc-docker refused with HTTP 502: <html>bad gateway</html>"
+
+
+class TurnsThatStayRunning:
+    """Stands in for wrapper.mcp.Api in-process (no HTTP): every turn read answers `running`."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:
+        self.paths.append(path)
+        time.sleep(0.2)
+        return {"id": "t-1", "status": "running"}
+
+
+def test_a_wait_that_runs_out_reports_progress_and_says_it_can_be_resumed():
+    from wrapper.mcp import ToolError, wait_for_turn
+
+    api, notes = TurnsThatStayRunning(), []
+    with pytest.raises(ToolError) as refused:
+        wait_for_turn(api, "s-1", {"id": "t-1", "status": "queued"}, 1, notes.append)
+    assert api.paths[0] == "/api/v1/turns/t-1?wait=1" and len(api.paths) >= 2
+    assert len(notes) == len(api.paths) - 1 and "is running" in notes[0]
+    assert "still running after 1 s" in str(refused.value) and "turn_id t-1" in str(refused.value)

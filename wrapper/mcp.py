@@ -156,10 +156,6 @@ def wait_for_turn(api: Api, session_id: str, turn: dict, timeout: float, progres
     deadline = time.monotonic() + timeout
     polled = False
     while turn.get("status") not in FINISHED:
-        if polled:
-            # Claude Code aborts a tool call silent for 30 min (stdio default); a wait may last an hour.
-            progress(f"turn {turn_id} of child {session_id} is {turn.get('status')}")
-        polled = True
         left = deadline - time.monotonic()
         if left <= 0:
             what = f"spawned child {session_id}, but its turn {turn_id}" if spawned else \
@@ -167,6 +163,10 @@ def wait_for_turn(api: Api, session_id: str, turn: dict, timeout: float, progres
             raise ToolError(f"{what} is still {turn.get('status') or 'running'} after {timeout:.0f} s; "
                             f"call wait_for_child with session_id {session_id} and turn_id {turn_id} "
                             "to wait on it again")
+        if polled:
+            # Claude Code aborts a tool call silent for 30 min (stdio default); a wait may last an hour.
+            progress(f"turn {turn_id} of child {session_id} is {turn.get('status')}")
+        polled = True
         wait = max(1, min(LONGEST_WAIT, math.ceil(left)))
         turn = api.call("GET", f"/api/v1/turns/{path_id(turn_id)}?wait={wait}", timeout=wait + HTTP_SLACK)
     return {"session_id": session_id, "turn_id": turn_id, "status": turn.get("status"),
