@@ -1,5 +1,6 @@
 """Spawn trees, session tokens, persistent workspace holds and file-path checks through the API
 (real Postgres and Redis, no worker: containers are never started here)."""
+import json
 import secrets
 import uuid
 
@@ -202,3 +203,52 @@ def test_a_retried_spawn_with_the_same_idempotency_key_makes_one_child(client, o
     assert again.get_json()["turn"]["id"] == first.get_json()["turn"]["id"]
     children = client.get(f"/api/v1/sessions/{root}/children", headers=owner_auth).get_json()["items"]
     assert len(children) == 1
+
+
+def test_tree_events_merge_the_subtree_in_order_and_resume_exactly_once(client, owner_auth, api_settings):
+    from core.envelope import Event
+    from core.events import EventLog
+
+    root = create(client, owner_auth).get_json()["id"]
+    child = spawn(client, owner_auth, root).get_json()["id"]
+    grandchild = spawn(client, owner_auth, child).get_json()["id"]
+    outsider = create(client, owner_auth).get_json()["id"]
+    log = EventLog.from_settings(api_settings)
+    for i in range(7):
+        for sid in (root, grandchild, child, outsider):
+            log.publish(Event(session_id=sid, type="turn.queued", data={"n": i}))
+    ours = {root, child, grandchild}
+
+    seen, since = [], None
+    while True:
+        url = f"/api/v1/sessions/{root}/events?tree=true&limit=4" + (f"&since={since}" if since else "")
+        page = client.get(url, headers=owner_auth).get_json()
+        seen += page["items"]
+        since = page["next_since"]
+        if not page["has_more"]:
+            break
+    # Every event of the three sessions once, none of the outsider's.
+    def key(sid, data):
+        return sid, json.dumps(data, sort_keys=True)
+    stored = sorted(key(sid, e.data) for sid in ours for e in log.read(sid))
+    assert sorted(key(e["session_id"], e["data"]) for e in seen) == stored
+    assert all(e["id"].startswith("tree.") for e in seen)
+    # Merged in stream-id order: each session's events keep their order.
+    for sid in ours:
+        assert [e["data"]["n"] for e in seen if e["session_id"] == sid] == list(range(7))
+
+    # Live SSE from the last cursor: the first frame is the one event published since, from any member.
+    log.publish(Event(session_id=grandchild, type="turn.queued", data={"n": "late"}))
+    resp = client.get(f"/api/v1/sessions/{root}/events?tree=true",
+                      headers={**owner_auth, "Accept": "text/event-stream", "Last-Event-ID": since})
+    first = None
+    for chunk in resp.response:
+        text = chunk.decode() if isinstance(chunk, bytes) else chunk
+        data = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+        if data:
+            first = json.loads(data[0])
+            break
+    resp.close()
+    assert first["session_id"] == grandchild and first["data"] == {"n": "late"}
+    bad = client.get(f"/api/v1/sessions/{root}/events?tree=true&since=1-0", headers=owner_auth)
+    assert bad.status_code == 400 and error_of(bad)["field"] == "since"
