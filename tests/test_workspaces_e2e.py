@@ -83,6 +83,21 @@ def test_a_persistent_workspace_survives_stop_and_is_restored_with_its_conversat
     assert any(f"echo {marker}" in text for text in prompts_seen(model, seen_before))
 
 
+def test_a_stopped_session_whose_host_lost_its_volumes_restores_from_the_snapshot(stack_env, api, docker_client):
+    settings = stack_env["settings"]
+    sid = new_session(api, {"type": "persistent", "name": f"lost-{uuid.uuid4().hex[:6]}"})["id"]
+    marker = uuid.uuid4().hex
+    run(api, sid, f"RUN: echo {marker} > /workspace/kept.txt")
+    api.call("POST", f"/api/v1/sessions/{sid}/stop", 202)
+    api.session_status(sid, "stopped")
+    # As if the session came back on a new host: no container, no volumes.
+    container_of(docker_client, settings, sid).remove(force=True)
+    for volume in docker_client.volumes.list(filters={"label": f"ccd.session={sid}"}):
+        volume.remove(force=True)
+    turn = run(api, sid, "RUN: cat /workspace/kept.txt")
+    assert marker in turn["result"]
+
+
 def test_workspace_files_download_upload_and_stay_inside_the_workspace(stack_env, api):
     base, headers = stack_env["base"] + "/api/v1/sessions", api.headers
     sid = new_session(api)["id"]

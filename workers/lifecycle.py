@@ -37,7 +37,7 @@ def start_session(ctx: WorkerContext, session_id: str) -> None:
         owner, config = row.owner, dict(row.config)
     try:
         container_id, _ = ctx.runtime.ensure_running(session_id, owner, config)
-        snapshots.restore(ctx, session_id, container_id)
+        snapshots.restore(ctx, session_id, container_id, fresh=True)
     except Exception as exc:
         log.error("session %s: container failed to start: %s", session_id, exc)
         ctx.runtime.stop(session_id)
@@ -71,9 +71,9 @@ def wake(ctx: WorkerContext, session_id: str, owner: str, config: dict) -> str:
     and the session's stream says so."""
     if not ctx.runtime.is_running(session_id):
         publish_status(ctx, session_id, "starting", reason="the container was stopped; starting it again")
-    container_id, started = ctx.runtime.ensure_running(session_id, owner, config)
-    if started:
-        snapshots.restore(ctx, session_id, container_id)
+    container_id, how = ctx.runtime.ensure_running(session_id, owner, config)
+    if how != "running":
+        snapshots.restore(ctx, session_id, container_id, fresh=how == "created")
     return container_id
 
 

@@ -65,18 +65,20 @@ class DockerRuntime:
         container = self.find(session_id)
         return container is not None and container.status == "running"
 
-    def ensure_running(self, session_id: str, owner: str, config: dict) -> tuple[str, bool]:
+    def ensure_running(self, session_id: str, owner: str, config: dict) -> tuple[str, str]:
         """The session's container, created if missing and started if stopped.
 
-        Returns its id, and whether it had to be started (so its workspace may need restoring).
+        Returns its id and what it took: "running" (nothing), "started" or "created" (new, empty
+        volumes when they were missing too), so the caller knows whether to restore a workspace.
         """
         container = self.find(session_id)
+        how = "running"
         if container is None:
-            container = self._create(session_id, owner, config)
-        started = container.status != "running"
-        if started:
+            container, how = self._create(session_id, owner, config), "created"
+        if container.status != "running":
             container.start()
-        return container.id, started
+            how = "started" if how == "running" else how
+        return container.id, how
 
     def _create(self, session_id: str, owner: str, config: dict):
         self.ensure_network()

@@ -85,14 +85,17 @@ def save(ctx: WorkerContext, session_id: str) -> None:
              generation, stored.size)
 
 
-def restore(ctx: WorkerContext, session_id: str, container_id: str) -> bool:
-    """Puts the workspace's newest snapshot into the container, unless it already has it."""
+def restore(ctx: WorkerContext, session_id: str, container_id: str, fresh: bool = False) -> bool:
+    """Puts the workspace's newest snapshot into the container, unless it already has it
+    (a `fresh` container, just created, has nothing yet)."""
     with transaction(ctx.db) as db:
         row = db.get(Session, uuid.UUID(session_id))
         if row is None or not workspaces.is_persistent(row.workspace):
             return False
         saved = workspaces.get(db, row.owner, row.workspace["name"])
-        if saved is None or saved.snapshot_key is None or saved.generation == row.workspace.get("generation", 0):
+        if saved is None or saved.snapshot_key is None:
+            return False
+        if not fresh and saved.generation == row.workspace.get("generation", 0):
             return False
         key, checksum, generation = saved.snapshot_key, saved.sha256, saved.generation
     with tempfile.TemporaryFile() as spool:
