@@ -22,7 +22,8 @@ EXIT_ERRORS = {2: (404, "file_not_found"), 3: (422, "not_a_file"), 4: (422, "inv
 def clean_path(path: str) -> str:
     """A workspace-relative path, refused early when it cannot be one (the container checks again)."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
-    if path.startswith("/") or "\0" in path or "\\" in path or not parts or ".." in parts or len(path) > 4096:
+    if (path.startswith("/") or "\\" in path or any(ord(c) < 32 for c in path) or not parts or ".." in parts
+            or len(path) > 4096):
         raise ValidationFailed(f"{path!r} is not a path inside the workspace: give a relative path "
                                "without '..'", code="invalid_path", field="path")
     return "/".join(parts)

@@ -1,6 +1,7 @@
 """Workspace file routes: download it all as tar.gz, get or put one file, upload a tar to unpack."""
 from __future__ import annotations
 
+import re
 import uuid
 
 from flask import Response, g, request
@@ -75,8 +76,8 @@ def send_download(reply: dict, filename: str, mimetype: str) -> Response:
         finally:
             storage.delete(reply["key"])
 
-    headers = {"Content-Length": str(reply["size"]),
-               "Content-Disposition": f'attachment; filename="{filename}"'}
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", filename) or "download"
+    headers = {"Content-Length": str(reply["size"]), "Content-Disposition": f'attachment; filename="{safe}"'}
     return Response(chunks(), 200, headers, mimetype=mimetype)
 
 
