@@ -196,7 +196,7 @@ def test_wrapper_run_without_the_api_env_adds_no_mcp_server(tmp_path):
 
 
 def test_an_api_refusal_reads_as_message_code_and_status():
-    from wrapper.mcp import refusal
+    from wrapper.spawn_tools import refusal
 
     body = json.dumps({"error": {"code": "spawn_depth_exceeded", "message": "too deep"}}).encode()
     assert refusal(409, body) == "cc-docker refused: too deep (spawn_depth_exceeded, HTTP 409)"
@@ -204,7 +204,7 @@ def test_an_api_refusal_reads_as_message_code_and_status():
 
 
 class TurnsThatStayRunning:
-    """Stands in for wrapper.mcp.Api in-process (no HTTP): every turn read answers `running`."""
+    """Stands in for wrapper.spawn_tools.Api in-process (no HTTP): every turn read answers `running`."""
 
     def __init__(self) -> None:
         self.paths: list[str] = []
@@ -216,7 +216,7 @@ class TurnsThatStayRunning:
 
 
 def test_a_wait_that_runs_out_reports_progress_and_says_it_can_be_resumed():
-    from wrapper.mcp import ToolError, wait_for_turn
+    from wrapper.spawn_tools import ToolError, wait_for_turn
 
     api, notes = TurnsThatStayRunning(), []
     with pytest.raises(ToolError) as refused:
