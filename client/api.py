@@ -1,10 +1,14 @@
-"""A small typed client for the cc-docker HTTP API (sessions, chat, events, turns, batches)."""
+"""A small typed client for the cc-docker HTTP API (sessions, spawn trees, chat, events, turns,
+workspace files, batches)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
-from typing import Any, Iterator
+from pathlib import Path
+from typing import IO, Any, Iterator
+from urllib.parse import quote
 
 import requests
 
@@ -15,14 +19,20 @@ from client.follow import MAX_RECONNECTS, READ_ERRORS, Event, EventFollower, bac
 FINAL_EVENT_TYPES = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
 FINISHED_TURN_STATUSES = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 CONNECT_TIMEOUT = 10.0
+# The server holds a workspace request up to CCD_FILES_TIMEOUT_SECONDS (120 s by default) while the
+# session's worker answers, and starts a stopped session first: file requests get this long to answer.
+FILES_TIMEOUT = 180.0
+# How long one wait_turn request asks the server to hold it: under the 60 s idle timeout of common proxies.
+LONG_POLL_SECONDS = 50
+CHUNK_BYTES = 1 << 16
 
 
 class Client:
     """The cc-docker API at `url`, called with a bearer `token`; `timeout` bounds each request."""
 
-    def __init__(self, url: str, token: str, timeout: float = 30) -> None:
+    def __init__(self, url: str, token: str, timeout: float = 30, files_timeout: float = FILES_TIMEOUT) -> None:
         self.url = url.rstrip("/")
-        self.token, self.timeout = token, timeout
+        self.token, self.timeout, self.files_timeout = token, timeout, max(timeout, files_timeout)
         self.http = requests.Session()
         self.http.headers.update({"Authorization": f"Bearer {token}", "User-Agent": "ccd-client/0.1"})
 
@@ -54,9 +64,11 @@ class Client:
 
     # -- sessions -----------------------------------------------------------------------------
 
-    def create_session(self, config: dict | None = None, idempotency_key: str | None = None) -> dict:
-        """Creates a session with an ephemeral workspace; its container starts in the background."""
-        body = {"config": config or {}, "workspace": {"type": "ephemeral"}}
+    def create_session(self, config: dict | None = None, idempotency_key: str | None = None,
+                       workspace: str | dict | None = None) -> dict:
+        """Creates a session; its container starts in the background. `workspace` is a persistent
+        workspace's name (or the API's workspace object); without it the workspace is ephemeral."""
+        body = {"config": config or {}, "workspace": workspace_spec(workspace)}
         return self.call("POST", "/sessions", json=body, key=idempotency_key)
 
     def list_sessions(self, status: str | None = None, limit: int = 50, offset: int = 0) -> dict:
@@ -75,6 +87,27 @@ class Client:
     def delete_session(self, session_id: str) -> dict:
         """Deletes the session's container, volumes and events."""
         return self.call("DELETE", f"/sessions/{session_id}")
+
+    # -- spawn trees --------------------------------------------------------------------------
+
+    def spawn(self, session_id: str, prompt: str | None = None, config: dict | None = None,
+              workspace: str | dict | None = None, idempotency_key: str | None = None) -> dict:
+        """Makes a child session of `session_id` (the parent's config with `config`'s keys on top),
+        optionally with a first prompt; returns the child, with that first turn as `turn` (or None)."""
+        body: dict[str, Any] = {}
+        if prompt is not None:
+            body["prompt"] = prompt
+        if config:
+            body["config"] = config
+        if workspace is not None:
+            body["workspace"] = workspace_spec(workspace)
+        return self.call("POST", f"/sessions/{session_id}/spawn", json=body, key=idempotency_key)
+
+    def children(self, session_id: str, recursive: bool = False) -> dict:
+        """The session's children, each with its `latest_turn`: {items}; with `recursive`, every
+        session below it, each with its own `children`, and the whole tree's cost as `tree_cost_usd`."""
+        params = {"recursive": "true" if recursive else "false"}
+        return self.call("GET", f"/sessions/{session_id}/children", params=params)
 
     # -- turns --------------------------------------------------------------------------------
 
@@ -139,15 +172,21 @@ class Client:
         return self.call("POST", f"/turns/{turn_id}/cancel")
 
     def wait_turn(self, turn_id: str, timeout: float = 300, interval: float = 0.5) -> dict:
-        """Polls the turn until it ends and returns it; TimeoutError after `timeout` seconds."""
+        """Waits for the turn to end and returns it; TimeoutError after `timeout` seconds. The server
+        holds each request (?wait=) until the turn ends; `interval` spaces out the requests it
+        answers early without the turn having ended."""
         deadline = time.monotonic() + timeout
         while True:
-            turn = self.turn(turn_id)
+            hold = int(min(LONG_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            asked = time.monotonic()
+            turn = self.call("GET", f"/turns/{turn_id}", params={"wait": hold}, read_timeout=self.timeout + hold)
             if turn["status"] in FINISHED_TURN_STATUSES:
                 return turn
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 raise TimeoutError(f"turn {turn_id} still {turn['status']} after {timeout:.0f}s")
-            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+            if hold == 0 or now - asked < hold:  # answered without holding the whole time: do not spin
+                time.sleep(min(interval, max(0.0, deadline - now)))
 
     # -- events -------------------------------------------------------------------------------
 
@@ -159,6 +198,79 @@ class Client:
         """One page of past events: {items, next_since, has_more}."""
         params = {"limit": limit, **({"since": since} if since else {})}
         return self.call("GET", f"/sessions/{session_id}/events", params=params)
+
+    # -- workspace files ----------------------------------------------------------------------
+
+    def download_workspace(self, session_id: str, path: str | os.PathLike) -> int:
+        """Streams the session's whole workspace, as tar.gz, into the local file `path`; returns
+        the bytes written. The file appears only once the download is complete."""
+        return self._download(f"/sessions/{session_id}/workspace", path)
+
+    def upload_workspace(self, session_id: str, tar_path: str | os.PathLike) -> dict:
+        """Streams a local tar (gzipped or not) to the session, which unpacks it into its workspace:
+        {files, bytes}. Only files and directories; an archive that holds anything else writes nothing."""
+        with open(tar_path, "rb") as archive:
+            return self.call("POST", f"/sessions/{session_id}/workspace", data=archive,
+                             headers={"Content-Type": "application/octet-stream"},
+                             read_timeout=self.files_timeout)
+
+    def get_file(self, session_id: str, remote_path: str) -> bytes:
+        """One workspace file's content (`remote_path` is relative to /workspace), held in memory;
+        download_file streams a big one to disk instead."""
+        return self.request("GET", file_path(session_id, remote_path), read_timeout=self.files_timeout).content
+
+    def download_file(self, session_id: str, remote_path: str, dest: str | os.PathLike | IO[bytes]) -> int:
+        """Streams one workspace file into `dest`, a local path (which appears once it is complete)
+        or a binary file object; returns the bytes written."""
+        return self._download(file_path(session_id, remote_path), dest)
+
+    def put_file(self, session_id: str, remote_path: str, data: bytes | str | os.PathLike | IO[bytes]) -> dict:
+        """Writes one workspace file, making its directories: `data` is the content (bytes), a local
+        file's path or a binary file object, streamed. Returns {path, bytes}."""
+        if isinstance(data, (bytes, bytearray, memoryview)) or hasattr(data, "read"):
+            return self._put(session_id, remote_path, data)
+        with open(data, "rb") as source:
+            return self._put(session_id, remote_path, source)
+
+    def _put(self, session_id: str, remote_path: str, body: Any) -> dict:
+        return self.call("PUT", file_path(session_id, remote_path), data=body,
+                         headers={"Content-Type": "application/octet-stream"}, read_timeout=self.files_timeout)
+
+    def _download(self, path: str, dest: str | os.PathLike | IO[bytes]) -> int:
+        """GETs `path` and streams its body into `dest` (a local path or a binary file object)."""
+        if hasattr(dest, "write"):
+            return self._copy_body(path, dest)  # type: ignore[arg-type]
+        target = Path(dest)
+        partial = target.with_name(target.name + ".part")
+        try:
+            with partial.open("wb") as out:
+                written = self._copy_body(path, out)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return written
+
+    def _copy_body(self, path: str, out: IO[bytes]) -> int:
+        """Copies a response body into `out` chunk by chunk; ConnectionFailed if it breaks or ends short."""
+        resp = self.request("GET", path, stream=True, read_timeout=self.files_timeout)
+        written = 0
+        try:
+            chunks = resp.iter_content(chunk_size=CHUNK_BYTES)
+            while True:
+                try:
+                    chunk = next(chunks, None)
+                except READ_ERRORS as exc:  # only the reading: a local write error stays an OSError
+                    raise ConnectionFailed(f"GET {self.url}/api/v1{path} broke after {written} bytes: {exc}") from exc
+                if chunk is None:
+                    break
+                out.write(chunk)
+                written += len(chunk)
+        finally:
+            resp.close()
+        expected = resp.headers.get("Content-Length", "")
+        if expected.isdigit() and not resp.headers.get("Content-Encoding") and int(expected) != written:
+            raise ConnectionFailed(f"GET {self.url}/api/v1{path} ended after {written} of {expected} bytes")
+        return written
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -219,6 +331,27 @@ def batch_body(items: list[dict], concurrency: int, webhook: str | None = None) 
     if webhook:
         body["webhook"] = webhook
     return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+
+def workspace_spec(workspace: str | dict | None) -> dict:
+    """The API's workspace object: ephemeral for None, persistent for a name, else as given."""
+    if workspace is None:
+        return {"type": "ephemeral"}
+    if isinstance(workspace, str):
+        return {"type": "persistent", "name": workspace}
+    return workspace
+
+
+def file_path(session_id: str, remote_path: str) -> str:
+    """The API path of one workspace file. An absolute path or a `..` part is refused here, as the
+    server would if it saw them: HTTP clients resolve `..` in a URL, and the server redirects
+    `files//x` to `files/x`, so such a request would reach another file."""
+    parts = remote_path.split("/")
+    if remote_path.startswith("/") or ".." in parts:
+        message = f"{remote_path!r} is not a path inside the workspace: give a relative path without '..'"
+        raise ValidationError(0, "invalid_path", message,
+                              {"error": {"code": "invalid_path", "message": message, "field": "path"}})
+    return f"/sessions/{session_id}/workspace/files/{quote(remote_path, safe='/')}"
 
 
 def new_idempotency_key() -> str:

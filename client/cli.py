@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO, TypeVar
 
 from client.api import ApiError, Client, ConnectionFailed, Event, NotFound, Unavailable
 from client.batch_run import ResultsFile, read_prompts, reattach, run_batch
@@ -15,6 +15,7 @@ from client.console import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_
 from client.tokens import mint_token
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+T = TypeVar("T")
 EPILOG = """\
 environment:
   CCD_URL      the API's base URL (default http://127.0.0.1:8000); --url overrides it
@@ -75,11 +76,68 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_sessions_create(args: argparse.Namespace) -> int:
     """Creates a session and prints its id (or the whole session with --json)."""
     config = {"model": args.model} if args.model else {}
-    session = client_of(args).create_session(config)
+    session = client_of(args).create_session(config, workspace=args.workspace)
     if args.json:
         print_json(session)
     else:
         print(session["id"])
+    return EXIT_OK
+
+
+def config_of(text: str | None) -> dict:
+    """The --config JSON object of the command line."""
+    if text is None:
+        return {}
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--config is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise UsageError('--config must be a JSON object, like \'{"model": "claude-haiku-4-5"}\'')
+    return config
+
+
+def cmd_sessions_spawn(args: argparse.Namespace) -> int:
+    """Spawns a child session and prints its id (or the child with its first turn, with --json)."""
+    config = config_of(args.config)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    child = client_of(args).spawn(args.id, prompt, config, args.workspace)
+    if args.json:
+        print_json(child)
+        return EXIT_OK
+    print(child["id"])
+    if child.get("turn"):
+        say(f"turn {child['turn']['id']} {child['turn']['status']}")
+    return EXIT_OK
+
+
+def tree_lines(nodes: list[dict], level: int = 1) -> Iterator[str]:
+    """One line per session of a nested children listing, indented by its level below the top."""
+    for node in nodes:
+        yield tree_line(node, level)
+        yield from tree_lines(node.get("children") or [], level + 1)
+
+
+def tree_line(session: dict, level: int) -> str:
+    """A session as one line of `ccd sessions tree`: id, status, depth and its latest turn's status."""
+    latest = session.get("latest_turn") or {}
+    return f"{'  ' * level}{session['id']}  {session['status']:<9} depth={session['depth']}  " \
+           f"turn={latest.get('status') or '-'}"
+
+
+def cmd_sessions_tree(args: argparse.Namespace) -> int:
+    """Prints a session and every session below it, indented (or as nested JSON with --json)."""
+    client = client_of(args)
+    top = client.session(args.id)
+    below = client.children(args.id, recursive=True)
+    if args.json:
+        print_json({**top, "children": below["items"], "tree_cost_usd": below.get("tree_cost_usd")})
+        return EXIT_OK
+    print(tree_line(top, 0))
+    for line in tree_lines(below["items"]):
+        print(line)
+    if below.get("tree_cost_usd") is not None:
+        say(f"(cost of the whole spawn tree: ${below['tree_cost_usd']:.4f})")
     return EXIT_OK
 
 
@@ -210,6 +268,52 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- workspace files ----------------------------------------------------------------------------
+
+def cmd_files_get(args: argparse.Namespace) -> int:
+    """Writes one workspace file to -o LOCAL, or to stdout."""
+    client = client_of(args)
+    if args.output in (None, "-"):
+        client.download_file(args.session, args.remote, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return EXIT_OK
+    written = local_io(lambda: client.download_file(args.session, args.remote, args.output))
+    say(f"{args.remote} -> {args.output} ({written} bytes)")
+    return EXIT_OK
+
+
+def cmd_files_put(args: argparse.Namespace) -> int:
+    """Uploads the local file LOCAL (or stdin for '-') to REMOTE in the workspace."""
+    client = client_of(args)
+    source = sys.stdin.buffer if args.local == "-" else args.local
+    reply = local_io(lambda: client.put_file(args.session, args.remote, source))
+    print(f"{reply['path']}  {reply['bytes']} bytes")
+    return EXIT_OK
+
+
+def cmd_files_download(args: argparse.Namespace) -> int:
+    """Writes the whole workspace as tar.gz to -o (default workspace-SESSION.tar.gz)."""
+    out = args.output or f"workspace-{args.session}.tar.gz"
+    written = local_io(lambda: client_of(args).download_workspace(args.session, out))
+    say(f"workspace -> {out} ({written} bytes)")
+    return EXIT_OK
+
+
+def cmd_files_upload(args: argparse.Namespace) -> int:
+    """Unpacks a local tar or tar.gz into the workspace."""
+    reply = local_io(lambda: client_of(args).upload_workspace(args.session, args.archive))
+    print(f"{reply['files']} files, {reply['bytes']} bytes")
+    return EXIT_OK
+
+
+def local_io(action: Callable[[], T]) -> T:
+    """Runs `action`; a local file that cannot be read or written is a usage error (exit 2)."""
+    try:
+        return action()
+    except OSError as exc:
+        raise UsageError(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)) from None
+
+
 # -- batches ------------------------------------------------------------------------------------
 
 def cmd_batch_run(args: argparse.Namespace) -> int:
@@ -271,11 +375,23 @@ def add_command(sub, name: str, func, help_text: str, parents: Iterable = ()) ->
 
 
 def add_session_commands(sub, common: list) -> None:
-    sessions = sub.add_parser("sessions", help="create, list, show, stop and remove sessions")
+    sessions = sub.add_parser("sessions", help="create, list, show, spawn, stop and remove sessions")
     ssub = sessions.add_subparsers(dest="action", required=True)
     create = add_command(ssub, "create", cmd_sessions_create, "create a session", common)
     create.add_argument("--model", help="the model the session uses")
+    create.add_argument("--workspace", metavar="NAME",
+                        help="a persistent workspace: saved when the session stops, restored by the next one")
     create.add_argument("--json", action="store_true", help="print the whole session as JSON")
+    spawn = add_command(ssub, "spawn", cmd_sessions_spawn, "spawn a child session, optionally with a "
+                        "first prompt", common)
+    spawn.add_argument("id", help="the parent session's id")
+    spawn.add_argument("--prompt", help="the child's first prompt ('-' reads it from stdin)")
+    spawn.add_argument("--config", metavar="JSON", help="config keys that replace the parent's, as a JSON object")
+    spawn.add_argument("--workspace", metavar="NAME", help="give the child this persistent workspace")
+    spawn.add_argument("--json", action="store_true", help="print the child (and its first turn) as JSON")
+    tree = add_command(ssub, "tree", cmd_sessions_tree, "show a session and every session below it", common)
+    tree.add_argument("id", help="session id")
+    tree.add_argument("--json", action="store_true", help="print the tree as nested JSON")
     listing = add_command(ssub, "list", cmd_sessions_list, "list your sessions", common)
     listing.add_argument("--status", help="only sessions in this status")
     listing.add_argument("--limit", type=int, default=50)
@@ -285,6 +401,25 @@ def add_session_commands(sub, common: list) -> None:
                              ("stop", cmd_sessions_stop, "stop a session's container"),
                              ("rm", cmd_sessions_rm, "delete a session, its container and workspace")):
         add_command(ssub, name, func, text, common).add_argument("id", help="session id")
+
+
+def add_file_commands(sub, common: list) -> None:
+    files = sub.add_parser("files", help="read and write a session's workspace")
+    fsub = files.add_subparsers(dest="action", required=True)
+    get = add_command(fsub, "get", cmd_files_get, "download one workspace file", common)
+    get.add_argument("session", help="session id")
+    get.add_argument("remote", help="the file's path, relative to /workspace")
+    get.add_argument("-o", "--output", metavar="LOCAL", help="write it here (default: stdout)")
+    put = add_command(fsub, "put", cmd_files_put, "upload one file into the workspace", common)
+    put.add_argument("session", help="session id")
+    put.add_argument("remote", help="the file's path, relative to /workspace (directories are made)")
+    put.add_argument("local", help="the local file ('-' reads stdin)")
+    download = add_command(fsub, "download", cmd_files_download, "download the whole workspace as tar.gz", common)
+    download.add_argument("session", help="session id")
+    download.add_argument("-o", "--output", metavar="ARCHIVE", help="default workspace-SESSION.tar.gz")
+    upload = add_command(fsub, "upload", cmd_files_upload, "unpack a tar or tar.gz into the workspace", common)
+    upload.add_argument("session", help="session id")
+    upload.add_argument("archive", help="a local .tar or .tar.gz holding only files and directories")
 
 
 def add_batch_commands(sub, common: list) -> None:
@@ -324,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("session", help="session id")
     tail.add_argument("--since", help="start after this event id")
     tail.add_argument("--json", action="store_true", help="print the raw events, one JSON per line")
+    add_file_commands(sub, common)
     add_batch_commands(sub, common)
     return parser
 

@@ -1,10 +1,12 @@
 """The Python client (client.api) and the `ccd` command line against the real stack."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import threading
 import uuid
 from pathlib import Path
@@ -13,9 +15,10 @@ import pytest
 import redis
 
 from client.api import (Client, Conflict, ConnectionFailed, NotFound, Unauthorized, ValidationError,
-                        batch_body)
+                        batch_body, new_idempotency_key)
 from client.follow import split_lines, sse_events
 from client.batch_run import idempotency_key_of, read_prompts
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,3 +205,154 @@ def test_ccd_tail_prints_one_line_per_event(stack_env, token):
         tail.wait(10)
     assert [line.split()[0] for line in lines] == [i for i in stored_ids(stack_env["settings"], sid)][:len(lines)]
     assert any("turn.queued" in line for line in lines)
+
+
+# -- spawn trees and workspace files: one persistent session for all of them (each costs a container) --
+
+TREE_OWNER = "client-tree"
+
+
+@pytest.fixture(scope="module")
+def shared_session(stack_env, token):
+    """A ready session made by `ccd sessions create --workspace`, shared by the tests below."""
+    name = f"client-{uuid.uuid4().hex[:8]}"
+    created = ccd(stack_env, token, TREE_OWNER, "sessions", "create", "--workspace", name, "--json")
+    assert created.returncode == 0, created.stderr
+    session = json.loads(created.stdout)
+    api = client_for(stack_env, token, TREE_OWNER)
+    wait_for(lambda: api.session(session["id"])["status"] == "ready", timeout=120,
+             what=f"session {session['id']} to be ready")
+    yield {**session, "workspace_name": name}
+    api.delete_session(session["id"])
+
+
+def tar_gz(path: Path, files: dict[str, bytes]) -> Path:
+    """Writes a tar.gz holding `files` (name -> content) to `path`."""
+    with tarfile.open(path, "w:gz") as archive:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    return path
+
+
+def archived_files(path: Path) -> dict[str, bytes]:
+    """The regular files of a tar.gz, by path without the leading './'."""
+    with tarfile.open(path, "r:gz") as archive:
+        return {m.name.removeprefix("./"): archive.extractfile(m).read() for m in archive.getmembers() if m.isfile()}
+
+
+def test_ccd_sessions_create_with_workspace_makes_a_persistent_session(stack_env, token, shared_session):
+    api = client_for(stack_env, token, TREE_OWNER)
+    expected = {"type": "persistent", "name": shared_session["workspace_name"]}
+    assert shared_session["workspace"] == expected and api.session(shared_session["id"])["workspace"] == expected
+
+
+def test_spawn_with_a_prompt_shows_in_children_and_the_tree_and_wait_turn_holds_server_side(
+        stack_env, token, shared_session):
+    api = client_for(stack_env, token, TREE_OWNER)
+    parent = shared_session["id"]
+    key = new_idempotency_key()
+    child = api.spawn(parent, "SLOW: 3", idempotency_key=key)
+    assert child["parent_id"] == parent and child["depth"] == 1 and child["turn"]["status"] == "queued", child
+    assert child["workspace"] == {"type": "ephemeral"}  # the parent's persistent workspace is not shared
+    assert api.spawn(parent, "SLOW: 3", idempotency_key=key)["id"] == child["id"]  # a retry makes no second child
+
+    assert api.turn(child["turn"]["id"])["status"] in ("queued", "running")
+    urls: list[str] = []
+    api.http.hooks["response"].append(lambda resp, **_: urls.append(resp.url))
+    turn = api.wait_turn(child["turn"]["id"], timeout=150, interval=0.05)
+    api.http.hooks["response"].clear()
+    assert turn["status"] == "succeeded" and turn["result"].endswith("SLOW-DONE"), turn
+    # The turn ran for seconds: polling every 0.05 s would have sent dozens of requests.
+    assert 1 <= len(urls) <= 2 and "wait=" in urls[0], urls
+
+    assert [c["id"] for c in api.children(parent)["items"]] == [child["id"]]
+    tree = api.children(parent, recursive=True)
+    assert [(n["id"], n["depth"], n["children"]) for n in tree["items"]] == [(child["id"], 1, [])]
+    assert tree["items"][0]["latest_turn"]["status"] == "succeeded" and tree["tree_cost_usd"] > 0
+    assert api.children(child["id"], recursive=True)["items"] == []
+
+    shown = ccd(stack_env, token, TREE_OWNER, "sessions", "tree", parent)
+    assert shown.returncode == 0, shown.stderr
+    top, below = shown.stdout.splitlines()
+    assert top.split()[0] == parent and "depth=0" in top.split()
+    assert below.startswith(f"  {child['id']}  ") and below.split()[2:] == ["depth=1", "turn=succeeded"], below
+    assert "cost of the whole spawn tree" in shown.stderr
+
+    bad_config = ccd(stack_env, token, TREE_OWNER, "sessions", "spawn", parent, "--config", "{model")
+    assert bad_config.returncode == 2 and "--config" in bad_config.stderr
+    assert ccd(stack_env, token, TREE_OWNER, "sessions", "spawn", str(uuid.uuid4())).returncode == 4
+    assert [c["id"] for c in api.children(parent)["items"]] == [child["id"]]  # neither made a session
+
+
+def test_put_file_then_get_file_round_trips_bytes_and_local_files(stack_env, token, shared_session, tmp_path):
+    api = client_for(stack_env, token, TREE_OWNER)
+    sid = shared_session["id"]
+    assert api.put_file(sid, "notes/hello.txt", b"hi there") == {"path": "notes/hello.txt", "bytes": 8}
+    assert api.get_file(sid, "notes/hello.txt") == b"hi there"
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    remote = "data/big #1 100%.bin"  # characters that must be quoted in the URL
+    assert api.put_file(sid, remote, big) == {"path": remote, "bytes": 3 << 20}
+    back = tmp_path / "back.bin"
+    assert api.download_file(sid, remote, back) == 3 << 20
+    assert back.read_bytes() == big.read_bytes() and not (tmp_path / "back.bin.part").exists()
+
+    with pytest.raises(NotFound) as missing:
+        api.get_file(sid, "notes/missing.txt")
+    assert missing.value.code == "file_not_found"
+    with pytest.raises(ValidationError) as not_a_file:
+        api.get_file(sid, "notes")
+    assert not_a_file.value.code == "not_a_file"
+    for outside in ("../etc/passwd", "notes/../../etc/passwd", "/etc/passwd"):
+        with pytest.raises(ValidationError) as refused:
+            api.get_file(sid, outside)
+        assert refused.value.code == "invalid_path", outside
+
+
+def test_upload_workspace_then_download_workspace_holds_the_uploaded_files(stack_env, token, shared_session,
+                                                                            tmp_path):
+    api = client_for(stack_env, token, TREE_OWNER)
+    sid = shared_session["id"]
+    files = {"project/src/main.py": b"print('hi')\n", "project/README.txt": uuid.uuid4().bytes * 1000}
+    archive = tar_gz(tmp_path / "project.tar.gz", files)
+    assert api.upload_workspace(sid, archive) == {"files": 2, "bytes": sum(len(c) for c in files.values())}
+
+    out = tmp_path / "workspace.tar.gz"
+    written = api.download_workspace(sid, out)
+    assert written == out.stat().st_size > 0
+    assert {name: archived_files(out)[name] for name in files} == files
+
+
+def test_ccd_files_commands_put_get_download_and_upload(stack_env, token, shared_session, tmp_path):
+    sid = shared_session["id"]
+    local = tmp_path / "in.txt"
+    local.write_bytes(b"written by ccd files put\n")
+    put = ccd(stack_env, token, TREE_OWNER, "files", "put", sid, "cli/in.txt", str(local))
+    assert put.returncode == 0 and put.stdout.split() == ["cli/in.txt", str(local.stat().st_size), "bytes"], put
+
+    out = tmp_path / "out.txt"
+    got = ccd(stack_env, token, TREE_OWNER, "files", "get", sid, "cli/in.txt", "-o", str(out))
+    assert got.returncode == 0, got.stderr
+    assert out.read_bytes() == local.read_bytes()
+    printed = ccd(stack_env, token, TREE_OWNER, "files", "get", sid, "cli/in.txt")
+    assert printed.returncode == 0 and printed.stdout == local.read_text()
+
+    archive = tar_gz(tmp_path / "up.tar.gz", {"cli/up/a.txt": b"a", "cli/up/b.txt": b"bb"})
+    uploaded = ccd(stack_env, token, TREE_OWNER, "files", "upload", sid, str(archive))
+    assert uploaded.returncode == 0 and uploaded.stdout.strip() == "2 files, 3 bytes", uploaded
+    whole = tmp_path / "workspace.tar.gz"
+    downloaded = ccd(stack_env, token, TREE_OWNER, "files", "download", sid, "-o", str(whole))
+    assert downloaded.returncode == 0, downloaded.stderr
+    contents = archived_files(whole)
+    assert contents["cli/in.txt"] == local.read_bytes() and contents["cli/up/b.txt"] == b"bb"
+
+    assert ccd(stack_env, token, TREE_OWNER, "files", "get", sid, "cli/missing.txt").returncode == 4
+    assert ccd(stack_env, token, TREE_OWNER, "files", "get", sid, "../etc/passwd").returncode == 2
+    unwritable = ccd(stack_env, token, TREE_OWNER, "files", "get", sid, "cli/in.txt", "-o",
+                     str(tmp_path / "no" / "such" / "dir.txt"))
+    assert unwritable.returncode == 2 and "No such file or directory" in unwritable.stderr
+    missing_local = ccd(stack_env, token, TREE_OWNER, "files", "put", sid, "cli/x.txt", str(tmp_path / "nope"))
+    assert missing_local.returncode == 2 and "nope" in missing_local.stderr
