@@ -173,7 +173,7 @@ def test_bad_workspace_specs_are_refused(client, owner_auth, workspace):
 
 def test_file_paths_outside_the_workspace_are_refused_before_any_work(client, owner_auth):
     sid = create(client, owner_auth).get_json()["id"]
-    for path in ("..%2Fetc%2Fpasswd", "a/../../b", "a/%2e%2e/%2e%2e/b"):
+    for path in ("..%2Fetc%2Fpasswd", "a/../../b", "a/%2e%2e/%2e%2e/b", "/etc/passwd"):
         resp = client.get(f"/api/v1/sessions/{sid}/workspace/files/{path}", headers=owner_auth)
         assert resp.status_code == 400 and error_of(resp)["code"] == "invalid_path", path
 

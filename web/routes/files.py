@@ -5,6 +5,7 @@ import re
 import uuid
 
 from flask import Response, g, request
+from werkzeug.routing import PathConverter
 
 from core import files, workspaces
 from core import sessions as session_cmds
@@ -103,14 +104,26 @@ def upload_archive(session_id: str):
     return {"files": reply.get("files", 0), "bytes": reply.get("bytes", 0)}, 200
 
 
-@api.get("/sessions/<session_id>/workspace/files/<path:path>")
+class AnyPath(PathConverter):
+    """Like <path:…> but also takes a leading slash, so an absolute path reaches clean_path and is refused
+    (with merge_slashes=False, ".../files//etc/passwd" is not redirected to "etc/passwd" either)."""
+    regex = ".+?"
+    part_isolating = False  # werkzeug would guess True, as the regex names no "/"
+
+
+@api.record_once
+def _register_converter(state) -> None:
+    state.app.url_map.converters["anypath"] = AnyPath
+
+
+@api.get("/sessions/<session_id>/workspace/files/<anypath:path>", merge_slashes=False)
 def get_file(session_id: str, path: str):
     clean = files.clean_path(path)
     reply = ask_worker(session_id, "get", clean)
     return send_download(reply, clean.rsplit("/", 1)[-1], "application/octet-stream")
 
 
-@api.put("/sessions/<session_id>/workspace/files/<path:path>")
+@api.put("/sessions/<session_id>/workspace/files/<anypath:path>", merge_slashes=False)
 def put_file(session_id: str, path: str):
     clean = files.clean_path(path)
     reply = ask_worker(session_id, "put", clean, upload=upload_body())

@@ -48,8 +48,7 @@ def spawn(session_id: str):
         if prior is not None:
             child = session_cmds.get_owned(db, g.owner, str(prior.resource_id))
             body = session_body(child)
-            first = turn_cmds.first_turn(db, child.id)
-            body["turn"] = turn_body(first) if first is not None else None
+            body["turn"] = first_turn_body(db, child.id)
             return body, prior.status_code, {"Location": body["links"]["self"]}
         parent = session_cmds.get_owned(db, g.owner, session_id, lock=True)
         admission.admit_session(db, g.owner, settings)
@@ -65,9 +64,16 @@ def spawn(session_id: str):
             turn.queued_event_id = ctx().events.publish(turn_cmds.queued_event(turn))
         remember_idempotency_key(db, "session", child.id, 201)
         body = session_body(child)
-        body["turn"] = turn_body(turn, 1) if turn is not None else None
+        body["turn"] = first_turn_body(db, child.id)
     enqueue(ctx().sender.start_session, body["id"])
     return body, 201, {"Location": body["links"]["self"]}
+
+
+def first_turn_body(db, session_id) -> dict | None:
+    first = turn_cmds.first_turn(db, session_id)
+    if first is None:
+        return None
+    return turn_body(first, turn_cmds.queue_positions(db, {session_id}).get(first.id))
 
 
 @api.get("/sessions/<session_id>/children")
@@ -80,6 +86,8 @@ def list_children(session_id: str):
             return {"items": [with_latest_turn(db, child) for child in trees.children(db, row.id)]}
         nodes = {row.id: {"children": []}}
         for child in trees.descendants(db, row.id):
+            if child.status == "deleted" or child.parent_id not in nodes:
+                continue
             node = {**with_latest_turn(db, child), "children": []}
             nodes[child.id] = node
             nodes[child.parent_id]["children"].append(node)
