@@ -252,3 +252,23 @@ def test_tree_events_merge_the_subtree_in_order_and_resume_exactly_once(client, 
     assert first["session_id"] == grandchild and first["data"] == {"n": "late"}
     bad = client.get(f"/api/v1/sessions/{root}/events?tree=true&since=1-0", headers=owner_auth)
     assert bad.status_code == 400 and error_of(bad)["field"] == "since"
+
+
+def test_an_agent_cannot_spawn_a_child_more_capable_than_itself(client, auth, api_settings):
+    owner = f"tree-{secrets.token_hex(3)}"
+    headers = auth(owner)
+    parent = create(client, headers, {"config": {"allowed_tools": ["Read", "Bash"],
+                                                 "permission_mode": "default"}}).get_json()["id"]
+    token = scoped(api_settings, owner, parent)
+    for body in ({"workspace": {"type": "persistent", "name": "owners-project"}},
+                 {"config": {"permission_mode": "bypassPermissions"}},
+                 {"config": {"allowed_tools": ["Read", "Write"]}},
+                 {"config": {"limits": {"memory_mb": 65536}}}):
+        resp = spawn(client, token, parent, body)
+        assert resp.status_code == 403 and error_of(resp)["code"] == "token_scope", body
+    ok = spawn(client, token, parent, {"config": {"allowed_tools": ["Read"], "model": "m-small"}})
+    assert ok.status_code == 201
+    assert ok.get_json()["config"]["allowed_tools"] == ["Read"]
+    assert ok.get_json()["config"]["permission_mode"] == "default"
+    # The owner, with an ordinary token, may still do all of it.
+    assert spawn(client, headers, parent, {"config": {"permission_mode": "bypassPermissions"}}).status_code == 201

@@ -119,7 +119,7 @@ def test_workspace_files_download_upload_and_stay_inside_the_workspace(stack_env
     assert posted.status_code == 200 and posted.json() == {"files": 1, "bytes": len(payload)}
     # The agent sees uploaded files where it works.
     turn = run(api, sid, "RUN: sha256sum src/data.bin && cat dir/hello.txt && ln -s /etc /workspace/etc "
-                         "&& ln -s /etc/hostname /workspace/host")
+                         "&& ln -s /etc/hostname /workspace/host && mkfifo /workspace/pipe")
     assert hashlib.sha256(payload).hexdigest() in turn["result"] and "hi there" in turn["result"]
 
     whole = requests.get(f"{base}/{sid}/workspace", headers=headers, timeout=60)
@@ -130,7 +130,7 @@ def test_workspace_files_download_upload_and_stay_inside_the_workspace(stack_env
 
     for method, path, code in (("GET", "etc/passwd", "invalid_path"), ("GET", "host", "invalid_path"),
                                ("PUT", "etc/evil", "invalid_path"), ("GET", "missing.txt", "file_not_found"),
-                               ("GET", "dir", "not_a_file")):
+                               ("GET", "dir", "not_a_file"), ("GET", "pipe", "not_a_file")):
         resp = requests.request(method, f"{files}/{path}", data=b"x" if method == "PUT" else None,
                                 headers=headers, timeout=60)
         assert resp.status_code in (404, 422) and resp.json()["error"]["code"] == code, (method, path, resp.text)

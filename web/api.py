@@ -36,6 +36,7 @@ def _authenticate():
     is_stream = request.endpoint == STREAM_ENDPOINT
     claims = authenticate(ctx().settings.jwt_secret, allow_query=request.endpoint in QUERY_TOKEN_ENDPOINTS)
     owner = claims["sub"]
+    g.token_scope = claims.get(SCOPE_CLAIM)
     if SCOPE_CLAIM in claims:
         with unit_of_work() as db:
             check_scope(db, claims)

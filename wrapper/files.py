@@ -68,7 +68,8 @@ def get(path: str, out) -> None:
     fd = open_dir(parts[:-1], create=False)
     try:
         try:
-            file_fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+            # O_NONBLOCK: opening a FIFO the agent made must not wait for a writer.
+            file_fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
         except FileNotFoundError:
             raise Refused(NOT_FOUND, f"{path}: no such file") from None
         except OSError as exc:  # ELOOP: the last part is a symlink
@@ -78,6 +79,7 @@ def get(path: str, out) -> None:
     if not stat.S_ISREG(os.fstat(file_fd).st_mode):
         os.close(file_fd)
         raise Refused(NOT_A_FILE, f"{path}: not a regular file")
+    os.set_blocking(file_fd, True)
     with os.fdopen(file_fd, "rb") as source:
         while chunk := source.read(1 << 20):
             out.write(chunk)

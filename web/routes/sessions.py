@@ -11,6 +11,7 @@ from core.envelope import status_event
 from core.resources import session_body, turn_body
 from web.api import (api, claim_idempotency_key, enqueue, json_body, page, query,
                      remember_idempotency_key)
+from web.auth import OutOfScope
 from web.context import ctx, unit_of_work
 from web.errors import validation_response
 from web.schemas import ChildrenQuery, CreateSession, SessionConfig, SessionListQuery, SpawnRequest
@@ -51,6 +52,8 @@ def spawn(session_id: str):
             body["turn"] = first_turn_body(db, child.id)
             return body, prior.status_code, {"Location": body["links"]["self"]}
         parent = session_cmds.get_owned(db, g.owner, session_id, lock=True)
+        if g.get("token_scope"):
+            check_agent_spawn(parent.config, overrides, spec.workspace.stored())
         admission.admit_session(db, g.owner, settings)
         if spec.prompt is not None:
             trees.check_budget(db, parent)
@@ -67,6 +70,19 @@ def spawn(session_id: str):
         body["turn"] = first_turn_body(db, child.id)
     enqueue(ctx().sender.start_session, body["id"])
     return body, 201, {"Location": body["links"]["self"]}
+
+
+def check_agent_spawn(parent_config: dict, overrides: dict, workspace: dict) -> None:
+    """An agent (a session token) may only make children no more capable than itself, in their own
+    ephemeral workspace: it may change the model and the system prompt, and narrow the tools."""
+    if workspace.get("type") != "ephemeral":
+        raise OutOfScope("an agent's child gets an ephemeral workspace; persistent ones are the owner's")
+    extra = set(overrides) - {"model", "append_system_prompt", "allowed_tools"}
+    if extra:
+        raise OutOfScope(f"an agent may not change {', '.join(sorted(extra))} for its child")
+    tools, allowed = overrides.get("allowed_tools"), parent_config.get("allowed_tools")
+    if "allowed_tools" in overrides and allowed is not None and (tools is None or not set(tools) <= set(allowed)):
+        raise OutOfScope("an agent's child may only use tools the agent itself may use")
 
 
 def first_turn_body(db, session_id) -> dict | None:
