@@ -1,6 +1,7 @@
 """The Docker runtime: one hardened container per session, named from its id, and exec into it."""
 from __future__ import annotations
 
+import io
 import logging
 import socket
 from dataclasses import dataclass
@@ -149,11 +150,14 @@ class DockerRuntime:
         stream, _stat = container.get_archive(path, chunk_size=1 << 20)
         return stream
 
-    def exec_io(self, container_id: str, argv: list[str], stdin: BinaryIO | None = None,
-                stdout: BinaryIO | None = None, user: str = AGENT_USER) -> ExecResult:
-        """Runs argv in the container, `stdin` copied to its input and its output copied to `stdout`."""
+    def _exec_stdout(self, container_id: str, argv: list[str], stdin: BinaryIO | None, env: dict[str, str],
+                     user: str, result: list[ExecResult]) -> Iterator[bytes]:
+        """Runs argv in the container, `stdin` copied to its input; yields stdout chunks as they arrive.
+
+        When the generator is exhausted, `result` holds the exit code and captured stderr.
+        """
         exec_id = self.api.exec_create(container_id, argv, stdin=stdin is not None, stdout=True, stderr=True,
-                                       user=user, workdir="/workspace")["Id"]
+                                       environment=env, user=user, workdir="/workspace")["Id"]
         sock = self.api.exec_start(exec_id, socket=True)
         raw = getattr(sock, "_sock", sock)
         stderr = bytearray()
@@ -161,17 +165,25 @@ class DockerRuntime:
             if stdin is not None:
                 while chunk := stdin.read(1 << 20):
                     raw.sendall(chunk)
-                raw.shutdown(socket.SHUT_WR)
+                raw.shutdown(socket.SHUT_WR)  # EOF on the process's stdin
             for stream, chunk in frames_iter(sock, tty=False):
                 if stream == STDOUT:
-                    if stdout is not None:
-                        stdout.write(chunk)
+                    yield chunk
                 else:
                     stderr.extend(chunk[-8192:])
         finally:
             sock.close()
         code = self.api.exec_inspect(exec_id).get("ExitCode")
-        return ExecResult(code, stderr.decode("utf-8", "replace")[-4000:])
+        result.append(ExecResult(code, stderr.decode("utf-8", "replace")[-4000:]))
+
+    def exec_io(self, container_id: str, argv: list[str], stdin: BinaryIO | None = None,
+                stdout: BinaryIO | None = None, user: str = AGENT_USER) -> ExecResult:
+        """Runs argv in the container, `stdin` copied to its input and its output copied to `stdout`."""
+        result: list[ExecResult] = []
+        for chunk in self._exec_stdout(container_id, argv, stdin, {}, user, result):
+            if stdout is not None:
+                stdout.write(chunk)
+        return result[0]
 
     def exec_lines(self, container_id: str, argv: list[str], env: dict[str, str], stdin: bytes,
                    result: list[ExecResult]) -> Iterator[str]:
@@ -179,26 +191,11 @@ class DockerRuntime:
 
         When the generator is exhausted, `result` holds the exit code and captured stderr.
         """
-        exec_id = self.api.exec_create(container_id, argv, stdin=True, stdout=True, stderr=True,
-                                       environment=env, user=AGENT_USER, workdir="/workspace")["Id"]
-        sock = self.api.exec_start(exec_id, socket=True)
-        raw = getattr(sock, "_sock", sock)
-        stderr = bytearray()
-        try:
-            raw.sendall(stdin)
-            raw.shutdown(socket.SHUT_WR)  # EOF on the process's stdin
-            pending = b""
-            for stream, chunk in frames_iter(sock, tty=False):
-                if stream != STDOUT:
-                    stderr.extend(chunk[-8192:])
-                    continue
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    yield line.decode("utf-8", "replace")
-            if pending:
-                yield pending.decode("utf-8", "replace")
-        finally:
-            sock.close()
-        code = self.api.exec_inspect(exec_id).get("ExitCode")
-        result.append(ExecResult(code, stderr.decode("utf-8", "replace")[-4000:]))
+        pending = b""
+        for chunk in self._exec_stdout(container_id, argv, io.BytesIO(stdin), env, AGENT_USER, result):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line.decode("utf-8", "replace")
+        if pending:
+            yield pending.decode("utf-8", "replace")
