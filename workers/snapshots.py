@@ -3,6 +3,7 @@ snapshot in object storage, and restore the newest snapshot into a container tha
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import tarfile
 import tempfile
@@ -24,23 +25,26 @@ SKIPPED = ("home/agent/.ccd",)
 RESTORE = ["sh", "-c", "find /workspace /home/agent -mindepth 1 -delete && tar -xzf - -C /"]
 
 
-class ChunkReader:
-    """A file-like view of an iterator of byte chunks (what Docker's archive call returns)."""
+class ChunkReader(io.RawIOBase):
+    """A file-like view of an iterator of byte chunks (what Docker's archive call returns);
+    memoryview slices, so reading a large chunk in small pieces copies each byte once."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks, self._buffer = iter(chunks), b""
+        self._chunks, self._pending = iter(chunks), memoryview(b"")
 
-    def read(self, size: int = -1) -> bytes:
-        while size < 0 or len(self._buffer) < size:
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
             chunk = next(self._chunks, None)
             if chunk is None:
-                break
-            self._buffer += chunk
-        if size < 0:
-            data, self._buffer = self._buffer, b""
-        else:
-            data, self._buffer = self._buffer[:size], self._buffer[size:]
-        return data
+                return 0
+            self._pending = memoryview(chunk)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
 
 
 def write_snapshot(ctx: WorkerContext, session_id: str, out: BinaryIO) -> bool:
@@ -50,7 +54,7 @@ def write_snapshot(ctx: WorkerContext, session_id: str, out: BinaryIO) -> bool:
             chunks = ctx.runtime.archive(session_id, path)
             if chunks is None:
                 return False
-            with tarfile.open(fileobj=ChunkReader(chunks), mode="r|") as src:
+            with tarfile.open(fileobj=io.BufferedReader(ChunkReader(chunks), 1 << 20), mode="r|") as src:
                 for member in src:
                     # Docker names entries after the last path part ("agent/..."); file them under `name`.
                     member.name = name + member.name[len(path.rsplit("/", 1)[1]):]
