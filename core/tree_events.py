@@ -44,9 +44,13 @@ def decode_cursor(value: str | None) -> dict[str, str]:
                                field="since") from None
 
 
-def merge(batches: dict[str, list[Event]], positions: dict[str, str]) -> list[Event]:
-    """Events of several members in stream-id order, each re-labelled with the cursor after it."""
-    ordered = sorted((e for events in batches.values() for e in events), key=lambda e: parse_stream_id(e.id))
+def in_order(batches) -> list[Event]:
+    """Events of several members (lists per member) in stream-id order."""
+    return sorted((e for events in batches for e in events), key=lambda e: parse_stream_id(e.id))
+
+
+def relabel(ordered: list[Event], positions: dict[str, str]) -> list[Event]:
+    """Each event re-labelled with the tree cursor after it; `positions` advances with them."""
     out = []
     for event in ordered:
         positions[event.session_id] = event.id
@@ -56,12 +60,8 @@ def merge(batches: dict[str, list[Event]], positions: dict[str, str]) -> list[Ev
 
 def read(log: EventLog, members: list[str], positions: dict[str, str], count: int) -> list[Event]:
     """Up to `count` stored events of the tree after `positions`, oldest first."""
-    batches = {m: log.read(m, positions.get(m), count=count) for m in members}
-    ordered = sorted((e for events in batches.values() for e in events), key=lambda e: parse_stream_id(e.id))
-    kept: dict[str, list[Event]] = {}
-    for event in ordered[:count]:
-        kept.setdefault(event.session_id, []).append(event)
-    return merge(kept, positions)
+    ordered = in_order(log.read(m, positions.get(m), count=count) for m in members)
+    return relabel(ordered[:count], positions)
 
 
 def tail(log: EventLog, list_members: Callable[[], list[str] | None], positions: dict[str, str]
@@ -71,7 +71,7 @@ def tail(log: EventLog, list_members: Callable[[], list[str] | None], positions:
     members, refreshed = list_members(), time.monotonic()
     while members is not None:
         batches = log.wait_many({m: positions.get(m, "0-0") for m in members}, 1000)
-        events = merge(batches, positions)
+        events = relabel(in_order(batches.values()), positions)
         yield from events
         if not events:
             yield None
