@@ -127,30 +127,27 @@ def start_web(env: dict[str, str], port: int, also_on: str | None = None) -> Pro
     raise RuntimeError(f"web did not answer /healthz:\n{web.tail()}")
 
 
+def wait_for_log(process: Process, marker: str, what: str, timeout: float = 30) -> Process:
+    """The process, once its log shows `marker`; stopped, and the test run failed, if it never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise RuntimeError(f"{process.name} exited:\n{process.tail()}")
+        if marker in process.log_path.read_text(errors="replace"):
+            return process
+        time.sleep(0.2)
+    process.stop()
+    raise RuntimeError(f"{process.name} did not {what}:\n{process.tail()}")
+
+
 def start_worker(env: dict[str, str]) -> Process:
     worker = Process("worker", [sys.executable, "-m", "workers", "worker", "--concurrency", "4"], env)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if not worker.alive():
-            raise RuntimeError(f"worker exited:\n{worker.tail()}")
-        if " ready." in worker.log_path.read_text(errors="replace"):
-            return worker
-        time.sleep(0.2)
-    raise RuntimeError(f"worker did not become ready:\n{worker.tail()}")
+    return wait_for_log(worker, " ready.", "become ready")
 
 
 def start_beat(env: dict[str, str]) -> Process:
     """The scheduler: the reaper and the idle-session sweep run from it."""
-    beat = Process("beat", [sys.executable, "-m", "workers", "beat"], env)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if not beat.alive():
-            raise RuntimeError(f"beat exited:\n{beat.tail()}")
-        if "is starting." in beat.log_path.read_text(errors="replace"):
-            return beat
-        time.sleep(0.2)
-    beat.stop()
-    raise RuntimeError(f"beat did not start:\n{beat.tail()}")
+    return wait_for_log(Process("beat", [sys.executable, "-m", "workers", "beat"], env), "is starting.", "start")
 
 
 def free_port() -> int:
