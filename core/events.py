@@ -1,6 +1,7 @@
 """Session event streams on Redis: publish, replay from an id, wait for new events, gap detection."""
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Iterable
 
 import redis
@@ -30,6 +31,16 @@ def is_stream_id(value: str) -> bool:
     return ms >= 0 and seq >= 0
 
 
+# Marks outlive any turn by far; they only matter while a turn can still be re-attached.
+MARK_TTL_SECONDS = 7 * 86400
+PUBLISH_MARKED = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 5))
+redis.call('HSET', KEYS[2], 'number', ARGV[2], ARGV[3], id)
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return id
+"""
+
+
 class EventLog:
     """The events of every session, one Redis stream per session, trimmed to a maximum length."""
 
@@ -50,6 +61,29 @@ class EventLog:
         """Appends one event and returns its stream id."""
         return self.redis.xadd(self.key(event.session_id), event.to_fields(),
                                maxlen=self.maxlen, approximate=True)
+
+    def publish_marked(self, event: Event, turn_id: str, number: int, id_field: str = "last") -> str:
+        """Appends one event and, atomically with it, records in the turn's mark that wrapper line
+        `number` is published and its stream id under `id_field` ("first", "last" or "final").
+
+        A worker that re-attaches to a turn reads the mark to publish only what is missing,
+        so every event of the turn is in the stream exactly once.
+        """
+        fields = [part for item in event.to_fields().items() for part in item]
+        return self._marked(keys=[self.key(event.session_id), self.mark_key(turn_id)],
+                            args=[self.maxlen, number, id_field, MARK_TTL_SECONDS, *fields])
+
+    @cached_property
+    def _marked(self):
+        return self.redis.register_script(PUBLISH_MARKED)
+
+    def mark_key(self, turn_id: str) -> str:
+        return f"{self.prefix}:turnmark:{turn_id}"
+
+    def mark(self, turn_id: str) -> dict[str, str]:
+        """The turn's mark: `number` (the last wrapper line published) and the ids of its first,
+        last and final events, as far as they were published; {} when nothing was."""
+        return self.redis.hgetall(self.mark_key(turn_id))
 
     def publish_many(self, events: Iterable[Event]) -> list[str]:
         """Appends events in one round trip, in order."""

@@ -82,6 +82,8 @@ class Turn(Base):
     queued_event_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     last_event_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # A stable code for why a turn did not succeed (worker_lost, output_limit, container_lost, ...).
+    reason: Mapped[str | None] = mapped_column(String(40), nullable=True)
     # Set by a cancel request; the worker running the turn interrupts Claude Code when it sees it.
     cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     webhook: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -13,8 +13,7 @@ REAP = "ccd.reap"
 DELIVER_WEBHOOK = "ccd.deliver_webhook"
 STOP_IDLE = "ccd.stop_idle_sessions"
 WORKSPACE_FILES = "ccd.workspace_files"
-
-REAP_EVERY_SECONDS = 30.0
+CHECK_CONTAINERS = "ccd.check_containers"
 
 
 def celery_config(settings: Settings) -> dict:
@@ -23,8 +22,9 @@ def celery_config(settings: Settings) -> dict:
         "broker_url": settings.redis_url,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
-            # A turn may run up to the container timeout; Redis must not redeliver it before.
-            "visibility_timeout": settings.container_timeout_default * 2 + 600,
+            # A turn may run up to the container timeout; Redis should not redeliver it before
+            # (a redelivery is harmless, the turn's lease decides who runs it, but it is wasted work).
+            "visibility_timeout": settings.visibility_timeout_seconds or settings.container_timeout_default * 2 + 600,
             "global_keyprefix": f"{settings.key_prefix}:celery:",
         },
         "task_acks_late": True,
@@ -38,8 +38,8 @@ def celery_config(settings: Settings) -> dict:
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
         "beat_schedule": {
-            "reap": {"task": REAP, "schedule": REAP_EVERY_SECONDS,
-                     "options": {"queue": settings.placement_queue, "expires": REAP_EVERY_SECONDS}},
+            "reap": {"task": REAP, "schedule": float(settings.reap_seconds),
+                     "options": {"queue": settings.placement_queue, "expires": settings.reap_seconds}},
             "stop-idle": {"task": STOP_IDLE, "schedule": float(settings.idle_check_seconds),
                           "options": {"queue": settings.placement_queue, "expires": settings.idle_check_seconds}},
         },
@@ -78,6 +78,10 @@ class TaskSender:
         """Asks the session's host to read or write its workspace files (see workers/files.py)."""
         self.celery.send_task(WORKSPACE_FILES, args=[request], queue=host_queue,
                               expires=self.settings.files_timeout_seconds)
+
+    def check_containers(self, host_queue: str) -> None:
+        """Asks one host to settle its containers against the sessions table; stale checks are dropped."""
+        self.celery.send_task(CHECK_CONTAINERS, queue=host_queue, expires=self.settings.reap_seconds * 4)
 
     def delete_session(self, session_id: str, host_queue: str | None) -> None:
         self.celery.send_task(DELETE_SESSION, args=[session_id],

@@ -27,6 +27,7 @@ class TurnOut(Out):
     cost_usd: Decimal | None
     duration_ms: int | None
     error: str | None
+    reason: str | None
     queue_position: int | None = None
     first_event_id: str | None
     queued_event_id: str | None

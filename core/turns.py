@@ -52,7 +52,7 @@ def final_event_type(status: str) -> str:
 def ended_event(turn: Turn) -> Event:
     """The final event of a turn that ended without finishing its run (cancelled, worker lost)."""
     return Event(session_id=str(turn.session_id), turn_id=str(turn.id), seq=turn.seq,
-                 type=final_event_type(turn.status), data={"status": turn.status, "error": turn.error})
+                 type=final_event_type(turn.status), data={"status": turn.status, "error": turn.error, "reason": turn.reason})
 
 
 def request_cancel(db: DbSession, turn: Turn) -> bool:
@@ -124,14 +124,25 @@ def head_queued_turn(db: DbSession, session_id: uuid.UUID) -> Turn | None:
                       .order_by(Turn.seq).limit(1)).first()
 
 
-def claim_turn(db: DbSession, turn_id: str, holder: str, lease_seconds: float) -> Turn | None:
-    """Takes the lease on a turn if it is its session's next one; None when it is not ours to run.
+def claim_turn(db: DbSession, turn_id: str, holder: str, lease_seconds: float) -> tuple[Turn, bool] | None:
+    """Takes the lease on a turn; None when it is not ours to run.
 
-    The session row lock serialises claims, so two deliveries of one task, or two turns of
-    one session, never run at once.
+    A queued turn is taken if it is its session's next one (the session row lock serialises
+    claims, so two deliveries of one task, or two turns of one session, never run at once).
+    A running turn whose lease expired is taken over, to re-attach to it: the second value says so.
+    Each claim bumps `attempt`, which fences off the previous holder.
     """
-    turn = db.get(Turn, uuid.UUID(turn_id))
-    if turn is None or turn.status != "queued":
+    turn = db.scalars(select(Turn).where(Turn.id == uuid.UUID(turn_id)).with_for_update()).first()
+    if turn is None:
+        return None
+    now = utcnow()
+    if turn.status == "running" and turn.lease_expires_at is not None and turn.lease_expires_at < now:
+        turn.attempt += 1
+        turn.lease_holder = holder
+        turn.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        db.flush()
+        return turn, True
+    if turn.status != "queued":
         return None
     db.scalars(select(Session).where(Session.id == turn.session_id).with_for_update()).one()
     head = head_queued_turn(db, turn.session_id)
@@ -140,10 +151,10 @@ def claim_turn(db: DbSession, turn_id: str, holder: str, lease_seconds: float) -
     turn.status = "running"
     turn.attempt += 1
     turn.lease_holder = holder
-    turn.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
-    turn.started_at = utcnow()
+    turn.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    turn.started_at = now
     db.flush()
-    return turn
+    return turn, False
 
 
 def renew_lease(db: DbSession, turn_id: uuid.UUID, attempt: int, lease_seconds: float) -> bool:

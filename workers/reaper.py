@@ -1,5 +1,6 @@
-"""The reaper: ends turns whose worker vanished, re-sends lost tasks, moves batches on,
-and forgets idempotency keys past their time."""
+"""The reaper: hands turns whose worker vanished to a worker that re-attaches (or ends them,
+`worker_lost`, when none does), re-sends lost tasks, has each host check its containers, moves
+batches on, and forgets idempotency keys past their time."""
 from __future__ import annotations
 
 import logging
@@ -20,36 +21,55 @@ STALE_AFTER = timedelta(seconds=60)
 
 
 def reap(ctx: WorkerContext, stale_after: timedelta = STALE_AFTER) -> dict[str, int]:
-    """One sweep; returns how many turns it ended and how many tasks it re-sent."""
+    """One sweep; returns how many turns it ended, handed to a worker to re-attach, and re-sent."""
+    now = utcnow()
+    lost_before = now - timedelta(seconds=ctx.settings.worker_lost_seconds)
     ended: list[Event] = []
     webhooks: list[str] = []
+    reattach: list[tuple[str, str]] = []
     with transaction(ctx.db) as db:
-        for turn in expired_leases(db, utcnow()):
-            error = f"the worker running this turn ({turn.lease_holder}) stopped renewing its lease"
-            turn.status, turn.error, turn.finished_at = "failed", error, utcnow()
-            turn.lease_holder = turn.lease_expires_at = None
+        for turn in expired_leases(db, now):
             session = db.get(Session, turn.session_id, with_for_update=True)
+            if turn.lease_expires_at >= lost_before and session.host_queue:
+                # Its worker stopped renewing; the turn's process may still run in its container.
+                # Any worker of that host takes it over and re-attaches through the turn log.
+                reattach.append((str(turn.id), session.host_queue))
+                continue
+            turn.status, turn.reason, turn.finished_at = "failed", "worker_lost", utcnow()
+            turn.error = (f"the worker running this turn ({turn.lease_holder}) was lost and no worker of its host "
+                          f"took the turn over within {ctx.settings.worker_lost_seconds}s")
+            turn.lease_holder = turn.lease_expires_at = None
             if session.status == "busy":
                 session.status = "ready"
             ended.append(ended_event(turn))
             if turn.webhook:
                 webhooks.append(str(turn.id))
-        cutoff = utcnow() - stale_after
+        cutoff = now - stale_after
         stale = [(str(t.id), s.host_queue) for t, s in stale_queued_turns(db, cutoff)]
         # A session still `creating` long after it was made: its start task never arrived.
         unstarted = [str(i) for i in db.scalars(select(Session.id).where(
             Session.status == "creating", Session.created_at < cutoff))]
-        idempotency.purge(db, utcnow() - timedelta(seconds=ctx.settings.idempotency_ttl_seconds))
+        # A session still `stopping`: its stop task was lost (broker down, worker killed mid-stop).
+        stopping = [(str(i), q) for i, q in db.execute(select(Session.id, Session.host_queue).where(
+            Session.status == "stopping", Session.updated_at < cutoff))]
+        hosts = list(db.scalars(select(Session.host_queue).where(
+            Session.host_queue.is_not(None), Session.status != "deleted").distinct()))
+        idempotency.purge(db, now - timedelta(seconds=ctx.settings.idempotency_ttl_seconds))
     if ended:
         ctx.events.publish_many(ended)
-    for turn_id, host_queue in stale:
+    for turn_id, host_queue in stale + reattach:
         ctx.sender.run_turn(turn_id, host_queue)
     for session_id in unstarted:
         ctx.sender.start_session(session_id)
+    for session_id, host_queue in stopping:
+        ctx.sender.stop_session(session_id, host_queue)
+    for host_queue in hosts:
+        ctx.sender.check_containers(host_queue)
     for turn_id in webhooks:
         ctx.sender.deliver_webhook("turn", turn_id)
     batches.advance(ctx.db, ctx.events, ctx.sender, ctx.cancels, ctx.settings)
-    resent = len(stale) + len(unstarted)
-    if ended or resent:
-        log.info("reaper: ended %d turns with expired leases, re-sent %d tasks", len(ended), resent)
-    return {"ended": len(ended), "resent": resent}
+    resent = len(stale) + len(unstarted) + len(stopping)
+    if ended or resent or reattach:
+        log.info("reaper: %d turns lost their worker, %d handed over to re-attach, %d tasks re-sent",
+                 len(ended), len(reattach), resent)
+    return {"ended": len(ended), "reattach": len(reattach), "resent": resent}

@@ -66,6 +66,11 @@ class DockerRuntime:
         container = self.find(session_id)
         return container is not None and container.status == "running"
 
+    def session_containers(self) -> dict[str, str]:
+        """Every session container of ours on this engine: session id -> status (running, exited, ...)."""
+        found = self.client.containers.list(all=True, filters={"label": f"ccd.prefix={self.settings.key_prefix}"})
+        return {c.labels["ccd.session"]: c.status for c in found if c.labels.get("ccd.session")}
+
     def ensure_running(self, session_id: str, owner: str, config: dict) -> tuple[str, str]:
         """The session's container, created if missing and started if stopped.
 
@@ -186,16 +191,25 @@ class DockerRuntime:
         return result[0]
 
     def exec_lines(self, container_id: str, argv: list[str], env: dict[str, str], stdin: bytes,
-                   result: list[ExecResult]) -> Iterator[str]:
-        """Runs argv in the container with `stdin` as input; yields stdout lines as they arrive.
+                   result: list[ExecResult], max_line: int = 0) -> Iterator[tuple[str, int]]:
+        """Runs argv in the container with `stdin` as input; yields (line, size) as lines arrive.
 
-        When the generator is exhausted, `result` holds the exit code and captured stderr.
+        With `max_line`, a longer line is cut to that many bytes (size says how long it was), so
+        a flood without newlines cannot fill the worker's memory. When the generator is
+        exhausted, `result` holds the exit code and captured stderr.
         """
-        pending = b""
+        pending, size = bytearray(), 0
         for chunk in self._exec_stdout(container_id, argv, io.BytesIO(stdin), env, AGENT_USER, result):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                yield line.decode("utf-8", "replace")
-        if pending:
-            yield pending.decode("utf-8", "replace")
+            start = 0
+            while start <= len(chunk):
+                newline = chunk.find(b"\n", start)
+                piece = chunk[start:] if newline < 0 else chunk[start:newline]
+                size += len(piece)
+                room = max_line - len(pending) if max_line else len(piece)
+                pending += piece[:max(0, room)]
+                if newline < 0:
+                    break
+                yield pending.decode("utf-8", "replace"), size
+                pending, size, start = bytearray(), 0, newline + 1
+        if size:
+            yield pending.decode("utf-8", "replace"), size

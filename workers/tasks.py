@@ -4,7 +4,7 @@ from __future__ import annotations
 from celery import Celery
 
 from core import queues
-from workers import files, lifecycle
+from workers import containers, files, lifecycle
 from workers.context import WorkerContext
 from workers.reaper import reap
 from workers.turn_runner import TurnRunner
@@ -41,6 +41,10 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
     @app.task(name=queues.WORKSPACE_FILES)
     def workspace_files(request: dict) -> None:
         files.serve(ctx, request)
+
+    @app.task(name=queues.CHECK_CONTAINERS)
+    def check_containers() -> dict:
+        return containers.check(ctx)
 
     @app.task(name=queues.REAP)
     def reap_task() -> dict:

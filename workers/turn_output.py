@@ -1,24 +1,41 @@
-"""Reads the wrapper's numbered lines and decides how a turn ended."""
+"""Reads the wrapper's numbered lines, bounds what a turn may print, and decides how it ended."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+# How much of an oversized line an event keeps, so a reader still sees what it was.
+TRUNCATED_HEAD_CHARS = 2048
+LINE_TYPE = re.compile(r'"type"\s*:\s*"([A-Za-z_]{1,40})"')
 
 
 @dataclass
 class TurnOutput:
-    """What a turn printed so far: the result line, the exit record, and anything malformed."""
+    """What a turn printed so far: the result line, the exit record, sizes, and anything malformed.
 
+    `max_bytes` bounds the whole turn's output: past it `over_limit` is set and nothing more is
+    passed on (the runner then stops the turn).
+    """
+
+    max_bytes: int = 0
     result: dict[str, Any] | None = None
     exit: dict[str, Any] | None = None
     saw_init: bool = False
     invalid: str | None = None
     lines: int = 0
+    number: int = 0  # the wrapper's number of the last Claude Code line taken
+    total_bytes: int = 0
+    truncated: int = 0
+    over_limit: bool = False
     unknown: list[str] = field(default_factory=list)
 
-    def take(self, record: str) -> dict[str, Any] | None:
-        """Consumes one wrapper record; returns the Claude Code line it carried, if any."""
+    def take(self, record: str, size: int | None = None, cut: bool = False) -> dict[str, Any] | None:
+        """Consumes one wrapper record; returns the Claude Code line it carried, if any.
+
+        `size` is the record's length in bytes as printed, and `cut` says the reader kept only its start.
+        """
         tag, sep, text = record.partition("\t")
         if not sep:
             self.unknown.append(record[:200])
@@ -30,6 +47,15 @@ class TurnOutput:
                 self.exit = {"code": None, "stderr": text[-2000:]}
             return None
         self.lines += 1
+        self.number = int(tag) if tag.isdigit() else self.number + 1
+        self.total_bytes += size if size is not None else len(record)
+        if self.max_bytes and self.total_bytes > self.max_bytes:
+            self.over_limit = True
+        if self.over_limit:
+            return None
+        if cut:
+            self.truncated += 1
+            return truncated_line(text, (size or len(record)) - len(tag) - 1)
         try:
             line = json.loads(text)
         except ValueError:
@@ -44,25 +70,41 @@ class TurnOutput:
             self.saw_init = True
         return line
 
-    def outcome(self) -> tuple[str, str | None]:
-        """(status, error) for the finished turn."""
+    def outcome(self) -> tuple[str, str | None, str | None]:
+        """(status, error, reason) for the finished turn; reason is a stable code, None on success."""
+        if self.over_limit:
+            return ("failed", f"the turn printed more than {self.max_bytes} bytes and was stopped",
+                    "output_limit")
         code = (self.exit or {}).get("code")
         stderr = ((self.exit or {}).get("stderr") or "").strip()
         if self.exit is None:
-            return "failed", "the turn's process ended without reporting (container stopped or removed?)"
+            return ("failed", "the turn's process ended without reporting (container stopped or removed?)",
+                    "process_lost")
         if self.exit.get("cancelled"):
-            return "cancelled", "cancelled by request"
+            return "cancelled", "cancelled by request", "cancelled"
         if self.exit.get("timed_out"):
-            return "timed_out", "the turn ran past its timeout and was stopped"
+            return "timed_out", "the turn ran past its timeout and was stopped", "timeout"
+        if self.exit.get("oom_killed") and (code != 0 or self.result is None):
+            return ("failed", f"a process of the turn was killed for using more than the session's memory "
+                              f"limit (Claude Code exit code {code}); raise config.limits.memory_mb",
+                    "out_of_memory")
         if self.invalid:
-            return "failed", self.invalid
+            return "failed", self.invalid, "invalid_output"
         if self.result is not None and self.result.get("is_error"):
             detail = self.result.get("result") or self.result.get("subtype") or "error"
             status = self.result.get("api_error_status")
-            return "failed", f"Claude Code reported an error{f' (model API status {status})' if status else ''}: {detail}"
+            return ("failed", f"Claude Code reported an error{f' (model API status {status})' if status else ''}: "
+                              f"{detail}", "claude_error")
         if code != 0:
             tail = stderr.splitlines()[-1] if stderr else "no error output"
-            return "failed", f"Claude Code exited with code {code}: {tail}"
+            return "failed", f"Claude Code exited with code {code}: {tail}", "exit_code"
         if self.result is None:
-            return "failed", "Claude Code finished without a result line"
-        return "succeeded", None
+            return "failed", "Claude Code finished without a result line", "no_result"
+        return "succeeded", None, None
+
+
+def truncated_line(head: str, size: int) -> dict[str, Any]:
+    """What an event carries for a line too large to pass on: its type, its size, and its start."""
+    found = LINE_TYPE.search(head[:TRUNCATED_HEAD_CHARS])
+    return {"type": found.group(1) if found else "unknown",
+            "ccd_truncated": {"original_bytes": size, "head": head[:TRUNCATED_HEAD_CHARS]}}

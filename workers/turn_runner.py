@@ -8,6 +8,7 @@ import uuid
 from decimal import Decimal
 
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 from core import batches
 from core.db import transaction
@@ -22,8 +23,8 @@ from workers.turn_output import TurnOutput
 
 log = logging.getLogger(__name__)
 
-LEASE_SECONDS = 120.0
-RENEW_EVERY = 30.0
+# How long a finished turn waits for Postgres to come back before leaving it to the reaper.
+DB_PATIENCE_SECONDS = 60.0
 CANCEL_POLL_SECONDS = 1.0
 # A session token outlives its turn by this much, so a spawn tool call at the very end still works.
 TOKEN_SLACK_SECONDS = 300
@@ -53,6 +54,29 @@ def wrapper_argv(turn_id: str, session: dict, timeout: int, grace: int) -> list[
     return argv
 
 
+class ContainerLost(Exception):
+    """The turn's container is gone or was restarted, and the turn's process with it."""
+
+
+def retry_while_database_down(step, what: str, patience: float = DB_PATIENCE_SECONDS):
+    """Runs a database step, retrying while Postgres is unreachable for up to `patience` seconds.
+
+    Past that the error propagates: the turn's lease then runs out and the reaper hands the turn
+    to a worker that re-attaches and records it, so nothing is lost either way.
+    """
+    deadline, delay = time.monotonic() + patience, 0.5
+    while True:
+        try:
+            return step()
+        except OperationalError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("could not record %s (database unreachable: %s); retrying in %.0fs",
+                        what, exc.orig or exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 class TurnRunner:
     """Carries one turn from `queued` to a final state; safe to call twice for the same turn."""
 
@@ -60,67 +84,117 @@ class TurnRunner:
         self.ctx = ctx
 
     def run(self, turn_id: str) -> None:
-        snapshot = self._claim(turn_id)
-        if snapshot is None:
+        claim = self._claim(turn_id)
+        if claim is None:
             log.debug("turn %s is not ours to run (finished, running elsewhere, or not next)", turn_id)
             return
-        turn, session = snapshot
-        log.info("turn %s (session %s, #%s) started", turn_id, session["id"], turn["seq"])
-        first_id = self._publish(session, turn, "turn.started", {"attempt": turn["attempt"]})
-        output, failure, stop_watch = TurnOutput(), None, None
+        turn, session = claim
+        output = TurnOutput(max_bytes=self.ctx.settings.max_turn_output_bytes)
+        if turn["resumed"]:
+            mark = self.ctx.events.mark(turn_id)
+            log.info("turn %s (session %s): its worker was lost, re-attaching (attempt %s, %s lines published)",
+                     turn_id, session["id"], turn["attempt"], mark.get("number", 0))
+        else:
+            log.info("turn %s (session %s, #%s) started", turn_id, session["id"], turn["seq"])
+            first_id = self._publish(session, turn, "turn.started", {"attempt": turn["attempt"]}, 0, "first")
+            mark = {"number": "0", "first": first_id}
+        failure, stop_watch = None, None
         try:
-            container_id = wake(self.ctx, session["id"], session["owner"], session["config"])
-            stop_watch = self._watch(turn, container_id)
-            self._execute(container_id, session, turn, output)
+            container_id = self._container(session, turn)
+            stop_watch = self._watch(turn, container_id, output)
+            self._execute(container_id, session, turn, output, int(mark.get("number") or 0))
+        except ContainerLost as exc:
+            failure = (str(exc), "container_lost")
         except Exception as exc:  # the turn fails, the worker and the session carry on
             log.warning("turn %s could not run: %s", turn_id, exc)
-            failure = f"the session container could not run the turn: {exc}"
+            failure = (f"the session container could not run the turn: {exc}", "container_error")
         finally:
             if stop_watch:
                 stop_watch()
-        status, error = ("failed", failure) if failure else output.outcome()
-        if status not in ("succeeded", "cancelled") and self._cancel_requested(turn):
-            status, error = "cancelled", "cancelled by request"  # e.g. its container was stopped
-        finished = self._finish(session, turn, output, status, error, first_id)
+        status, error, reason = ("failed", *failure) if failure else output.outcome()
+        if reason == "process_lost":
+            error, reason = self._why_lost(session, error, reason)
+        if status not in ("succeeded", "cancelled") and reason != "output_limit" and self._cancel_requested(turn):
+            status, error, reason = "cancelled", "cancelled by request", "cancelled"  # e.g. its container was stopped
+        finished = self._finish(session, turn, output, (status, error, reason), mark)
         self._start_next(session)
         if finished:
             self._after(turn)
 
+    def _container(self, session: dict, turn: dict) -> str:
+        """The container to run in: started (and restored) if needed for a new turn; for a re-attach,
+        only the running container the turn was in (a restarted one has lost the turn's process)."""
+        if not turn["resumed"]:
+            return wake(self.ctx, session["id"], session["owner"], session["config"])
+        container = self.ctx.runtime.find(session["id"])
+        if container is None or container.status != "running":
+            raise ContainerLost("the session container stopped while its worker was lost; the turn's process "
+                                "went with it")
+        return container.id
+
+    def _why_lost(self, session: dict, error: str, reason: str) -> tuple[str, str]:
+        """Names why a turn's process vanished, from its container's state (killed, out of memory)."""
+        try:
+            container = self.ctx.runtime.find(session["id"])
+        except Exception:  # Docker itself is unreachable: keep the generic reason
+            return error, reason
+        if container is None:
+            return "the session container was removed during the turn", "container_lost"
+        state = container.attrs.get("State") or {}
+        if state.get("OOMKilled"):
+            return ("the session container ran out of memory and was killed during the turn; raise "
+                    "config.limits.memory_mb", "out_of_memory")
+        if not state.get("Running"):
+            return (f"the session container stopped during the turn (exit code {state.get('ExitCode')}); "
+                    "it is started again for the next turn", "container_lost")
+        return error, reason
+
     def _claim(self, turn_id: str) -> tuple[dict, dict] | None:
         with transaction(self.ctx.db) as db:
-            turn = claim_turn(db, turn_id, self.ctx.holder, LEASE_SECONDS)
-            if turn is None:
+            claim = claim_turn(db, turn_id, self.ctx.holder, self.ctx.settings.lease_seconds)
+            if claim is None:
                 return None
+            turn, resumed = claim
             session = db.get(Session, turn.session_id)
             if session.status in ("ready", "stopped", "creating"):
                 session.status = "busy"
             session.last_active_at = utcnow()
             return (
                 {"id": str(turn.id), "seq": turn.seq, "prompt": turn.prompt, "attempt": turn.attempt,
-                 "webhook": turn.webhook, "batch_id": turn.batch_id},
+                 "webhook": turn.webhook, "batch_id": turn.batch_id, "resumed": resumed},
                 {"id": str(session.id), "owner": session.owner, "config": dict(session.config),
                  "claude_session_id": str(session.claude_session_id),
                  "conversation_started": session.conversation_started,
                  "host_queue": session.host_queue},
             )
 
-    def _watch(self, turn: dict, container_id: str):
-        """While the turn runs: renew its lease and interrupt it when cancelled. Returns the stop function."""
+    def _watch(self, turn: dict, container_id: str, output: TurnOutput):
+        """While the turn runs: renew its lease, and interrupt it when cancelled or over its output limit.
+
+        Returns the stop function. Losing the lease (another worker took the turn over) sets
+        `turn["lost"]`, so this worker stops publishing and leaves the rest to the new holder.
+        """
         done = threading.Event()
         turn_uuid = uuid.UUID(turn["id"])
+        lease = self.ctx.settings.lease_seconds
+        renew_every = max(1.0, lease / 4)
 
         def watch() -> None:
-            renew_at, interrupted = time.monotonic() + RENEW_EVERY, False
+            renew_at, interrupted = time.monotonic() + renew_every, False
             while not done.is_set():
                 signalled = not interrupted and self.ctx.cancels.wait(turn["id"], CANCEL_POLL_SECONDS)
                 if interrupted:
                     done.wait(CANCEL_POLL_SECONDS)
                 if time.monotonic() >= renew_at and not done.is_set():
-                    renew_at = time.monotonic() + RENEW_EVERY
-                    with transaction(self.ctx.db) as db:
-                        if not renew_lease(db, turn_uuid, turn["attempt"], LEASE_SECONDS):
-                            return
+                    renew_at = time.monotonic() + renew_every
+                    if not self._renew(turn_uuid, turn["attempt"], lease):
+                        turn["lost"] = True
+                        log.warning("turn %s: lost its lease to another worker; leaving the turn to it", turn["id"])
+                        return
                     signalled = signalled or (not interrupted and self._cancel_requested(turn))
+                if not interrupted and output.over_limit:
+                    log.warning("turn %s: output passed %d bytes, stopping it", turn["id"], output.max_bytes)
+                    signalled = True
                 if signalled and not done.is_set():
                     interrupted = True
                     self._interrupt(container_id, turn)
@@ -132,6 +206,15 @@ class TurnRunner:
             done.set()
             self.ctx.cancels.clear(turn["id"])
         return stop
+
+    def _renew(self, turn_uuid: uuid.UUID, attempt: int, lease: float) -> bool:
+        """Extends the lease; a database blip is not a lost lease (True: try again next time)."""
+        try:
+            with transaction(self.ctx.db) as db:
+                return renew_lease(db, turn_uuid, attempt, lease)
+        except OperationalError as exc:
+            log.warning("could not renew a lease (database unreachable: %s); retrying", exc.orig or exc)
+            return True
 
     def _cancel_requested(self, turn: dict) -> bool:
         with transaction(self.ctx.db) as db:
@@ -150,7 +233,9 @@ class TurnRunner:
         except Exception as exc:  # the container may be gone already: then so is the turn
             log.warning("turn %s: could not interrupt: %s", turn["id"], exc)
 
-    def _execute(self, container_id: str, session: dict, turn: dict, output: TurnOutput) -> None:
+    def _execute(self, container_id: str, session: dict, turn: dict, output: TurnOutput, published: int) -> None:
+        """Runs the turn's wrapper (or, re-attaching, follows its log) and publishes each line past
+        `published`, the last wrapper line number already in the stream."""
         settings = self.ctx.settings
         env = {k: v for k, v in (("ANTHROPIC_API_KEY", settings.anthropic_api_key),
                                  ("ANTHROPIC_BASE_URL", settings.anthropic_base_url)) if v}
@@ -158,52 +243,73 @@ class TurnRunner:
         if settings.session_api_url:  # the agent's spawn tools call the API with a token for its subtree only
             env.update(CCD_API_URL=settings.session_api_url, CCD_SESSION_ID=session["id"],
                        CCD_SESSION_TOKEN=mint_session_token(settings.jwt_secret, session["owner"], session["id"],
-                                                            timeout + TOKEN_SLACK_SECONDS))
+                                                            timeout + TOKEN_SLACK_SECONDS,
+                                                            settings.jwt_audience, settings.jwt_issuer))
         result: list[ExecResult] = []
-        argv = wrapper_argv(turn["id"], session, timeout, settings.cancel_grace_seconds)
-        lines = self.ctx.runtime.exec_lines(container_id, argv, env, turn["prompt"].encode(), result)
-        for record in lines:
-            line = output.take(record)
-            if line is not None:
-                self._publish(session, turn, f"claude.{line['type']}", line)
+        if turn["resumed"]:
+            argv, env, stdin = ["python3", "-m", "wrapper", "attach", "--turn-id", turn["id"]], {}, b""
+        else:
+            argv = wrapper_argv(turn["id"], session, timeout, settings.cancel_grace_seconds)
+            stdin = turn["prompt"].encode()
+        cap = settings.max_event_bytes
+        for record, size in self.ctx.runtime.exec_lines(container_id, argv, env, stdin, result, max_line=cap):
+            line = output.take(record, size, cut=size > cap)
+            if turn.get("lost"):
+                return
+            if line is not None and output.number > published:
+                self._publish(session, turn, f"claude.{line['type']}", line, output.number)
         if output.exit is None and result:
             log.warning("turn %s: wrapper ended without an exit record (exit code %s): %s",
                         turn["id"], result[0].exit_code, result[0].stderr[-500:])
 
-    def _publish(self, session: dict, turn: dict, kind: str, data: dict) -> str:
-        return self.ctx.events.publish(Event(session_id=session["id"], turn_id=turn["id"],
-                                             seq=turn["seq"], type=kind, data=data))
+    def _publish(self, session: dict, turn: dict, kind: str, data: dict, number: int,
+                 id_field: str = "last") -> str:
+        """Publishes one event of the turn, marking wrapper line `number` as published."""
+        event = Event(session_id=session["id"], turn_id=turn["id"], seq=turn["seq"], type=kind, data=data)
+        return self.ctx.events.publish_marked(event, turn["id"], number, id_field)
 
-    def _finish(self, session: dict, turn: dict, output: TurnOutput, status: str,
-                error: str | None, first_id: str) -> bool:
+    def _finish(self, session: dict, turn: dict, output: TurnOutput, ending: tuple[str, str | None, str | None],
+                mark: dict[str, str]) -> bool:
+        """Publishes the final event (unless a lost worker already did) and records the outcome."""
+        if turn.get("lost"):
+            return False
+        status, error, reason = ending
         result = output.result or {}
         usage = result.get("usage") or {}
         # Rounded as the database stores it, so the event and the turn row report the same cost.
         cost = Decimal(str(result.get("total_cost_usd") or 0)).quantize(Decimal("0.000001"))
-        summary = {"status": status, "result": result.get("result"), "error": error,
+        summary = {"status": status, "result": result.get("result"), "error": error, "reason": reason,
                    "usage": usage or None, "cost_usd": float(cost) if result else None,
                    "duration_ms": result.get("duration_ms")}
-        last_id = self._publish(session, turn, final_event_type(status), summary)
+        last_id = self.ctx.events.mark(turn["id"]).get("final") if turn["resumed"] else None
+        if last_id is None:
+            last_id = self._publish(session, turn, final_event_type(status), summary, output.number, "final")
+        values = dict(status=status, result=result.get("result"), usage=usage or None,
+                      cost_usd=cost if result else None, duration_ms=result.get("duration_ms"),
+                      error=error, reason=reason, first_event_id=mark.get("first"), last_event_id=last_id,
+                      finished_at=utcnow(), lease_holder=None, lease_expires_at=None)
+        done = retry_while_database_down(lambda: self._record(session, turn, values, usage, cost, output.saw_init),
+                                         what=f"turn {turn['id']}'s result")
+        if not done:
+            log.warning("turn %s was taken from us before it finished; result dropped", turn["id"])
+            return False
+        log.info("turn %s %s%s", turn["id"], status, f" ({reason}): {error}" if error else "")
+        return True
+
+    def _record(self, session: dict, turn: dict, values: dict, usage: dict, cost: Decimal, saw_init: bool) -> bool:
         with transaction(self.ctx.db) as db:
-            done = db.execute(
-                update(Turn).where(Turn.id == uuid.UUID(turn["id"]), Turn.attempt == turn["attempt"],
-                                   Turn.status == "running")
-                .values(status=status, result=result.get("result"), usage=usage or None,
-                        cost_usd=cost if result else None, duration_ms=result.get("duration_ms"),
-                        error=error, first_event_id=first_id, last_event_id=last_id,
-                        finished_at=utcnow(), lease_holder=None, lease_expires_at=None))
+            done = db.execute(update(Turn).where(Turn.id == uuid.UUID(turn["id"]), Turn.attempt == turn["attempt"],
+                                                 Turn.status == "running").values(**values))
             if done.rowcount != 1:
-                log.warning("turn %s was taken from us before it finished; result dropped", turn["id"])
                 return False
             row = db.get(Session, uuid.UUID(session["id"]), with_for_update=True)
             row.input_tokens += int(usage.get("input_tokens") or 0)
             row.output_tokens += int(usage.get("output_tokens") or 0)
             row.cost_usd += cost
-            row.conversation_started = row.conversation_started or output.saw_init
+            row.conversation_started = row.conversation_started or saw_init
             row.last_active_at = utcnow()
             if row.status == "busy":
                 row.status = "ready"
-        log.info("turn %s %s%s", turn["id"], status, f": {error}" if error else "")
         return True
 
     def _after(self, turn: dict) -> None:

@@ -1,9 +1,9 @@
-"""Entry point inside the session container: `python3 -m wrapper run|cancel|mcp ...`."""
+"""Entry point inside the session container: `python3 -m wrapper run|attach|cancel|mcp ...`."""
 import sys
 
 
 def main(argv: list[str]) -> int:
-    """`mcp` serves the ccd MCP server on stdio; `run` and `cancel` belong to wrapper.run."""
+    """`mcp` serves the ccd MCP server on stdio; `run`, `attach` and `cancel` belong to wrapper.run."""
     if argv[:1] == ["mcp"]:
         from wrapper.mcp import main as serve_mcp
 

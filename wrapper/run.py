@@ -5,6 +5,11 @@ Output protocol (read by workers/turn_runner.py), one record per line:
     exit\t{"code": .., "timed_out": .., "cancelled": .., "stderr": ..}   always last
 The same records go to <log-dir>/<turn-id>.log, so a worker that lost the stream can re-read them.
 
+`wrapper attach --turn-id T` prints the turn log's records and follows it until the exit record,
+for a worker that lost the stream (it was killed or restarted): the turn itself keeps running,
+because a lost reader costs the wrapper nothing (stdout errors are ignored, the log goes on).
+It exits 3 when the turn's process is gone without an exit record (the container restarted).
+
 `wrapper cancel --turn-id T` stops a running turn from a second `docker exec`: it leaves a
 marker (so the exit record says cancelled), then interrupts Claude Code's process group,
 escalating to terminate and kill.
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 STDERR_TAIL = 4000
+ATTACH_POLL_SECONDS = 0.05
 DEFAULT_LOG_DIR = str(Path.home() / ".ccd" / "turns")
 MCP_SERVER = "ccd"
 MCP_TOOLS_RULE = f"mcp__{MCP_SERVER}"  # a permission rule naming a server allows all of its tools
@@ -50,6 +56,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--grace", type=float, default=5.0, help="seconds between stop signals")
     run.add_argument("--log-dir", default=DEFAULT_LOG_DIR)
     run.add_argument("--claude", default="claude")
+    attach = sub.add_parser("attach", help="print a turn's records so far and follow until it exits")
+    attach.add_argument("--turn-id", required=True)
+    attach.add_argument("--log-dir", default=DEFAULT_LOG_DIR)
     cancel = sub.add_parser("cancel", help="stop a running turn: interrupt, terminate, kill")
     cancel.add_argument("--turn-id", required=True)
     cancel.add_argument("--grace", type=float, default=5.0, help="seconds between stop signals")
@@ -103,13 +112,18 @@ class Recorder:
     def __init__(self, log_path: Path) -> None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "w", encoding="utf-8")
+        self._stdout_ok = True
 
     def write(self, tag: str, text: str) -> None:
         record = f"{tag}\t{text}\n"
         self._log.write(record)
         self._log.flush()
-        sys.stdout.write(record)
-        sys.stdout.flush()
+        if self._stdout_ok:
+            try:
+                sys.stdout.write(record)
+                sys.stdout.flush()
+            except (OSError, ValueError):  # the worker went away; the log is what a new one reads
+                self._stdout_ok = False
 
     def close(self) -> None:
         self._log.close()
@@ -153,20 +167,87 @@ def cancel_turn(args: argparse.Namespace) -> int:
     return 0 if not pid_alive(pid) else 1
 
 
+def turn_running(base: Path) -> bool:
+    """True while the `wrapper run` of the turn at `base` is alive (checked by pid and command line,
+    because after a container restart the recorded pid may belong to another process)."""
+    try:
+        pid = int(Path(f"{base}.run.pid").read_text())
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            args = cmdline.read().split(b"\0")
+    except (OSError, ValueError):
+        return False
+    return base.name.encode() in args and b"run" in args and pid_alive(pid)
+
+
+def attach_turn(args: argparse.Namespace) -> int:
+    """Prints the turn log's records and follows it; 0 after the exit record, 3 if the turn died without one."""
+    base = Path(args.log_dir) / args.turn_id
+    try:
+        log = open(f"{base}.log", encoding="utf-8")
+    except OSError:
+        return 3
+    partial, gone = "", False
+    with log:
+        while True:
+            line = log.readline()
+            if line:
+                partial += line
+                if not partial.endswith("\n"):
+                    continue  # the writer is mid-line
+                sys.stdout.write(partial)
+                sys.stdout.flush()
+                if partial.startswith("exit\t"):
+                    return 0
+                partial = ""
+                continue
+            if gone:
+                return 3  # read to the end after the process was seen gone: no exit record is coming
+            gone = not turn_running(base)
+            if not gone:
+                time.sleep(ATTACH_POLL_SECONDS)
+
+
+def stop_leftover_turns(log_dir: Path, grace: float) -> None:
+    """Stops any other turn still running in this container (its worker was lost and it was given
+    up on), so two turns never work on one conversation and workspace at once."""
+    for pid_file in log_dir.glob("*.run.pid"):
+        base = log_dir / pid_file.name[: -len(".run.pid")]
+        if turn_running(base):
+            cancel_turn(argparse.Namespace(log_dir=str(log_dir), turn_id=base.name, grace=grace))
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel killed for memory in this container so far (cgroup v2)."""
+    try:
+        with open("/sys/fs/cgroup/memory.events", encoding="ascii") as events:
+            for line in events:
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def run_turn(args: argparse.Namespace) -> int:
     """Runs the turn and returns Claude Code's exit code; the MCP config lives only as long as the turn."""
     base = Path(args.log_dir) / args.turn_id
+    base.parent.mkdir(parents=True, exist_ok=True)
+    stop_leftover_turns(base.parent, args.grace)
+    Path(f"{base}.run.pid").write_text(str(os.getpid()))
     mcp_config = write_mcp_config(dict(os.environ), Path(f"{base}.mcp.json"))
     try:
         return run_claude(args, base, mcp_config)
     finally:
         if mcp_config:
             mcp_config.unlink(missing_ok=True)
+        Path(f"{base}.run.pid").unlink(missing_ok=True)
 
 
 def run_claude(args: argparse.Namespace, base: Path, mcp_config: Path | None) -> int:
     """Runs Claude Code on the prompt from stdin, recording its lines; returns its exit code."""
     prompt = sys.stdin.buffer.read()
+    ooms_before = oom_kills()
     recorder = Recorder(Path(f"{base}.log"))
     cancel_marker = Path(f"{base}.cancel")
     try:
@@ -210,8 +291,11 @@ def run_claude(args: argparse.Namespace, base: Path, mcp_config: Path | None) ->
     timer.cancel()
     drain.join(5)
     stderr = b"".join(stderr_chunks).decode("utf-8", "replace")[-STDERR_TAIL:]
+    ooms_after = oom_kills()
+    oom = ooms_before is not None and ooms_after is not None and ooms_after > ooms_before
     recorder.write("exit", json.dumps({"code": code, "timed_out": timed_out.is_set(),
-                                       "cancelled": cancel_marker.exists(), "lines": n, "stderr": stderr}))
+                                       "cancelled": cancel_marker.exists(), "oom_killed": oom,
+                                       "lines": n, "stderr": stderr}))
     recorder.close()
     Path(f"{base}.pid").unlink(missing_ok=True)
     return code
@@ -220,4 +304,5 @@ def run_claude(args: argparse.Namespace, base: Path, mcp_config: Path | None) ->
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     os.umask(0o077)
-    return cancel_turn(args) if args.command == "cancel" else run_turn(args)
+    commands = {"run": run_turn, "attach": attach_turn, "cancel": cancel_turn}
+    return commands[args.command](args)
