@@ -17,6 +17,8 @@ class Settings:
     """Everything configurable; see README "Configuration" for each variable."""
 
     jwt_secret: str
+    jwt_audience: str = ""
+    jwt_issuer: str = ""
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str = DEFAULT_REDIS_URL
     anthropic_api_key: str = ""
@@ -37,6 +39,7 @@ class Settings:
     host_name: str = field(default_factory=socket.gethostname)
     events_maxlen: int = 100_000
     max_body_bytes: int = 1_048_576
+    max_prompt_chars: int = 500_000
     max_batch_bytes: int = 67_108_864
     worker_concurrency: int = 4
     cancel_grace_seconds: int = 5
@@ -54,6 +57,12 @@ class Settings:
     idle_check_seconds: int = 60
     max_upload_bytes: int = 104_857_600
     files_timeout_seconds: int = 120
+    lease_seconds: int = 60
+    worker_lost_seconds: int = 120
+    reap_seconds: int = 30
+    visibility_timeout_seconds: int = 0
+    max_event_bytes: int = 1_048_576
+    max_turn_output_bytes: int = 67_108_864
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -94,7 +103,8 @@ class Settings:
                      "max_body_bytes", "max_batch_bytes", "worker_concurrency", "cancel_grace_seconds", "max_wait_seconds",
                      "owner_max_sessions", "owner_max_running_turns", "owner_max_queued_turns",
                      "idempotency_ttl_seconds", "webhook_max_attempts", "ws_ping_seconds", "max_children",
-                     "idle_check_seconds", "max_upload_bytes", "files_timeout_seconds"):
+                     "idle_check_seconds", "max_upload_bytes", "files_timeout_seconds",
+                     "lease_seconds", "worker_lost_seconds", "reap_seconds", "max_event_bytes", "max_turn_output_bytes", "max_prompt_chars"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
         if self.idempotency_ttl_seconds < 86400:
@@ -115,6 +125,8 @@ class Settings:
 
 ENV_NAMES = {
     "jwt_secret": "JWT_SECRET",
+    "jwt_audience": "JWT_AUDIENCE",
+    "jwt_issuer": "JWT_ISSUER",
     "database_url": "DATABASE_URL",
     "redis_url": "REDIS_URL",
     "anthropic_api_key": "ANTHROPIC_API_KEY",
@@ -135,6 +147,7 @@ ENV_NAMES = {
     "host_name": "CCD_HOST_NAME",
     "events_maxlen": "CCD_EVENTS_MAXLEN",
     "max_body_bytes": "CCD_MAX_BODY_BYTES",
+    "max_prompt_chars": "CCD_MAX_PROMPT_CHARS",
     "max_batch_bytes": "CCD_MAX_BATCH_BYTES",
     "worker_concurrency": "CCD_WORKER_CONCURRENCY",
     "cancel_grace_seconds": "CCD_CANCEL_GRACE_SECONDS",
@@ -152,4 +165,10 @@ ENV_NAMES = {
     "idle_check_seconds": "CCD_IDLE_CHECK_SECONDS",
     "max_upload_bytes": "CCD_MAX_UPLOAD_BYTES",
     "files_timeout_seconds": "CCD_FILES_TIMEOUT_SECONDS",
+    "lease_seconds": "CCD_LEASE_SECONDS",
+    "worker_lost_seconds": "CCD_WORKER_LOST_SECONDS",
+    "reap_seconds": "CCD_REAP_SECONDS",
+    "visibility_timeout_seconds": "CCD_VISIBILITY_TIMEOUT_SECONDS",
+    "max_event_bytes": "CCD_MAX_EVENT_BYTES",
+    "max_turn_output_bytes": "CCD_MAX_TURN_OUTPUT_BYTES",
 }
