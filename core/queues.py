@@ -18,14 +18,19 @@ CHECK_CONTAINERS = "ccd.check_containers"
 
 def celery_config(settings: Settings) -> dict:
     """Celery settings for long turns: ack late, prefetch one, no results, long visibility."""
+    visibility = settings.visibility_timeout_seconds or settings.container_timeout_default * 2 + 600
     return {
         "broker_url": settings.redis_url,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
             # A turn may run up to the container timeout; Redis should not redeliver it before
             # (a redelivery is harmless, the turn's lease decides who runs it, but it is wasted work).
-            "visibility_timeout": settings.visibility_timeout_seconds or settings.container_timeout_default * 2 + 600,
+            "visibility_timeout": visibility,
             "global_keyprefix": f"{settings.key_prefix}:celery:",
+            # Sweep for unacknowledged tasks to hand out again at a pace that matches the timeout
+            # (kombu's default sweep runs about every 100 s).
+            "unacked_restore_interval": max(1, min(10, visibility // 4)),
+            "unacked_restore_throttle": 1,
         },
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -61,11 +62,12 @@ def build_image(image: str) -> None:
 
 
 def network_gateway(client: docker.DockerClient, name: str) -> str:
-    """Creates the sessions' network and returns the host's address on it."""
+    """Creates the sessions' network (internal, as the worker makes it) and returns the host's address on it."""
     try:
         network = client.networks.get(name)
     except docker.errors.NotFound:
-        network = client.networks.create(name, driver="bridge", labels={"ccd.test": "1"})
+        network = client.networks.create(name, driver="bridge", internal=True, labels={"ccd.test": "1"},
+                                         options={"com.docker.network.bridge.enable_icc": "false"})
     network.reload()
     return network.attrs["IPAM"]["Config"][0]["Gateway"]
 
@@ -99,6 +101,12 @@ class Process:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def kill(self) -> None:
+        """SIGKILL to the process and everything it started (a crash, not a shutdown)."""
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
     def stop(self) -> None:
         if self.alive():
             self.proc.terminate()
@@ -110,10 +118,10 @@ class Process:
         self._log.close()
 
 
-def start_web(env: dict[str, str], port: int, also_on: str | None = None) -> Process:
+def start_web(env: dict[str, str], port: int, also_on: str | None = None, name: str = "web") -> Process:
     """The web tier on loopback, and on `also_on` too (where session containers reach the host)."""
     binds = ["-b", f"127.0.0.1:{port}"] + (["-b", f"{also_on}:{port}"] if also_on else [])
-    web = Process("web", [sys.executable, "-m", "gunicorn", *binds, "-k", "gthread",
+    web = Process(name, [sys.executable, "-m", "gunicorn", *binds, "-k", "gthread",
                           "--threads", "32", "--graceful-timeout", "3", "web.wsgi:app"], env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -140,14 +148,20 @@ def wait_for_log(process: Process, marker: str, what: str, timeout: float = 30) 
     raise RuntimeError(f"{process.name} did not {what}:\n{process.tail()}")
 
 
-def start_worker(env: dict[str, str]) -> Process:
-    worker = Process("worker", [sys.executable, "-m", "workers", "worker", "--concurrency", "4"], env)
+def start_worker(env: dict[str, str], name: str = "worker") -> Process:
+    worker = Process(name, [sys.executable, "-m", "workers", "worker", "--concurrency", "4"], env)
     return wait_for_log(worker, " ready.", "become ready")
 
 
-def start_beat(env: dict[str, str]) -> Process:
+def start_proxy(env: dict[str, str], name: str = "model-proxy") -> Process:
+    """The model proxy: on the sessions' network gateway, at CCD_MODEL_PROXY_PORT."""
+    return wait_for_log(Process(name, [sys.executable, "-m", "workers", "proxy"], env), "model proxy listening on",
+                        "start listening")
+
+
+def start_beat(env: dict[str, str], name: str = "beat") -> Process:
     """The scheduler: the reaper and the idle-session sweep run from it."""
-    return wait_for_log(Process("beat", [sys.executable, "-m", "workers", "beat"], env), "is starting.", "start")
+    return wait_for_log(Process(name, [sys.executable, "-m", "workers", "beat"], env), "is starting.", "start")
 
 
 def free_port() -> int:
@@ -156,3 +170,8 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def signal_group(process: Process, sig: int) -> None:
+    """Sends `sig` (e.g. SIGSTOP, SIGCONT) to the process and everything it started: a fault, not a stop."""
+    os.killpg(process.proc.pid, sig)

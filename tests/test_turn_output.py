@@ -72,6 +72,15 @@ def test_an_oversized_line_becomes_a_truncated_marker_with_its_type_and_size():
     assert out.truncated == 1 and out.number == 7 and out.invalid is None
 
 
+def test_a_line_over_the_event_limit_is_passed_on_truncated_but_still_read():
+    out = TurnOutput(max_event=1000)
+    result = {"type": "result", "is_error": False, "result": "r" * 3000, "usage": {}}
+    line = out.take("3\t" + json.dumps(result))
+    out.take('exit\t{"code": 0}')
+    assert line["type"] == "result" and line["ccd_truncated"]["original_bytes"] == len(json.dumps(result))
+    assert out.result["result"] == "r" * 3000 and out.outcome()[0] == "succeeded"
+
+
 def test_output_past_the_turn_limit_stops_passing_lines_and_fails_with_output_limit():
     out = TurnOutput(max_bytes=1100)
     lines = [json.dumps({"type": "stream_event", "pad": "y" * 300}) for _ in range(5)]

@@ -16,10 +16,11 @@ class TurnOutput:
     """What a turn printed so far: the result line, the exit record, sizes, and anything malformed.
 
     `max_bytes` bounds the whole turn's output: past it `over_limit` is set and nothing more is
-    passed on (the runner then stops the turn).
+    passed on (the runner then stops the turn). `max_event` bounds one line as passed on.
     """
 
     max_bytes: int = 0
+    max_event: int = 0
     result: dict[str, Any] | None = None
     exit: dict[str, Any] | None = None
     saw_init: bool = False
@@ -32,9 +33,11 @@ class TurnOutput:
     unknown: list[str] = field(default_factory=list)
 
     def take(self, record: str, size: int | None = None, cut: bool = False) -> dict[str, Any] | None:
-        """Consumes one wrapper record; returns the Claude Code line it carried, if any.
+        """Consumes one wrapper record; returns the event data for the Claude Code line it carried, if any.
 
         `size` is the record's length in bytes as printed, and `cut` says the reader kept only its start.
+        A line longer than `max_event` is still read (for the result and init lines), but what is
+        passed on is a truncated marker.
         """
         tag, sep, text = record.partition("\t")
         if not sep:
@@ -48,14 +51,15 @@ class TurnOutput:
             return None
         self.lines += 1
         self.number = int(tag) if tag.isdigit() else self.number + 1
-        self.total_bytes += size if size is not None else len(record)
+        size = size if size is not None else len(record)
+        self.total_bytes += size
         if self.max_bytes and self.total_bytes > self.max_bytes:
             self.over_limit = True
         if self.over_limit:
             return None
         if cut:
             self.truncated += 1
-            return truncated_line(text, (size or len(record)) - len(tag) - 1)
+            return truncated_line(text, size - len(tag) - 1)
         try:
             line = json.loads(text)
         except ValueError:
@@ -68,6 +72,9 @@ class TurnOutput:
             self.result = line
         elif line["type"] == "system" and line.get("subtype") == "init":
             self.saw_init = True
+        if self.max_event and size > self.max_event:
+            self.truncated += 1
+            return truncated_line(text, size - len(tag) - 1)
         return line
 
     def outcome(self) -> tuple[str, str | None, str | None]:
@@ -103,8 +110,9 @@ class TurnOutput:
         return "succeeded", None, None
 
 
-def truncated_line(head: str, size: int) -> dict[str, Any]:
+def truncated_line(text: str, size: int) -> dict[str, Any]:
     """What an event carries for a line too large to pass on: its type, its size, and its start."""
-    found = LINE_TYPE.search(head[:TRUNCATED_HEAD_CHARS])
+    head = text[:TRUNCATED_HEAD_CHARS]
+    found = LINE_TYPE.search(head)
     return {"type": found.group(1) if found else "unknown",
-            "ccd_truncated": {"original_bytes": size, "head": head[:TRUNCATED_HEAD_CHARS]}}
+            "ccd_truncated": {"original_bytes": size, "head": head}}

@@ -18,11 +18,14 @@ from core.models import Session, Turn, utcnow
 from core.turns import claim_turn, final_event_type, head_queued_turn, renew_lease
 from workers.context import WorkerContext
 from workers.lifecycle import wake
+from workers.model_proxy import mint_model_credential
 from workers.runtime import ExecResult
 from workers.turn_output import TurnOutput
 
 log = logging.getLogger(__name__)
 
+# How long a turn whose process vanished waits for its container's state to say why.
+STATE_SETTLE_SECONDS = 3.0
 # How long a finished turn waits for Postgres to come back before leaving it to the reaper.
 DB_PATIENCE_SECONDS = 60.0
 CANCEL_POLL_SECONDS = 1.0
@@ -86,10 +89,11 @@ class TurnRunner:
     def run(self, turn_id: str) -> None:
         claim = self._claim(turn_id)
         if claim is None:
-            log.debug("turn %s is not ours to run (finished, running elsewhere, or not next)", turn_id)
+            self._dropped(turn_id)
             return
         turn, session = claim
-        output = TurnOutput(max_bytes=self.ctx.settings.max_turn_output_bytes)
+        output = TurnOutput(max_bytes=self.ctx.settings.max_turn_output_bytes,
+                            max_event=self.ctx.settings.max_event_bytes)
         if turn["resumed"]:
             mark = self.ctx.events.mark(turn_id)
             log.info("turn %s (session %s): its worker was lost, re-attaching (attempt %s, %s lines published)",
@@ -121,6 +125,17 @@ class TurnRunner:
         if finished:
             self._after(turn)
 
+    def _dropped(self, turn_id: str) -> None:
+        """Says why a delivery of the turn's task did nothing; a second delivery of a running turn is
+        worth a line (the broker redelivered it, or the reaper re-sent it while it ran)."""
+        with transaction(self.ctx.db) as db:
+            row = db.get(Turn, uuid.UUID(turn_id))
+            if row is not None and row.status == "running":
+                log.info("turn %s is already running (attempt %s, lease held by %s); duplicate delivery dropped",
+                         turn_id, row.attempt, row.lease_holder)
+            else:
+                log.debug("turn %s is not ours to run (%s)", turn_id, row.status if row else "no such turn")
+
     def _container(self, session: dict, turn: dict) -> str:
         """The container to run in: started (and restored) if needed for a new turn; for a re-attach,
         only the running container the turn was in (a restarted one has lost the turn's process)."""
@@ -136,6 +151,11 @@ class TurnRunner:
         """Names why a turn's process vanished, from its container's state (killed, out of memory)."""
         try:
             container = self.ctx.runtime.find(session["id"])
+            deadline = time.monotonic() + STATE_SETTLE_SECONDS
+            # The exec stream can end a moment before the engine marks a killed container stopped.
+            while container is not None and container.status == "running" and time.monotonic() < deadline:
+                time.sleep(0.2)
+                container = self.ctx.runtime.find(session["id"])
         except Exception:  # Docker itself is unreachable: keep the generic reason
             return error, reason
         if container is None:
@@ -237,9 +257,11 @@ class TurnRunner:
         """Runs the turn's wrapper (or, re-attaching, follows its log) and publishes each line past
         `published`, the last wrapper line number already in the stream."""
         settings = self.ctx.settings
-        env = {k: v for k, v in (("ANTHROPIC_API_KEY", settings.anthropic_api_key),
-                                 ("ANTHROPIC_BASE_URL", settings.anthropic_base_url)) if v}
         timeout = turn_timeout(session["config"], settings.container_timeout_default)
+        # The model through cc-docker's proxy, with a credential for this session only: the real key stays out.
+        env = {"ANTHROPIC_BASE_URL": self.ctx.runtime.model_proxy_url(),
+               "ANTHROPIC_API_KEY": mint_model_credential(settings.jwt_secret, session["id"],
+                                                          timeout + TOKEN_SLACK_SECONDS)}
         if settings.session_api_url:  # the agent's spawn tools call the API with a token for its subtree only
             env.update(CCD_API_URL=settings.session_api_url, CCD_SESSION_ID=session["id"],
                        CCD_SESSION_TOKEN=mint_session_token(settings.jwt_secret, session["owner"], session["id"],
@@ -251,7 +273,7 @@ class TurnRunner:
         else:
             argv = wrapper_argv(turn["id"], session, timeout, settings.cancel_grace_seconds)
             stdin = turn["prompt"].encode()
-        cap = settings.max_event_bytes
+        cap = settings.max_turn_output_bytes + 64  # one line can at most end the turn: no need to hold more
         for record, size in self.ctx.runtime.exec_lines(container_id, argv, env, stdin, result, max_line=cap):
             line = output.take(record, size, cut=size > cap)
             if turn.get("lost"):
@@ -278,9 +300,13 @@ class TurnRunner:
         usage = result.get("usage") or {}
         # Rounded as the database stores it, so the event and the turn row report the same cost.
         cost = Decimal(str(result.get("total_cost_usd") or 0)).quantize(Decimal("0.000001"))
-        summary = {"status": status, "result": result.get("result"), "error": error, "reason": reason,
+        text = result.get("result")
+        summary = {"status": status, "result": text, "error": error, "reason": reason,
                    "usage": usage or None, "cost_usd": float(cost) if result else None,
                    "duration_ms": result.get("duration_ms")}
+        if isinstance(text, str) and len(text) > self.ctx.settings.max_event_bytes // 2:
+            # The event stays within the event limit; the turn row keeps the whole answer.
+            summary.update(result=text[: self.ctx.settings.max_event_bytes // 2], result_truncated=True)
         last_id = self.ctx.events.mark(turn["id"]).get("final") if turn["resumed"] else None
         if last_id is None:
             last_id = self._publish(session, turn, final_event_type(status), summary, output.number, "final")

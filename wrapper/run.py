@@ -70,6 +70,10 @@ def claude_command(args: argparse.Namespace, mcp_config: Path | None = None) -> 
     """The Claude Code command line for this turn; with `mcp_config`, the ccd tools are loaded and allowed."""
     cmd = [args.claude, "-p", "--output-format", "stream-json", "--verbose",
            "--include-partial-messages"]
+    if args.session_id and transcript_exists(args.session_id):
+        # An earlier turn started this conversation but its end was never recorded (its worker or
+        # container was lost): continue it, since Claude Code refuses to start an id twice.
+        args.session_id, args.resume = None, args.session_id
     cmd += ["--session-id", args.session_id] if args.session_id else ["--resume", args.resume]
     if args.model:
         cmd += ["--model", args.model]
@@ -85,6 +89,11 @@ def claude_command(args: argparse.Namespace, mcp_config: Path | None = None) -> 
     if args.append_system_prompt:
         cmd += ["--append-system-prompt", args.append_system_prompt]
     return cmd
+
+
+def transcript_exists(session_id: str) -> bool:
+    """True when Claude Code already keeps a conversation with this id (in ~/.claude/projects/*/)."""
+    return any((Path.home() / ".claude" / "projects").glob(f"*/{session_id}.jsonl"))
 
 
 def write_mcp_config(env: dict[str, str], path: Path) -> Path | None:
