@@ -64,11 +64,22 @@ def cmd_token(args: argparse.Namespace) -> int:
         print("error: JWT_SECRET is not set; export the server's secret first", file=sys.stderr)
         return 2
     try:
-        print(mint_token(secret, args.sub, args.ttl))
+        print(mint_token(secret, args.sub, args.ttl, audience=os.environ.get("JWT_AUDIENCE", ""),
+                         issuer=os.environ.get("JWT_ISSUER", "")))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    """Revokes the token in use, or --jti (until --exp): the server refuses it from then on."""
+    if (args.jti is None) != (args.exp is None):
+        raise UsageError("--jti and --exp go together")
+    body = {"jti": args.jti, "exp": args.exp} if args.jti else {}
+    answer = client_of(args).call("POST", "/tokens/revoke", json=body)
+    print(f"{answer['jti']} {'revoked' if answer['revoked'] else 'already expired'}")
+    return EXIT_OK
 
 
 # -- sessions -----------------------------------------------------------------------------------
@@ -446,10 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", default=os.environ.get("CCD_TOKEN"), help="API token (env CCD_TOKEN)")
     sub = parser.add_subparsers(dest="command", required=True)
     common = [connection_flags()]
-    token = sub.add_parser("token", help="mint an API token from JWT_SECRET")
+    token = sub.add_parser("token", help="mint an API token from JWT_SECRET (or: token revoke)")
     token.add_argument("--sub", default=os.environ.get("USER") or "dev", help="the token's owner")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     token.set_defaults(func=cmd_token)
+    tsub = token.add_subparsers(dest="action")
+    revoke = add_command(tsub, "revoke", cmd_token_revoke, "revoke the token in use (--token or CCD_TOKEN), "
+                         "or one of your token ids with --jti and --exp", common)
+    revoke.add_argument("--jti", help="a token id (the jti claim) of yours")
+    revoke.add_argument("--exp", type=int, help="with --jti: when that token expires (Unix seconds)")
     add_session_commands(sub, common)
     chat = add_command(sub, "chat", cmd_chat, "send a prompt to a session and stream the answer", common)
     chat.add_argument("session", help="session id")

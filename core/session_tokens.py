@@ -2,14 +2,23 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 import jwt
 
 SCOPE_CLAIM = "ccd_session"
 
 
-def mint_session_token(secret: str, owner: str, session_id: str, ttl_seconds: int) -> str:
-    """A token that acts for `owner`, but only on `session_id` and the sessions it spawned."""
+def mint_session_token(secret: str, owner: str, session_id: str, ttl_seconds: int,
+                       audience: str = "", issuer: str = "") -> str:
+    """A token that acts for `owner`, but only on `session_id` and the sessions it spawned.
+
+    `audience` and `issuer` (JWT_AUDIENCE, JWT_ISSUER) go in when set, since the server then requires them.
+    """
     now = int(time.time())
-    return jwt.encode({"sub": owner, "iat": now, "exp": now + ttl_seconds, SCOPE_CLAIM: session_id},
-                      secret, algorithm="HS256")
+    claims = {"sub": owner, "iat": now, "exp": now + ttl_seconds, "jti": uuid.uuid4().hex, SCOPE_CLAIM: session_id}
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
+    return jwt.encode(claims, secret, algorithm="HS256")

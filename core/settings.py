@@ -63,6 +63,9 @@ class Settings:
     visibility_timeout_seconds: int = 0
     max_event_bytes: int = 1_048_576
     max_turn_output_bytes: int = 67_108_864
+    model_proxy_host: str = ""
+    model_proxy_port: int = 8011
+    tmp_mb: int = 256
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -104,7 +107,8 @@ class Settings:
                      "owner_max_sessions", "owner_max_running_turns", "owner_max_queued_turns",
                      "idempotency_ttl_seconds", "webhook_max_attempts", "ws_ping_seconds", "max_children",
                      "idle_check_seconds", "max_upload_bytes", "files_timeout_seconds",
-                     "lease_seconds", "worker_lost_seconds", "reap_seconds", "max_event_bytes", "max_turn_output_bytes", "max_prompt_chars"):
+                     "lease_seconds", "worker_lost_seconds", "reap_seconds", "max_event_bytes", "max_turn_output_bytes", "max_prompt_chars",
+                     "model_proxy_port", "tmp_mb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
         if self.idempotency_ttl_seconds < 86400:
@@ -171,4 +175,7 @@ ENV_NAMES = {
     "visibility_timeout_seconds": "CCD_VISIBILITY_TIMEOUT_SECONDS",
     "max_event_bytes": "CCD_MAX_EVENT_BYTES",
     "max_turn_output_bytes": "CCD_MAX_TURN_OUTPUT_BYTES",
+    "model_proxy_host": "CCD_MODEL_PROXY_HOST",
+    "model_proxy_port": "CCD_MODEL_PROXY_PORT",
+    "tmp_mb": "CCD_TMP_MB",
 }

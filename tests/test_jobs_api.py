@@ -164,7 +164,7 @@ def test_a_batch_with_one_bad_item_is_refused_whole_and_stores_nothing(client, a
                             headers=auth(owner()))
     assert strangers.status_code == 400 and error_of(strangers)["field"] == "items[0].session_id"
     too_many = client.post("/api/v1/batches", json=[{"prompt": "x", "config": {}}] * 10_001, headers=who)
-    assert too_many.status_code == 400 and error_of(too_many)["field"] == "items"
+    assert too_many.status_code == 413 and error_of(too_many)["code"] == "too_many_items"
     with db.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(Batch).where(Batch.owner == name)) == 0
         assert conn.scalar(select(func.count()).select_from(Turn).where(Turn.session_id == sid)) == 0

@@ -11,11 +11,13 @@ from kombu.exceptions import OperationalError as BrokerDown
 from pydantic import BaseModel, ValidationError
 
 from sqlalchemy.orm import Session as DbSession
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from core import idempotency
 from core import sessions as session_cmds
 from core.errors import DomainError, ValidationFailed
 from core.events import is_stream_id
+from core.revocations import Revocations
 from core.session_tokens import SCOPE_CLAIM
 from web.auth import authenticate, check_scope
 from web.context import ctx, unit_of_work
@@ -30,11 +32,17 @@ STREAM_ENDPOINT = "api.stream"
 QUERY_TOKEN_ENDPOINTS = (STREAM_ENDPOINT, "api.events")
 
 
+def revocations() -> Revocations:
+    """The revoked-token list of this app's Redis and key prefix."""
+    return Revocations(ctx().events.redis, ctx().settings.key_prefix)
+
+
 @api.before_request
 def _authenticate():
-    """Every API call needs a token; the WebSocket may carry it as ?token= (browsers send no headers)."""
+    """Every API call needs a token; the WebSocket and SSE may carry it as ?token= (browsers send no
+    headers there). Runs before the WebSocket handshake, so a bad token is a 401, not an upgrade."""
     is_stream = request.endpoint == STREAM_ENDPOINT
-    claims = authenticate(ctx().settings.jwt_secret, allow_query=request.endpoint in QUERY_TOKEN_ENDPOINTS)
+    claims = authenticate(ctx().settings, revocations(), allow_query=request.endpoint in QUERY_TOKEN_ENDPOINTS)
     owner = claims["sub"]
     g.token_scope = claims.get(SCOPE_CLAIM)
     if SCOPE_CLAIM in claims:
@@ -48,9 +56,28 @@ def _authenticate():
             session_cmds.get_owned(db, owner, request.view_args["session_id"])
 
 
+def body_bytes() -> bytes:
+    """The whole body; 413 past request.max_content_length, chunked bodies (no Content-Length) too.
+
+    Werkzeug stops reading a chunked body quietly at the limit, which would hand the view a truncated
+    body (an NDJSON batch cut at a line would even parse). So read one byte more and look.
+    """
+    limit = request.max_content_length
+    if limit is None:
+        return request.get_data(cache=True)
+    request.max_content_length = limit + 1  # before the stream is made: it takes the limit then
+    try:
+        data = request.get_data(cache=True)
+    finally:
+        request.max_content_length = limit  # what the 413 reports
+    if len(data) > limit:
+        raise RequestEntityTooLarge()
+    return data
+
+
 def json_data() -> object:
     """The request's parsed JSON; an empty body counts as {}."""
-    if not request.get_data(cache=True):
+    if not body_bytes():
         return {}
     if not request.is_json:
         raise DomainError("send JSON with Content-Type: application/json", code="unsupported_media_type")
@@ -68,11 +95,20 @@ def json_body(model: type[M]) -> M:
     return model.model_validate(data)
 
 
+class PageTooLarge(DomainError):
+    status = 422
+    code = "page_too_large"
+
+
 def query(model: type[M]) -> M:
-    """The query string, validated; errors name the parameter as query.<name>."""
+    """The query string, validated; errors name the parameter as query.<name>. A page size over
+    its cap is a 422 `page_too_large` naming the cap, so a client knows what to ask for instead."""
     try:
         return model.model_validate(request.args.to_dict())
     except ValidationError as exc:
+        for err in exc.errors():
+            if err["loc"] == ("limit",) and err["type"] == "less_than_equal":
+                raise PageTooLarge(f"limit may be at most {err['ctx']['le']}", field="query.limit") from None
         raise QueryError(exc) from None
 
 

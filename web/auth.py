@@ -1,4 +1,5 @@
-"""JWT authentication: HS256 bearer tokens with `sub` and `exp`, from the header or ?token=.
+"""JWT authentication: HS256 bearer tokens (from the header, or ?token= where browsers need it),
+checked for signature, algorithm, `exp`/`nbf`, `sub`, the configured `aud`/`iss`, and revocation.
 
 A token with a `ccd_session` claim (minted for an agent's in-container tools) reaches only
 that session and the sessions below it, through the endpoints in SCOPED_ENDPOINTS, and only
@@ -6,17 +7,23 @@ while that session is live.
 """
 from __future__ import annotations
 
+import logging
 import uuid
 
 import jwt
+import redis
 from flask import g, request
 from sqlalchemy import select
 
 from core import trees
 from core.errors import DomainError, NotFound, Unauthorized
 from core.models import Session, Turn
+from core.revocations import MAX_JTI_LENGTH, Revocations
 from core.session_tokens import SCOPE_CLAIM
+from core.settings import Settings
 
+log = logging.getLogger(__name__)
+# One algorithm, fixed here and never taken from the token: no `none`, no RS/HS confusion.
 ALGORITHM = "HS256"
 SCOPED_ENDPOINTS = frozenset({
     "api.get_session", "api.spawn", "api.list_children", "api.chat", "api.list_turns", "api.get_turn",
@@ -29,17 +36,28 @@ class OutOfScope(DomainError):
     code = "token_scope"
 
 
-def decode_token(token: str, secret: str) -> dict:
-    """The token's claims; Unauthorized for a bad signature, another algorithm, or a missing claim."""
+def decode_token(token: str, secret: str, audience: str = "", issuer: str = "") -> dict:
+    """The token's claims; Unauthorized (with a stable code) for anything but a valid, current token.
+
+    `audience` and `issuer`, when not empty, must match the token's `aud` and `iss`, which are then required.
+    """
+    required = ["exp", "sub"] + (["aud"] if audience else []) + (["iss"] if issuer else [])
     try:
-        claims = jwt.decode(token, secret, algorithms=[ALGORITHM],
-                            options={"require": ["exp", "sub"]})
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], audience=audience or None,
+                            issuer=issuer or None,
+                            options={"require": required, "verify_aud": bool(audience)})
     except jwt.ExpiredSignatureError:
         raise Unauthorized("token expired; mint a new one (ccd token)", code="token_expired") from None
+    except jwt.ImmatureSignatureError:
+        raise Unauthorized("token not valid yet (nbf or iat in the future)", code="token_not_yet_valid") from None
     except jwt.InvalidTokenError as exc:
         raise Unauthorized(f"invalid token: {exc}", code="invalid_token") from None
     if not isinstance(claims.get("sub"), str) or not claims["sub"]:
         raise Unauthorized("invalid token: sub must be a non-empty string", code="invalid_token")
+    jti = claims.get("jti")
+    if jti is not None and (not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI_LENGTH):
+        raise Unauthorized(f"invalid token: jti must be a string of 1 to {MAX_JTI_LENGTH} characters",
+                           code="invalid_token")
     return claims
 
 
@@ -53,11 +71,26 @@ def token_from_request(allow_query: bool) -> str:
     raise Unauthorized("missing credentials: send Authorization: Bearer <token>", code="missing_token")
 
 
-def authenticate(secret: str, allow_query: bool = False) -> dict:
-    """Checks the request's token, remembers its owner in g.owner; returns its claims."""
-    claims = decode_token(token_from_request(allow_query), secret)
-    g.owner = claims["sub"]
+def authenticate(settings: Settings, revocations: Revocations, allow_query: bool = False) -> dict:
+    """Checks the request's token, remembers its owner in g.owner and its claims in g.claims."""
+    claims = decode_token(token_from_request(allow_query), settings.jwt_secret,
+                          settings.jwt_audience, settings.jwt_issuer)
+    if "jti" in claims and is_revoked(revocations, claims):
+        raise Unauthorized("this token was revoked; mint a new one (ccd token)", code="token_revoked")
+    g.owner, g.claims = claims["sub"], claims
     return claims
+
+
+def is_revoked(revocations: Revocations, claims: dict) -> bool:
+    """Whether the token's jti is on the list. While Redis does not answer, the list cannot be read and
+    the token passes (logged): the API keeps taking work without Redis, and refusing every token then
+    would turn a Redis outage into a full one."""
+    try:
+        return revocations.is_revoked(claims["sub"], claims["jti"])
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.warning("cannot check token %s of %s for revocation (%s); letting it through",
+                    claims["jti"], claims["sub"], exc)
+        return False
 
 
 def check_scope(db, claims: dict) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, OperationalError
-from werkzeug.exceptions import HTTPException
+from kombu.exceptions import OperationalError as BrokerDown
+from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeout
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.routing import WebsocketMismatch
 
 from core.admission import OverLimit
@@ -51,23 +52,36 @@ def register_error_handlers(app: Flask) -> None:
         return error_response(400, "websocket_required",
                               "this endpoint is a WebSocket: connect with ws:// (or wss://) and an Upgrade")
 
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge):
+        # Raised by Content-Length, or while reading a chunked body past the limit of this endpoint.
+        limit = request.max_content_length
+        return error_response(413, "too_large", f"the request body is larger than this endpoint's limit "
+                              f"({limit} bytes: CCD_MAX_BODY_BYTES, or CCD_MAX_BATCH_BYTES for batches)", limit=limit)
+
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException):
         status = exc.code or 500
         return error_response(status, HTTP_CODES.get(status, "http_error"), exc.description or exc.name)
 
     @app.errorhandler(OperationalError)
-    def _database_down(exc: OperationalError):
-        log.error("database unavailable: %s", exc.orig)
+    @app.errorhandler(PoolTimeout)
+    def _database_down(exc: Exception):
+        log.error("database unavailable: %s", getattr(exc, "orig", exc))
         return error_response(503, "database_unavailable", "the database is not answering; try again shortly")
 
+    # A Redis that restarts refuses connections, then answers LOADING (a ConnectionError) while it reads its AOF.
     @app.errorhandler(redis.ConnectionError)
-    def _redis_down(exc: redis.ConnectionError):
+    @app.errorhandler(redis.TimeoutError)
+    @app.errorhandler(BrokerDown)
+    def _redis_down(exc: Exception):
         log.error("redis unavailable: %s", exc)
         return error_response(503, "redis_unavailable", "the event store / queue is not answering; try again shortly")
 
     @app.errorhandler(DBAPIError)
     def _database_error(exc: DBAPIError):
+        if exc.connection_invalidated:  # the server went away mid-request: an outage, not a bug
+            return _database_down(exc)
         log.exception("database error")
         return error_response(500, "internal_error", "a database error occurred; it was logged")
 

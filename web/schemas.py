@@ -4,13 +4,33 @@ from __future__ import annotations
 import uuid
 from typing import Any, Literal
 
+from flask import current_app, has_app_context
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from core.errors import TooLarge
 
 PERMISSION_MODES = Literal["default", "acceptEdits", "bypassPermissions", "plan", "dontAsk"]
 
 
+def no_nul(value: Any) -> Any:
+    """Postgres text cannot hold NUL (\\u0000): refused here (a 400), not by the INSERT (a 500; fuzzing found it)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("text may not contain NUL characters (\\u0000)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            no_nul(key)
+            no_nul(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            no_nul(item)
+    return value
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    _no_nul = field_validator("*")(no_nul)
 
 
 class Limits(Strict):
@@ -71,11 +91,11 @@ class CreateSession(Strict):
 
 
 class SpawnRequest(Strict):
-    prompt: str | None = Field(None, min_length=1, max_length=500_000)
+    prompt: str | None = Field(None, min_length=1, description="at most CCD_MAX_PROMPT_CHARS characters")
     config: dict[str, Any] = Field(default_factory=dict, description="keys that replace the parent's config")
     workspace: Workspace = Field(default_factory=Workspace)
 
-    _prompt = field_validator("prompt")(lambda p: p if p is None else not_blank(p))
+    _prompt = field_validator("prompt")(lambda p: p if p is None else check_prompt(p))
 
     def config_overrides(self) -> dict:
         """Only the keys the request gave, validated."""
@@ -92,13 +112,33 @@ class TurnQuery(Strict):
                                                      "seconds (capped by CCD_MAX_WAIT_SECONDS)")
 
 
-Prompt = Field(min_length=1, max_length=500_000)
+Prompt = Field(min_length=1, description="at most CCD_MAX_PROMPT_CHARS characters")
 Webhook = Field(None, min_length=1, max_length=2000, description="POSTed the final resource when it ends")
 
 
-def not_blank(prompt: str) -> str:
+DEFAULT_MAX_PROMPT_CHARS = 500_000
+
+
+class PromptTooLong(TooLarge):
+    code = "prompt_too_long"
+
+
+def max_prompt_chars() -> int:
+    """CCD_MAX_PROMPT_CHARS of the app serving this request (the default outside one)."""
+    if has_app_context() and "ccd" in current_app.extensions:
+        return current_app.extensions["ccd"].settings.max_prompt_chars
+    return DEFAULT_MAX_PROMPT_CHARS
+
+
+def check_prompt(prompt: str) -> str:
+    """Not blank, and within the limit. Over it is a 413, not a validation error: pydantic lets a
+    non-ValueError through, so every caller (chat, spawn, batch items, the WebSocket) answers the same."""
     if not prompt.strip():
         raise ValueError("prompt is blank")
+    limit = max_prompt_chars()
+    if len(prompt) > limit:
+        raise PromptTooLong(f"the prompt has {len(prompt)} characters, more than CCD_MAX_PROMPT_CHARS ({limit})",
+                            field="prompt")
     return prompt
 
 
@@ -109,7 +149,7 @@ class ChatRequest(Strict):
     stream: bool = False
     webhook: str | None = Webhook
 
-    _prompt = field_validator("prompt")(not_blank)
+    _prompt = field_validator("prompt")(check_prompt)
 
 
 class BatchItemSpec(Strict):
@@ -118,7 +158,7 @@ class BatchItemSpec(Strict):
     config: SessionConfig | None = None
     custom_id: str | None = Field(None, min_length=1, max_length=255)
 
-    _prompt = field_validator("prompt")(not_blank)
+    _prompt = field_validator("prompt")(check_prompt)
 
     @model_validator(mode="after")
     def _one_target(self) -> "BatchItemSpec":
@@ -136,7 +176,8 @@ class BatchOptions(Strict):
 
 
 class CreateBatch(BatchOptions):
-    items: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
+    # The count is checked by the route (413 too_many_items), not here (400), like every other limit.
+    items: list[dict[str, Any]] = Field(min_length=1, description=f"at most {MAX_BATCH_ITEMS} items")
 
 
 class EventsQuery(Strict):
@@ -146,9 +187,12 @@ class EventsQuery(Strict):
     token: str | None = None
 
 
+MAX_OFFSET = 2**31 - 1  # past Postgres' bigint an OFFSET is a database error (fuzzing found it)
+
+
 class PageQuery(Strict):
     limit: int = Field(50, ge=1, le=200)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
 
 
 class SessionListQuery(PageQuery):

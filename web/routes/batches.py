@@ -11,14 +11,15 @@ from sqlalchemy import func, select
 
 from core import batches as batch_cmds
 from core.db import transaction
-from core.errors import ValidationFailed
+from core.errors import TooLarge, ValidationFailed
 from core.models import Batch
 from core.resources import batch_body
 from core.webhooks import check_url
-from web.api import (api, claim_idempotency_key, enqueue, json_data, page, query,
+from web.api import (api, body_bytes, claim_idempotency_key, enqueue, json_data, page, query,
                      remember_idempotency_key)
 from web.context import ctx, unit_of_work
-from web.schemas import MAX_BATCH_ITEMS, BatchItemSpec, BatchOptions, CreateBatch, PageQuery, ResultsQuery
+from web.schemas import (MAX_BATCH_ITEMS, BatchItemSpec, BatchOptions, CreateBatch, PageQuery, PromptTooLong,
+                         ResultsQuery)
 
 FOLLOW_POLL_SECONDS = 0.5
 # Items settle in transactions that commit in any order: a follower looks back this far.
@@ -31,7 +32,7 @@ def read_submission() -> tuple[list, BatchOptions]:
     request.max_content_length = ctx().settings.max_batch_bytes
     if request.mimetype in ("application/x-ndjson", "application/jsonl"):
         items = []
-        for number, line in enumerate(request.get_data(cache=True).decode("utf-8", "replace").splitlines()):
+        for number, line in enumerate(body_bytes().decode("utf-8", "replace").splitlines()):
             if not line.strip():
                 continue
             try:
@@ -54,7 +55,8 @@ def validate_items(raw: list) -> list[dict]:
     if not raw:
         raise ValidationFailed("a batch needs at least one item", field="items")
     if len(raw) > MAX_BATCH_ITEMS:
-        raise ValidationFailed(f"a batch holds at most {MAX_BATCH_ITEMS} items, got {len(raw)}", field="items")
+        raise TooLarge(f"a batch holds at most {MAX_BATCH_ITEMS} items, got {len(raw)}", code="too_many_items",
+                       field="items")
     items = []
     for index, item in enumerate(raw):
         if not isinstance(item, dict):
@@ -64,6 +66,9 @@ def validate_items(raw: list) -> list[dict]:
         except ValidationError as exc:
             first = exc.errors()[0]
             raise InvalidItem(index, ".".join(str(p) for p in first["loc"]), first["msg"]) from None
+        except PromptTooLong as exc:
+            exc.field = f"items[{index}].prompt"
+            raise
         items.append({"prompt": spec.prompt, "custom_id": spec.custom_id, "session_id": spec.session_id,
                       "config": spec.config.model_dump() if spec.config else None})
     return items

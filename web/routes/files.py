@@ -84,7 +84,7 @@ def send_download(reply: dict, filename: str, mimetype: str) -> Response:
 
 def upload_body():
     limit = ctx().settings.max_upload_bytes
-    request.max_content_length = limit
+    request.max_content_length = limit + 1  # one byte more: LimitedReader, not werkzeug, says "too large"
     if request.content_length is not None and request.content_length > limit:
         raise too_large(limit)
     return LimitedReader(request.stream, limit)
