@@ -14,9 +14,17 @@ from core.settings import Settings
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
+# While Postgres is down or unreachable a request fails fast with a 503 instead of hanging:
+# connecting gives up after CONNECT_TIMEOUT_SECONDS, waiting for a pooled connection after POOL_TIMEOUT_SECONDS.
+CONNECT_TIMEOUT_SECONDS = 5
+POOL_TIMEOUT_SECONDS = 10
+
+
 def make_engine(settings: Settings) -> Engine:
     """The process's engine; pre-ping so a restarted Postgres costs one retry, not an error."""
-    return create_engine(settings.database_url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    return create_engine(settings.database_url, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                         pool_timeout=POOL_TIMEOUT_SECONDS,
+                         connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS})
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[DbSession]:

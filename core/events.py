@@ -1,6 +1,7 @@
 """Session event streams on Redis: publish, replay from an id, wait for new events, gap detection."""
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from typing import Iterable
 
@@ -23,12 +24,15 @@ def id_before(value: str) -> str:
     return f"{ms - 1}-18446744073709551615" if ms else "0-0"
 
 
+# What Redis takes: ASCII digits (int() also takes "+1", " 1", "1_0", "١"), each part below 2**64.
+STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
+
+
 def is_stream_id(value: str) -> bool:
-    try:
-        ms, seq = parse_stream_id(value)
-    except ValueError:
+    if not STREAM_ID.fullmatch(value):
         return False
-    return ms >= 0 and seq >= 0
+    ms, seq = parse_stream_id(value)
+    return ms < 2**64 and seq < 2**64
 
 
 # Marks outlive any turn by far; they only matter while a turn can still be re-attached.
@@ -51,7 +55,8 @@ class EventLog:
 
     @classmethod
     def from_settings(cls, settings) -> "EventLog":
-        return cls(redis.Redis.from_url(settings.redis_url, decode_responses=True),
+        # A bounded connect: an unreachable Redis is a quick 503 (redis_unavailable), not a hung request.
+        return cls(redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=5),
                    settings.key_prefix, settings.events_maxlen)
 
     def key(self, session_id: str) -> str:

@@ -1,12 +1,17 @@
 """Following a session's events as they happen: one turn until it ends, or the whole session.
 
 Both generators yield None on each quiet second, so a caller can send a heartbeat or check
-its client; they hold no request context, so a streaming response can run them.
+its client; they hold no request context, so a streaming response can run them. They ride out
+a Redis restart (reading on from their cursor, so nothing is missed or repeated) and give up
+with StreamInterrupted when Redis stays away, so the client can resume with its last id.
 """
 from __future__ import annotations
 
 import time
 from typing import Callable, Iterator
+
+import redis
+from sqlalchemy.exc import SQLAlchemyError
 
 from core.envelope import Event
 from core.events import EventLog, id_before
@@ -14,6 +19,44 @@ from core.events import EventLog, id_before
 FINAL_TYPES = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
 BLOCK_MS = 1000
 CHECK_EVERY_SECONDS = 5.0
+# How long a stream waits for Redis to come back before it ends; a restart with AOF takes seconds.
+REDIS_RETRY_SECONDS = 30.0
+RETRY_PAUSE_SECONDS = 0.5
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+
+
+class StreamInterrupted(redis.ConnectionError):
+    """Redis stayed away: the stream ends; `last_id` is where the client should resume (since=)."""
+
+    def __init__(self, last_id: str) -> None:
+        super().__init__(f"the event store is not answering; resume with since={last_id}")
+        self.last_id = last_id
+
+
+class Outage:
+    """Tracks one stretch of Redis being unreachable, and bounds it."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def over(self) -> None:
+        self.since = None
+
+    def pause(self, cursor: str, exc: Exception) -> None:
+        """Waits before the next try; raises StreamInterrupted once the outage is too long."""
+        now = time.monotonic()
+        self.since = self.since or now
+        if now - self.since > REDIS_RETRY_SECONDS:
+            raise StreamInterrupted(cursor) from exc
+        time.sleep(RETRY_PAUSE_SECONDS)
+
+
+def still_true(check: Callable[[], bool]) -> bool:
+    """`check()`, but True when the database cannot tell right now: a Postgres blip ends no stream."""
+    try:
+        return check()
+    except SQLAlchemyError:
+        return True
 
 
 def gap_event(session_id: str, since: str, trimmed_through: str) -> Event:
@@ -29,10 +72,16 @@ def turn_events(events: EventLog, session_id: str, turn_id: str, start_id: str,
     Ends early at `deadline` (monotonic), or when the turn is over but its final event is
     gone from the stream (trimmed or deleted), which `still_running` tells.
     """
-    cursor, checked = id_before(start_id), time.monotonic()
+    cursor, checked, outage = id_before(start_id), time.monotonic(), Outage()
     while deadline is None or time.monotonic() < deadline:
         block = BLOCK_MS if deadline is None else max(1, min(BLOCK_MS, int((deadline - time.monotonic()) * 1000)))
-        batch = events.wait(session_id, cursor, block)
+        try:
+            batch = events.wait(session_id, cursor, block)
+            outage.over()
+        except REDIS_DOWN as exc:
+            outage.pause(cursor, exc)
+            yield None
+            continue
         for event in batch:
             cursor = event.id
             if event.turn_id == turn_id:
@@ -43,21 +92,32 @@ def turn_events(events: EventLog, session_id: str, turn_id: str, start_id: str,
             yield None
             if time.monotonic() - checked > CHECK_EVERY_SECONDS:
                 checked = time.monotonic()
-                if not still_running() and not events.read(session_id, cursor, count=1):
-                    return
+                try:
+                    if not still_true(still_running) and not events.read(session_id, cursor, count=1):
+                        return
+                except REDIS_DOWN:
+                    pass  # the next wait rides out the outage
 
 
 def tail(events: EventLog, session_id: str, since: str | None,
          session_exists: Callable[[], bool]) -> Iterator[Event | None]:
     """Every event after `since` (a stream.gap first when some were trimmed), then live ones,
     until the session is deleted."""
-    cursor = since or "0-0"
-    trimmed = events.gap_after(session_id, cursor)
-    if trimmed:
-        yield gap_event(session_id, cursor, trimmed)
+    cursor, gap_checked, trimmed, outage = since or "0-0", False, None, Outage()
     checked = time.monotonic()
     while True:
-        batch = events.wait(session_id, cursor, BLOCK_MS)
+        try:
+            if not gap_checked:
+                trimmed, gap_checked = events.gap_after(session_id, cursor), True
+            batch = events.wait(session_id, cursor, BLOCK_MS)
+            outage.over()
+        except REDIS_DOWN as exc:
+            outage.pause(cursor, exc)
+            yield None
+            continue
+        if trimmed:
+            yield gap_event(session_id, cursor, trimmed)
+            trimmed = None
         for event in batch:
             cursor = event.id
             yield event
@@ -65,8 +125,19 @@ def tail(events: EventLog, session_id: str, since: str | None,
             yield None
         if time.monotonic() - checked > CHECK_EVERY_SECONDS:
             checked = time.monotonic()
-            if not session_exists():
+            if not still_true(session_exists):
                 return
+
+
+def sse_stream(events: Iterator[Event | None]) -> Iterator[str]:
+    """An SSE body: the reconnect delay, then frames and heartbeats; ends cleanly when Redis stays
+    away, and the browser's EventSource reconnects with Last-Event-ID."""
+    yield "retry: 2000\n\n"
+    try:
+        for event in events:
+            yield SSE_HEARTBEAT if event is None else sse_frame(event)
+    except REDIS_DOWN:  # StreamInterrupted, or a tail without its own retries
+        return
 
 
 def sse_frame(event: Event) -> str:

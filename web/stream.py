@@ -6,6 +6,7 @@ Client → server, JSON text frames:
 Server → client: every event envelope, plus one reply per command:
     {"type": "reply", "id": .., "ok": true, "turn": {..}}   or   {"type": "reply", "id": .., "ok": false, "error": {code, message}}
 Heartbeats are WebSocket pings every CCD_WS_PING_SECONDS; clients answer them automatically.
+When Redis stays away the socket closes with 1011; reconnect with ?since=<the last id received>.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 from core.errors import DomainError
 from web.api import api
 from web.context import ctx
-from web.follow import tail
+from web.follow import StreamInterrupted, tail
 from web.routes.events import session_alive
 from web.routes.turns import cancel, submit_chat
 from web.schemas import ChatRequest
@@ -98,5 +99,8 @@ def stream(ws, session_id: str) -> None:
             elif not ws.connected:
                 return
         ws.close(reason=1000, message="session deleted")
+    except StreamInterrupted as exc:  # 1011: try again later, with since=<the last id received>
+        log.warning("stream of session %s ended: %s", session_id, exc)
+        ws.close(reason=1011, message=str(exc))
     except ConnectionClosed:
         log.debug("stream client of session %s went away", session_id)

@@ -14,7 +14,7 @@ from core.events import is_stream_id
 from core.models import Session
 from web.api import api, query
 from web.context import ctx, unit_of_work
-from web.follow import SSE_HEARTBEAT, gap_event, sse_frame, tail
+from web.follow import gap_event, sse_stream, tail
 from web.schemas import EventsQuery
 
 
@@ -62,13 +62,8 @@ def events(session_id: str):
     if live:
         alive = session_alive(sid)
 
-        def frames():
-            yield "retry: 2000\n\n"
-            for event in tail(log, sid, since, alive):
-                yield SSE_HEARTBEAT if event is None else sse_frame(event)
-
-        return Response(frames(), 200, {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                        mimetype="text/event-stream")
+        return Response(sse_stream(tail(log, sid, since, alive)), 200,
+                        {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, mimetype="text/event-stream")
     items = []
     trimmed = log.gap_after(sid, since or "0-0")
     if trimmed:
@@ -88,13 +83,8 @@ def tree_events(session_id: str, since: str | None, live: bool, limit: int):
     members = tree_members(sid)
     log = ctx().events
     if live:
-        def frames():
-            yield "retry: 2000\n\n"
-            for event in tree_cursor.tail(log, members, positions):
-                yield SSE_HEARTBEAT if event is None else sse_frame(event)
-
-        return Response(frames(), 200, {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                        mimetype="text/event-stream")
+        return Response(sse_stream(tree_cursor.tail(log, members, positions)), 200,
+                        {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, mimetype="text/event-stream")
     batch = tree_cursor.read(log, members() or [], positions, limit + 1)
     items = batch[:limit]
     return {"items": [e.frame() for e in items], "next_since": items[-1].id if items else since,
