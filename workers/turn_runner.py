@@ -7,6 +7,7 @@ import time
 import uuid
 from decimal import Decimal
 
+import redis
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
@@ -26,8 +27,9 @@ log = logging.getLogger(__name__)
 
 # How long a turn whose process vanished waits for its container's state to say why.
 STATE_SETTLE_SECONDS = 3.0
-# How long a finished turn waits for Postgres to come back before leaving it to the reaper.
-DB_PATIENCE_SECONDS = 60.0
+# How long a turn waits for Postgres or Redis to come back before leaving the rest to the reaper.
+OUTAGE_PATIENCE_SECONDS = 60.0
+SERVICE_DOWN = (OperationalError, redis.ConnectionError, redis.TimeoutError)
 CANCEL_POLL_SECONDS = 1.0
 # A session token outlives its turn by this much, so a spawn tool call at the very end still works.
 TOKEN_SLACK_SECONDS = 300
@@ -61,21 +63,23 @@ class ContainerLost(Exception):
     """The turn's container is gone or was restarted, and the turn's process with it."""
 
 
-def retry_while_database_down(step, what: str, patience: float = DB_PATIENCE_SECONDS):
-    """Runs a database step, retrying while Postgres is unreachable for up to `patience` seconds.
+def retry_while_down(step, what: str, patience: float = OUTAGE_PATIENCE_SECONDS):
+    """Runs a step that needs Postgres or Redis, retrying while either is unreachable, for up to
+    `patience` seconds.
 
     Past that the error propagates: the turn's lease then runs out and the reaper hands the turn
-    to a worker that re-attaches and records it, so nothing is lost either way.
+    to a worker that re-attaches and publishes or records the rest, so nothing is lost either way.
     """
     deadline, delay = time.monotonic() + patience, 0.5
     while True:
         try:
             return step()
-        except OperationalError as exc:
+        except SERVICE_DOWN as exc:
             if time.monotonic() >= deadline:
                 raise
-            log.warning("could not record %s (database unreachable: %s); retrying in %.0fs",
-                        what, exc.orig or exc, delay)
+            log.warning("could not %s (%s unreachable: %s); retrying in %.1fs", what,
+                        "Redis" if isinstance(exc, redis.RedisError) else "the database",
+                        getattr(exc, "orig", None) or exc, delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -200,9 +204,19 @@ class TurnRunner:
         renew_every = max(1.0, lease / 4)
 
         def watch() -> None:
+            try:
+                watch_until_done()
+            except Exception:  # a crashed watcher would leave the turn without lease renewals
+                log.exception("turn %s: the lease and cancel watcher failed", turn["id"])
+
+        def watch_until_done() -> None:
             renew_at, interrupted = time.monotonic() + renew_every, False
             while not done.is_set():
-                signalled = not interrupted and self.ctx.cancels.wait(turn["id"], CANCEL_POLL_SECONDS)
+                try:
+                    signalled = not interrupted and self.ctx.cancels.wait(turn["id"], CANCEL_POLL_SECONDS)
+                except redis.RedisError:  # a Redis blip: cancels are also seen in Postgres below
+                    signalled = False
+                    done.wait(CANCEL_POLL_SECONDS)
                 if interrupted:
                     done.wait(CANCEL_POLL_SECONDS)
                 if time.monotonic() >= renew_at and not done.is_set():
@@ -237,9 +251,11 @@ class TurnRunner:
             return True
 
     def _cancel_requested(self, turn: dict) -> bool:
-        with transaction(self.ctx.db) as db:
-            row = db.get(Turn, uuid.UUID(turn["id"]))
-            return row is not None and row.cancel_requested_at is not None
+        def check() -> bool:
+            with transaction(self.ctx.db) as db:
+                row = db.get(Turn, uuid.UUID(turn["id"]))
+                return row is not None and row.cancel_requested_at is not None
+        return retry_while_down(check, what=f"check turn {turn['id']} for a cancel")
 
     def _interrupt(self, container_id: str, turn: dict) -> None:
         """Stops Claude Code in the container: interrupt, then terminate, then kill."""
@@ -288,7 +304,8 @@ class TurnRunner:
                  id_field: str = "last") -> str:
         """Publishes one event of the turn, marking wrapper line `number` as published."""
         event = Event(session_id=session["id"], turn_id=turn["id"], seq=turn["seq"], type=kind, data=data)
-        return self.ctx.events.publish_marked(event, turn["id"], number, id_field)
+        return retry_while_down(lambda: self.ctx.events.publish_marked(event, turn["id"], number, id_field),
+                                what=f"publish an event of turn {turn['id']}")
 
     def _finish(self, session: dict, turn: dict, output: TurnOutput, ending: tuple[str, str | None, str | None],
                 mark: dict[str, str]) -> bool:
@@ -314,8 +331,8 @@ class TurnRunner:
                       cost_usd=cost if result else None, duration_ms=result.get("duration_ms"),
                       error=error, reason=reason, first_event_id=mark.get("first"), last_event_id=last_id,
                       finished_at=utcnow(), lease_holder=None, lease_expires_at=None)
-        done = retry_while_database_down(lambda: self._record(session, turn, values, usage, cost, output.saw_init),
-                                         what=f"turn {turn['id']}'s result")
+        done = retry_while_down(lambda: self._record(session, turn, values, usage, cost, output.saw_init),
+                                what=f"record turn {turn['id']}'s result")
         if not done:
             log.warning("turn %s was taken from us before it finished; result dropped", turn["id"])
             return False
