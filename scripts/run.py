@@ -178,6 +178,8 @@ def main() -> int:
         say(f"building the session image {settings.image} (first time: a few minutes; then seconds)")
         subprocess.run(["bash", str(ROOT / "container" / "build.sh")], check=True)
         python = sys.executable
+        # The model proxy holds ANTHROPIC_API_KEY; session containers get per-session credentials for it.
+        spawn("model-proxy", [python, "-m", "workers", "proxy"])
         spawn("web", [python, "-m", "gunicorn", "-b", f"0.0.0.0:{settings.port}", "-k", "gthread",
                       "--threads", "32", "--graceful-timeout", "5", "web.wsgi:app"])
         spawn("worker", [python, "-m", "workers", "worker"])
@@ -199,7 +201,8 @@ def main() -> int:
 def print_welcome(settings: Settings) -> None:
     from client.tokens import mint_token
 
-    token = mint_token(settings.jwt_secret, "dev", 7 * 24 * 3600)
+    token = mint_token(settings.jwt_secret, "dev", 7 * 24 * 3600, audience=settings.jwt_audience,
+                       issuer=settings.jwt_issuer)
     base = f"http://127.0.0.1:{settings.port}"
     model = settings.anthropic_base_url or "the Anthropic API"
     print(f"""

@@ -79,7 +79,7 @@ def stack_env(settings, docker_client, s3_endpoint):
     """The real stack: session image, network, scripted model server, S3 server, web, worker and beat."""
     stack.build_image(settings.image)
     gateway = stack.network_gateway(docker_client, settings.session_network)
-    model = ModelServer(gateway, 0).start()  # on the gateway: where session containers reach the host
+    model = ModelServer("127.0.0.1", 0).start()  # on loopback: containers reach it only through the proxy
     port = stack.free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CCD_"))},
@@ -90,26 +90,34 @@ def stack_env(settings, docker_client, s3_endpoint):
         "CONTAINER_TIMEOUT_DEFAULT": "900", "LOG_LEVEL": "INFO", "CCD_PORT": str(port),
         # Agents reach the API where they reach the host; spawn chains stop at depth 1 here.
         "CCD_SESSION_API_URL": f"http://{gateway}:{port}", "MAX_SPAWN_DEPTH": "1",
-        "CCD_IDLE_CHECK_SECONDS": "2",
+        "CCD_IDLE_CHECK_SECONDS": "2", "CCD_MODEL_PROXY_PORT": str(stack.free_port()),
         "MINIO_ENDPOINT": s3_endpoint["endpoint"], "MINIO_ACCESS_KEY": s3_endpoint["access_key"],
         "MINIO_SECRET_KEY": s3_endpoint["secret_key"], "MINIO_BUCKET": f"ccdt{RUN_ID}",
         # Webhook receivers in the tests listen on loopback; cancels escalate quickly.
         "CCD_WEBHOOK_SECRET": settings.webhook_secret, "CCD_WEBHOOK_ALLOW_PRIVATE": "true",
         "CCD_CANCEL_GRACE_SECONDS": str(settings.cancel_grace_seconds), "CCD_WS_PING_SECONDS": "3",
     }
+    proxy = stack.start_proxy(env)
     web = stack.start_web(env, port, also_on=gateway)
     worker = stack.start_worker(env)
     beat = stack.start_beat(env)
     yield {"base": f"http://127.0.0.1:{port}", "ws": f"ws://127.0.0.1:{port}", "model": model,
-           "web": web, "worker": worker, "beat": beat, "env": env,
+           "web": web, "worker": worker, "beat": beat, "env": env, "proxy": proxy, "gateway": gateway,
            "settings": replace(settings, anthropic_base_url=model.url, minio_endpoint=env["MINIO_ENDPOINT"],
                                minio_access_key=env["MINIO_ACCESS_KEY"], minio_secret_key=env["MINIO_SECRET_KEY"],
-                               minio_bucket=env["MINIO_BUCKET"], max_spawn_depth=1)}
+                               minio_bucket=env["MINIO_BUCKET"], max_spawn_depth=1,
+                               model_proxy_port=int(env["CCD_MODEL_PROXY_PORT"]))}
     beat.stop()
     worker.stop()
     web.stop()
+    proxy.stop()
     model.stop()
     stack.remove_prefixed(docker_client, settings.key_prefix, settings.session_network)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that restart the Docker engine run last: they stop every container of the run."""
+    items.sort(key=lambda item: item.get_closest_marker("engine_restart") is not None)
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):

@@ -52,6 +52,19 @@ def ensure_dockerd(timeout: float = 60.0) -> docker.DockerClient:
     raise RuntimeError(f"dockerd did not answer within {timeout:.0f}s; see {LOG_DIR / 'dockerd.log'}")
 
 
+def restart_dockerd(timeout: float = 60.0) -> docker.DockerClient:
+    """Stops the running dockerd (which stops every container) and starts it again."""
+    pids = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        os.kill(int(pid), signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        if time.monotonic() > deadline:
+            raise RuntimeError("dockerd did not stop")
+        time.sleep(0.2)
+    return ensure_dockerd(timeout)
+
+
 def build_image(image: str) -> None:
     """Builds (or reuses) the session image, once per test run."""
     env = dict(os.environ, CCD_IMAGE=image)

@@ -1,4 +1,4 @@
-"""`python -m workers worker|beat`: runs a worker for this host's queues, or the scheduler."""
+"""`python -m workers worker|beat|proxy`: runs a worker for this host's queues, the scheduler, or the model proxy."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ from workers.celery_app import create_worker_app
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers")
-    parser.add_argument("role", choices=["worker", "beat"])
+    parser.add_argument("role", choices=["worker", "beat", "proxy"])
     parser.add_argument("--concurrency", type=int)
     args = parser.parse_args(argv)
     try:
@@ -23,6 +23,11 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
+    if args.role == "proxy":
+        from workers.model_proxy import serve
+
+        serve(settings)
+        return 0
     app, ctx = create_worker_app(settings)
     level = settings.log_level.upper()
     if args.role == "beat":

@@ -36,6 +36,7 @@ class DockerRuntime:
         except docker.errors.DockerException as exc:
             raise Unavailable(f"cannot reach the Docker engine ({exc}); is dockerd running?") from None
         self.api = self.client.api
+        self._proxy_url: str | None = None
 
     def container_name(self, session_id: str) -> str:
         return f"{self.settings.key_prefix}-session-{session_id}"
@@ -44,17 +45,65 @@ class DockerRuntime:
         base = f"{self.settings.key_prefix}-{session_id}"
         return {"workspace": f"{base}-workspace", "home": f"{base}-home"}
 
-    def ensure_network(self) -> None:
-        """Creates the sessions' network when missing; an existing one is used as configured."""
+    def ensure_network(self):
+        """The sessions' network, created when missing: internal (no route out; the host stays reachable at
+        its gateway, where the model proxy and the API listen) and without traffic between containers.
+
+        A network an older version made with a route out is made again when no container is on it;
+        while containers are, it is used with a warning (they keep their way out until they are gone).
+        """
         name = self.settings.session_network
         try:
-            self.client.networks.get(name)
+            network = self.client.networks.get(name)
         except NotFound:
-            try:
-                self.client.networks.create(name, driver="bridge", labels={"ccd.network": "sessions"})
-            except APIError as exc:  # a concurrent worker made it first
-                if exc.status_code != 409:
-                    raise
+            return self._create_network(name)
+        if network.attrs.get("Internal"):
+            return network
+        if network.attrs.get("Containers"):
+            log.warning("network %s has a route out (made by an older version) and containers on it: session "
+                        "containers can reach beyond the host until it is empty and made again", name)
+            return network
+        log.warning("network %s has a route out (made by an older version); making it again as internal", name)
+        try:
+            network.remove()
+        except (APIError, NotFound) as exc:  # a container joined meanwhile, or another worker removed it
+            log.warning("could not remove network %s: %s", name, exc)
+        return self.client.networks.get(name) if self._network_exists(name) else self._create_network(name)
+
+    def _network_exists(self, name: str) -> bool:
+        try:
+            self.client.networks.get(name)
+            return True
+        except NotFound:
+            return False
+
+    def _create_network(self, name: str):
+        try:
+            return self.client.networks.create(name, driver="bridge", internal=True,
+                                               options={"com.docker.network.bridge.enable_icc": "false"},
+                                               labels={"ccd.network": "sessions"})
+        except APIError as exc:  # a concurrent worker made it first
+            if exc.status_code != 409:
+                raise
+            return self.client.networks.get(name)
+
+    def gateway(self) -> str:
+        """The Docker host's address on the sessions' network: the one place session containers can reach."""
+        network = self.ensure_network()
+        network.reload()
+        for config in network.attrs.get("IPAM", {}).get("Config") or []:
+            if config.get("Gateway"):
+                return config["Gateway"]
+        raise Unavailable(f"network {self.settings.session_network} has no gateway address")
+
+    def model_proxy_url(self) -> str:
+        """The model proxy as session containers see it: its configured address, or the gateway."""
+        if self._proxy_url is None:
+            host = self.settings.model_proxy_host
+            if host in ("", "0.0.0.0", "::"):
+                host = self.gateway()
+            self._proxy_url = f"http://{host}:{self.settings.model_proxy_port}"
+        return self._proxy_url
 
     def find(self, session_id: str):
         try:
@@ -104,7 +153,12 @@ class DockerRuntime:
                 init=True,
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges"],
+                # Only the volumes and a size-limited /tmp are writable (exec allowed there, as on /workspace:
+                # tools unpack and run helpers in /tmp; nosuid, so nothing there can gain privileges).
+                read_only=True,
+                tmpfs={"/tmp": f"rw,nosuid,nodev,exec,size={self.settings.tmp_mb}m,mode=1777"},
                 mem_limit=f"{int(limits['memory_mb'])}m",
+                memswap_limit=f"{int(limits['memory_mb'])}m",  # no swap: a memory hog is killed, not slowed
                 nano_cpus=int(float(limits["cpus"]) * 1e9),
                 pids_limit=int(limits["pids"]),
                 labels=labels,

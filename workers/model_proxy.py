@@ -1,0 +1,247 @@
+"""The model proxy: swaps a session's credential for the real API key and streams the model's answer back untouched."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import jwt
+from sqlalchemy.exc import OperationalError
+
+from core.db import make_engine, make_session_factory, transaction
+from core.models import Session
+from core.settings import Settings
+from core.trees import ENDED_STATES, BudgetExhausted, check_budget
+
+log = logging.getLogger(__name__)
+
+AUDIENCE = "ccd-model-proxy"
+SESSION_CLAIM = "ccd_model_session"
+DEFAULT_UPSTREAM = "https://api.anthropic.com"
+MAX_REQUEST_BYTES = 32 * 1024 * 1024  # the Messages API's own request limit
+UPSTREAM_TIMEOUT_SECONDS = 600  # between two reads of a response: a stream may pause, not stall forever
+CHUNK = 64 * 1024
+# Per connection, not end to end: never forwarded in either direction.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                        "trailers", "transfer-encoding", "upgrade", "host", "content-length"})
+CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
+
+
+def _signing_key(secret: str) -> bytes:
+    """A key of its own, derived from JWT_SECRET: a model credential never passes the API's token check
+    (whatever JWT_AUDIENCE is), and an API token never passes the proxy's."""
+    return hmac.new(secret.encode(), b"ccd-model-proxy", hashlib.sha256).digest()
+
+
+def mint_model_credential(secret: str, session_id: str, ttl_seconds: int) -> str:
+    """The API key a session's Claude Code uses for one turn: good only at the proxy, only for that session."""
+    now = int(time.time())
+    claims = {"aud": AUDIENCE, "sub": session_id, SESSION_CLAIM: session_id, "iat": now, "exp": now + ttl_seconds}
+    return jwt.encode(claims, _signing_key(secret), algorithm="HS256")
+
+
+def read_model_credential(secret: str, credential: str) -> uuid.UUID | None:
+    """The session a credential was minted for; None when it is not a valid, current model credential."""
+    try:
+        claims = jwt.decode(credential, _signing_key(secret), algorithms=["HS256"], audience=AUDIENCE,
+                            options={"require": ["exp", "aud", SESSION_CLAIM]})
+        return uuid.UUID(str(claims[SESSION_CLAIM]))
+    except (jwt.InvalidTokenError, ValueError):
+        return None
+
+
+class Refusal(Exception):
+    """A request the proxy answers itself, with an error in the Messages API's shape."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+
+
+def session_gate(settings: Settings, factory) -> Callable[[uuid.UUID], None]:
+    """Checks, for every request, that the session still exists, is live and has budget left."""
+
+    def check(session_id: uuid.UUID) -> None:
+        try:
+            with transaction(factory) as db:
+                row = db.get(Session, session_id)
+                if row is None or row.status in ENDED_STATES:
+                    state = "gone" if row is None else row.status
+                    raise Refusal(403, "permission_error", f"session {session_id} is {state}; its credential "
+                                                           "no longer reaches the model")
+                check_budget(db, row)
+        except BudgetExhausted as exc:
+            raise Refusal(402, "billing_error", str(exc)) from None
+        except OperationalError:
+            raise Refusal(503, "api_error", "cc-docker's database is unreachable; try again shortly") from None
+
+    return check
+
+
+class ProxyServer(ThreadingHTTPServer):
+    """One thread per connection; each request is checked, then forwarded to `upstream`."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], secret: str, api_key: str, upstream: str,
+                 gate: Callable[[uuid.UUID], None]) -> None:
+        super().__init__(address, ProxyHandler)
+        self.secret, self.api_key, self.gate = secret, api_key, gate
+        parts = urlsplit(upstream or DEFAULT_UPSTREAM)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"ANTHROPIC_BASE_URL must be an http(s) URL, got {upstream!r}")
+        self.upstream_scheme, self.upstream_host = parts.scheme, parts.hostname
+        self.upstream_port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.upstream_path = parts.path.rstrip("/")
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def connect_upstream(self) -> http.client.HTTPConnection:
+        kind = http.client.HTTPSConnection if self.upstream_scheme == "https" else http.client.HTTPConnection
+        return kind(self.upstream_host, self.upstream_port, timeout=UPSTREAM_TIMEOUT_SECONDS)
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: ProxyServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:
+        self._proxy()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
+
+    def _proxy(self) -> None:
+        try:
+            self._check_credential()
+            body = self._read_body()
+        except Refusal as exc:
+            log.info("refused %s %s from %s: %s", self.command, self.path, self.client_address[0], exc.message)
+            return self._refuse(exc)
+        upstream = self.server.connect_upstream()  # connects on the first request, below
+        try:
+            upstream.request(self.command, self.server.upstream_path + self.path, body=body,
+                             headers=self._forward_headers(len(body)))
+            response = upstream.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            log.warning("model endpoint unreachable: %s", exc)
+            upstream.close()
+            return self._refuse(Refusal(502, "api_error", f"the model endpoint is unreachable: {exc}"))
+        try:
+            self._relay(response)
+        except (OSError, http.client.HTTPException):  # either side went away mid-answer: end both
+            self.close_connection = True
+        finally:
+            upstream.close()
+
+    def _check_credential(self) -> None:
+        credential = self.headers.get("x-api-key", "")
+        scheme, _, value = self.headers.get("authorization", "").partition(" ")
+        if not credential and scheme.lower() == "bearer":
+            credential = value.strip()
+        session_id = read_model_credential(self.server.secret, credential) if credential else None
+        if session_id is None:
+            raise Refusal(401, "authentication_error", "invalid or expired session credential")
+        self.server.gate(session_id)
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            raise Refusal(411, "invalid_request_error", "send the request with a Content-Length")
+        try:
+            length = int(self.headers.get("content-length") or 0)
+        except ValueError:
+            raise Refusal(400, "invalid_request_error", "bad Content-Length") from None
+        if length > MAX_REQUEST_BYTES:
+            raise Refusal(413, "request_too_large", f"request bodies are limited to {MAX_REQUEST_BYTES} bytes")
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _forward_headers(self, length: int) -> dict[str, str]:
+        headers = {name: value for name, value in self.headers.items()
+                   if name.lower() not in HOP_BY_HOP | CREDENTIAL_HEADERS}
+        headers["Host"] = self.server.upstream_host
+        if self.server.api_key:
+            headers["x-api-key"] = self.server.api_key
+        if length or self.command in ("POST", "PUT", "PATCH"):
+            headers["Content-Length"] = str(length)
+        return headers
+
+    def _relay(self, response: http.client.HTTPResponse) -> None:
+        """Sends the upstream's status, headers and body on, each piece as soon as it arrives."""
+        self.send_response_only(response.status, response.reason)
+        for name, value in response.getheaders():
+            if name.lower() not in HOP_BY_HOP:
+                self.send_header(name, value)
+        length = response.getheader("content-length")
+        no_body = self.command == "HEAD" or response.status in (204, 304) or 100 <= response.status < 200
+        chunked = not no_body and length is None
+        if no_body or length is not None:
+            self.send_header("Content-Length", "0" if no_body and length is None else length)
+        else:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        if no_body:
+            return
+        while data := response.read1(CHUNK):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            self.wfile.flush()
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
+    def _refuse(self, refusal: Refusal) -> None:
+        data = json.dumps({"type": "error", "error": {"type": refusal.kind, "message": refusal.message}}).encode()
+        self.close_connection = True  # the request's body may still be unread: never parse it as a request
+        self.send_response(refusal.status)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("x-should-retry", "false" if refusal.status < 500 else "true")
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def build_server(settings: Settings, host: str, port: int, gate: Callable[[uuid.UUID], None] | None = None
+                 ) -> ProxyServer:
+    """A proxy for these settings on host:port (port 0: any free one); `gate` defaults to the database check."""
+    if gate is None:
+        gate = session_gate(settings, make_session_factory(make_engine(settings)))
+    return ProxyServer((host, port), settings.jwt_secret, settings.anthropic_api_key,
+                       settings.anthropic_base_url, gate)
+
+
+def start_in_thread(server: ProxyServer) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, name="model-proxy", daemon=True)
+    thread.start()
+    return thread
+
+
+def serve(settings: Settings) -> None:
+    """Runs the proxy until stopped, on CCD_MODEL_PROXY_HOST or else the sessions' network gateway."""
+    host = settings.model_proxy_host
+    if not host:
+        from workers.runtime import DockerRuntime
+
+        host = DockerRuntime(settings).gateway()
+    server = build_server(settings, host, settings.model_proxy_port)
+    log.info("model proxy listening on %s, forwarding to %s", server.url,
+             settings.anthropic_base_url or DEFAULT_UPSTREAM)
+    if not settings.anthropic_api_key:
+        log.warning("ANTHROPIC_API_KEY is not set: requests go to the model endpoint without a key")
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
