@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+import uuid
 from dataclasses import replace
 
 import pytest
@@ -210,3 +211,36 @@ def test_a_turn_past_its_timeout_ends_timed_out_and_its_process_is_gone(faulty, 
     assert time.monotonic() - started < 30
     container = docker_client.containers.get(f"{faulty['prefix']}-session-{sid}")
     assert b"claude" not in container.exec_run(["ps", "-eo", "comm"]).output, "the turn's process is still running"
+
+
+def test_left_over_containers_are_removed_and_a_vanished_container_is_marked_and_restarted(faulty, docker_client):
+    api = faulty["api"]
+    settings = faulty["settings"]
+    stray = docker_client.containers.create(settings.image, ["sleep", "infinity"], labels={
+        "ccd.prefix": faulty["prefix"], "ccd.session": str(uuid.uuid4())})
+    sid = ready_session(api)
+    docker_client.containers.get(f"{faulty['prefix']}-session-{sid}").remove(force=True)
+
+    api.session_status(sid, "stopped", timeout=30)
+    wait_for(lambda: not docker_client.containers.list(all=True, filters={"id": stray.id}), 30,
+             what="the left-over container to be removed")
+    statuses = [e["data"] for e in api.call("GET", f"/api/v1/sessions/{sid}/events", 200)["items"]
+                if e["type"] == "session.status"]
+    assert {"status": "stopped", "reason": "container_lost"} in statuses
+    turn = api.finished_turn(api.chat(sid, "SAY: rebuilt")["id"])
+    assert turn["status"] == "succeeded" and turn["result"] == "rebuilt", turn["error"]
+
+
+@pytest.mark.engine_restart
+def test_docker_engine_restart_marks_sessions_and_they_restart_on_their_next_turn(faulty, docker_client):
+    api = faulty["api"]
+    sid = ready_session(api)
+    assert api.finished_turn(api.chat(sid, "SAY: before")["id"])["status"] == "succeeded"
+
+    stack.restart_dockerd()
+
+    api.session_status(sid, "stopped", timeout=60)
+    turn = api.finished_turn(api.chat(sid, "SAY: after the restart")["id"])
+    assert turn["status"] == "succeeded" and turn["result"] == "after the restart", turn["error"]
+    events = api.call("GET", f"/api/v1/sessions/{sid}/events", 200, params={"limit": 1000})["items"]
+    assert [e["data"].get("reason") for e in events if e["data"].get("status") == "stopped"] == ["container_lost"]

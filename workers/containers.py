@@ -30,10 +30,12 @@ def check(ctx: WorkerContext) -> dict[str, int]:
     for session_id in present:
         if known.get(session_id) not in LIVE_STATES:
             log.info("removing container of session %s (%s)", session_id, known.get(session_id, "no such session"))
+            present[session_id].remove(force=True)  # whatever its name: it may not be one we gave
             ctx.runtime.remove(session_id)
             removed += 1
     marked = sum(1 for session_id in ready_here
-                 if present.get(session_id) != "running" and mark_lost(ctx, session_id))
+                 if session_id not in present or present[session_id].status != "running"
+                 if mark_lost(ctx, session_id))
     if removed or marked:
         log.info("container check: removed %d left-over containers, marked %d sessions whose container was gone",
                  removed, marked)

@@ -115,10 +115,10 @@ class DockerRuntime:
         container = self.find(session_id)
         return container is not None and container.status == "running"
 
-    def session_containers(self) -> dict[str, str]:
-        """Every session container of ours on this engine: session id -> status (running, exited, ...)."""
+    def session_containers(self) -> dict[str, object]:
+        """Every session container of ours on this engine, by the session id on its label."""
         found = self.client.containers.list(all=True, filters={"label": f"ccd.prefix={self.settings.key_prefix}"})
-        return {c.labels["ccd.session"]: c.status for c in found if c.labels.get("ccd.session")}
+        return {c.labels["ccd.session"]: c for c in found if c.labels.get("ccd.session")}
 
     def ensure_running(self, session_id: str, owner: str, config: dict) -> tuple[str, str]:
         """The session's container, created if missing and started if stopped.

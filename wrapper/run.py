@@ -226,15 +226,16 @@ def stop_leftover_turns(log_dir: Path, grace: float) -> None:
 
 
 def oom_kills() -> int | None:
-    """How many processes the kernel killed for memory in this container so far (cgroup v2)."""
-    try:
-        with open("/sys/fs/cgroup/memory.events", encoding="ascii") as events:
-            for line in events:
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-    except (OSError, ValueError):
-        pass
+    """How many processes the kernel killed for memory in this container so far (cgroup v2, else v1)."""
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        try:
+            with open(path, encoding="ascii") as events:
+                for line in events:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
     return None
 
 
