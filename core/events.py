@@ -125,9 +125,16 @@ class EventLog:
             info = self.redis.xinfo_stream(self.key(session_id))
         except redis.ResponseError:  # no such stream: nothing was ever trimmed
             return None
-        trimmed = info.get("max-deleted-entry-id") or "0-0"
-        if parse_stream_id(trimmed) > parse_stream_id(since):
-            return trimmed
+        deleted = info.get("max-deleted-entry-id") or "0-0"
+        # MAXLEN trimming does not move max-deleted-entry-id (Redis 7.0): an event is also gone
+        # when the stream lost entries and `since` is older than the first one it still holds.
+        first = info.get("recorded-first-entry-id") or "0-0"
+        if info.get("entries-added", 0) > info.get("length", 0) and parse_stream_id(first) > (0, 0):
+            before_first = id_before(first)
+            if parse_stream_id(before_first) > parse_stream_id(deleted):
+                deleted = before_first
+        if parse_stream_id(deleted) > parse_stream_id(since):
+            return deleted
         return None
 
     def delete(self, session_id: str) -> None:
