@@ -4,13 +4,18 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test install image migrate compose-check clean
+.PHONY: run test fuzz install image migrate compose-check clean
 
 run: install
 	$(BIN)/python scripts/run.py
 
 test: install
 	$(BIN)/python -m pytest
+
+# The fuzzing test at full strength: new requests each run, 60 per operation, 1,000 at least in all.
+fuzz: install
+	CCD_FUZZ_EXAMPLES=$${CCD_FUZZ_EXAMPLES:-60} CCD_FUZZ_MIN_REQUESTS=1000 CCD_FUZZ_RANDOM=1 \
+		$(BIN)/python -m pytest -s -q -p no:randomly tests/test_fuzz.py
 
 install: $(STAMP)
 

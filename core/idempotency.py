@@ -35,8 +35,8 @@ def claim(db: DbSession, owner: str, key: str, print_: str) -> Prior | None:
     The insert waits on a concurrent request holding the same key until that one commits, so of
     five simultaneous retries exactly one creates and the others see its result.
     """
-    if not key or len(key) > MAX_KEY_LENGTH:
-        raise ValidationFailed(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters",
+    if not key or len(key) > MAX_KEY_LENGTH or "\x00" in key:  # Postgres text holds no NUL
+        raise ValidationFailed(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters, without NUL",
                                field="Idempotency-Key")
     taken = db.execute(insert(IdempotencyKey).values(owner=owner, key=key, fingerprint=print_,
                                                      created_at=utcnow())

@@ -32,6 +32,7 @@ from core.models import Turn
 from core.settings import Settings
 from core.turns import final_event_type
 from tests import stack
+from tests.figures import report
 from tests.conftest import wait_for
 from web.follow import CHECK_EVERY_SECONDS
 
@@ -170,10 +171,6 @@ def remove_containers(docker_client, prefix: str) -> None:
         container.remove(force=True)
     for volume in docker_client.volumes.list(filters={"label": f"ccd.prefix={prefix}"}):
         volume.remove(force=True)
-
-
-def report(name: str, figures: dict) -> None:
-    print(f"\nFAULTS {name}: {json.dumps(figures)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 from core.migrate import prepare_database
 from tests import stack
 from tests.conftest import wait_for
+from tests.figures import report
 from tests.test_e2e import Api
 
 pytestmark = pytest.mark.docker
@@ -119,6 +120,11 @@ def test_worker_killed_mid_stream_is_replaced_and_the_turn_completes_with_every_
     events = turn_events(api, sid, turn_id)
     published = [e["data"] for e in events if e["type"].startswith("claude.")]
     logged = turn_log(docker_client, faulty["prefix"], sid, turn_id)
+    report("worker_sigkill_reattach", {"faults": 1, "events_before_kill": before, "lines_logged": len(logged),
+                                       "lines_published": len(published),
+                                       "lost": sum(line not in published for line in logged),
+                                       "duplicates": len(published) - len({json.dumps(p) for p in published}),
+                                       "model_requests_for_prompt": prompts_sent(faulty["model"], prompt)})
     assert len(logged) > before and published == logged, "the stream must hold every line of the turn once, in order"
     kinds = [e["type"] for e in events]
     assert kinds.count("turn.started") == 1 and kinds.count("turn.completed") == 1 and kinds[-1] == "turn.completed"
@@ -134,6 +140,8 @@ def test_a_task_delivered_twice_runs_its_turn_once(faulty):
     turn = api.finished_turn(turn_id, timeout=90)
     assert turn["status"] == "succeeded" and turn["attempt"] == 1, turn
     duplicates = faulty["worker"].log_path.read_text().count(f"turn {turn_id} is already running")
+    report("task_redelivered", {"deliveries": duplicates + 1, "runs": prompts_sent(faulty["model"], prompt),
+                                "attempt": turn["attempt"]})
     assert duplicates >= 1, "the broker did not deliver the turn's task again; the test proves nothing"
     assert [e["type"] for e in turn_events(api, sid, turn_id)].count("turn.started") == 1
     assert prompts_sent(faulty["model"], prompt) == 1
@@ -155,6 +163,8 @@ def test_worker_lost_for_good_fails_the_turn_and_the_session_takes_turns_again(f
         other.stop()
         faulty["worker"] = stack.start_worker(faulty["env"], name="faults-worker")
     bound = LEASE + LOST + 4 * REAP + 5
+    report("worker_lost", {"faults": 1, "seconds_to_worker_lost": round(waited, 1), "bound_seconds": bound,
+                           "lease_seconds": LEASE, "worker_lost_seconds": LOST})
     assert turn["status"] == "failed" and turn["reason"] == "worker_lost", turn
     assert waited < bound, f"worker_lost took {waited:.0f}s, more than {bound}s"
     final = [e for e in turn_events(api, sid, turn_id) if e["type"] == "turn.failed"]

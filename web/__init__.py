@@ -13,16 +13,20 @@ def create_app(settings: Settings | None = None) -> Flask:
     from web.context import WebContext
     from web.errors import register_error_handlers
     from web.health import health
+    from web.routes.docs import docs
     from web.stream import sock
 
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": settings.ws_ping_seconds}
+    # A WebSocket message is a request body too: the same limit (a bigger one closes the socket, 1009).
+    app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": settings.ws_ping_seconds,
+                                         "max_message_size": settings.max_body_bytes}
     app.json.sort_keys = False
     app.extensions["ccd"] = WebContext(settings)
     register_error_handlers(app)
     app.register_blueprint(health)
+    app.register_blueprint(docs)
     app.register_blueprint(api)
     sock.init_app(app)
     return app
