@@ -14,6 +14,8 @@ import requests
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
+from workers import host_firewall
+
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / ".run" / "test-logs"
 
@@ -92,9 +94,11 @@ def remove_prefixed(client: docker.DockerClient, prefix: str, network: str) -> N
     for volume in client.volumes.list(filters={"label": f"ccd.prefix={prefix}"}):
         volume.remove(force=True)
     try:
-        client.networks.get(network).remove()
+        found = client.networks.get(network)
     except docker.errors.NotFound:
-        pass
+        return
+    host_firewall.unguard(found)
+    found.remove()
 
 
 class Process:

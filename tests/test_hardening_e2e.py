@@ -266,17 +266,20 @@ def test_no_docker_socket_and_no_route_to_services_but_the_proxy_and_the_api(box
     code, out = sh(container, "find / -xdev \\( -name 'docker.sock' -o -name 'containerd.sock' \\) 2>/dev/null; "
                               "test -e /var/run/docker.sock || echo no-socket")
     assert out == "no-socket\n", out
-    with socket.socket() as listener:  # a host service on loopback, like Postgres, Redis and the S3 server
-        listener.bind(("127.0.0.1", 0))
+    with socket.socket() as listener, socket.socket() as everywhere:
+        listener.bind(("127.0.0.1", 0))  # a host service on loopback, like Postgres, Redis and the S3 server
         listener.listen()
         host_port = listener.getsockname()[1]
+        everywhere.bind(("0.0.0.0", 0))  # and one on every address: the host firewall closes it
+        everywhere.listen()
+        open_port = everywhere.getsockname()[1]
         s3_port = s3_endpoint["endpoint"].rsplit(":", 1)[1]
         proxy = f"http://{gateway}:{stack_env['env']['CCD_MODEL_PROXY_PORT']}"
         seen = probe(container, f"{gateway}:6379", f"{gateway}:5432", f"{gateway}:{s3_port}",
-                     f"{gateway}:{host_port}", f"{gateway}:2375", f"{gateway}:2376", "1.1.1.1:443", "8.8.8.8:53", f"{proxy}/v1/models",
+                     f"{gateway}:{host_port}", f"{gateway}:{open_port}", f"{gateway}:2375", f"{gateway}:2376", "1.1.1.1:443", "8.8.8.8:53", f"{proxy}/v1/models",
                      f"{stack_env['env']['CCD_SESSION_API_URL']}/healthz")
     for target in (f"{gateway}:6379", f"{gateway}:5432", f"{gateway}:{s3_port}", f"{gateway}:{host_port}",
-                   f"{gateway}:2375", f"{gateway}:2376"):
+                   f"{gateway}:{open_port}", f"{gateway}:2375", f"{gateway}:2376"):
         assert seen[target].startswith("closed ConnectionRefusedError"), (target, seen)
     for target in ("1.1.1.1:443", "8.8.8.8:53"):  # the internal network forwards nothing beyond the host
         assert seen[target].startswith("closed"), (target, seen)

@@ -9,6 +9,7 @@ from pathlib import Path
 from core.errors import ConfigError
 from core.logs import setup_logging
 from core.settings import Settings
+from workers import host_firewall
 from workers.celery_app import create_worker_app
 
 
@@ -34,7 +35,8 @@ def main(argv: list[str]) -> int:
         schedule = Path(tempfile.gettempdir()) / f"{settings.key_prefix}-beat-schedule"
         app.start(["beat", f"--loglevel={level}", f"--schedule={schedule}"])
         return 0
-    ctx.runtime.ensure_network()  # fail fast when Docker is not reachable
+    network = ctx.runtime.ensure_network()  # fail fast when Docker is not reachable
+    host_firewall.guard(network, settings)
     queues = f"{settings.placement_queue},{settings.host_queue()}"
     app.worker_main(["worker", f"--loglevel={level}", "-Q", queues,
                      f"--concurrency={args.concurrency or settings.worker_concurrency}",
