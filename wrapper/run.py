@@ -34,6 +34,7 @@ from typing import Callable
 
 STDERR_TAIL = 4000
 ATTACH_POLL_SECONDS = 0.05
+LOG_KEEP_SECONDS = 7 * 86400  # a turn log matters only while its turn may still be re-attached
 DEFAULT_LOG_DIR = str(Path.home() / ".ccd" / "turns")
 MCP_SERVER = "ccd"
 MCP_TOOLS_RULE = f"mcp__{MCP_SERVER}"  # a permission rule naming a server allows all of its tools
@@ -225,6 +226,17 @@ def stop_leftover_turns(log_dir: Path, grace: float) -> None:
             cancel_turn(argparse.Namespace(log_dir=str(log_dir), turn_id=base.name, grace=grace))
 
 
+def prune_old_logs(log_dir: Path, keep_seconds: float = LOG_KEEP_SECONDS) -> None:
+    """Deletes turn logs nobody will re-attach to any more, so the home volume does not fill up."""
+    cutoff = time.time() - keep_seconds
+    for path in log_dir.glob("*.log"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:
+            pass
+
+
 def oom_kills() -> int | None:
     """How many processes the kernel killed for memory in this container so far (cgroup v2, else v1)."""
     for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
@@ -244,6 +256,7 @@ def run_turn(args: argparse.Namespace) -> int:
     base = Path(args.log_dir) / args.turn_id
     base.parent.mkdir(parents=True, exist_ok=True)
     stop_leftover_turns(base.parent, args.grace)
+    prune_old_logs(base.parent)
     Path(f"{base}.run.pid").write_text(str(os.getpid()))
     mcp_config = write_mcp_config(dict(os.environ), Path(f"{base}.mcp.json"))
     try:
