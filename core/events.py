@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-from functools import cached_property
 from typing import Iterable
 
 import redis
@@ -37,11 +36,25 @@ def is_stream_id(value: str) -> bool:
 
 # Marks outlive any turn by far; they only matter while a turn can still be re-attached.
 MARK_TTL_SECONDS = 7 * 86400
+# Fenced: a worker whose attempt is older than the mark's, a line already published, or any
+# event after the final one is refused (nil), so a worker that lost its turn cannot publish.
 PUBLISH_MARKED = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 5))
-redis.call('HSET', KEYS[2], 'number', ARGV[2], ARGV[3], id)
+local attempt = tonumber(redis.call('HGET', KEYS[2], 'attempt') or '0')
+if attempt > tonumber(ARGV[5]) or redis.call('HEXISTS', KEYS[2], 'final') == 1 then return false end
+if ARGV[3] == 'last' and tonumber(ARGV[2]) <= tonumber(redis.call('HGET', KEYS[2], 'number') or '-1') then
+  return false
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 6))
+redis.call('HSET', KEYS[2], 'number', ARGV[2], ARGV[3], id, 'attempt', ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return id
+"""
+TAKE_MARK = """
+if tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'attempt', ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return redis.call('HGETALL', KEYS[1])
 """
 
 
@@ -67,20 +80,30 @@ class EventLog:
         return self.redis.xadd(self.key(event.session_id), event.to_fields(),
                                maxlen=self.maxlen, approximate=True)
 
-    def publish_marked(self, event: Event, turn_id: str, number: int, id_field: str = "last") -> str:
+    def publish_marked(self, event: Event, turn_id: str, number: int, id_field: str = "last",
+                       attempt: int = 1) -> str | None:
         """Appends one event and, atomically with it, records in the turn's mark that wrapper line
         `number` is published and its stream id under `id_field` ("first", "last" or "final").
 
-        A worker that re-attaches to a turn reads the mark to publish only what is missing,
-        so every event of the turn is in the stream exactly once.
+        A worker that re-attaches to a turn reads the mark to publish only what is missing, so
+        every event of the turn is in the stream exactly once. Returns None, publishing nothing,
+        when a later attempt took the turn over, the line is already there, or the turn's final
+        event is.
         """
         fields = [part for item in event.to_fields().items() for part in item]
-        return self._marked(keys=[self.key(event.session_id), self.mark_key(turn_id)],
-                            args=[self.maxlen, number, id_field, MARK_TTL_SECONDS, *fields])
+        return self._script(PUBLISH_MARKED)(keys=[self.key(event.session_id), self.mark_key(turn_id)],
+                                            args=[self.maxlen, number, id_field, MARK_TTL_SECONDS, attempt, *fields])
 
-    @cached_property
-    def _marked(self):
-        return self.redis.register_script(PUBLISH_MARKED)
+    def take_mark(self, turn_id: str, attempt: int) -> dict[str, str]:
+        """Fences off earlier attempts' publishing and returns the turn's mark (see `mark`)."""
+        flat = self._script(TAKE_MARK)(keys=[self.mark_key(turn_id)], args=[attempt, MARK_TTL_SECONDS])
+        return dict(zip(flat[::2], flat[1::2], strict=True))
+
+    def _script(self, source: str):
+        scripts = self.__dict__.setdefault("_scripts", {})
+        if source not in scripts:
+            scripts[source] = self.redis.register_script(source)
+        return scripts[source]
 
     def mark_key(self, turn_id: str) -> str:
         return f"{self.prefix}:turnmark:{turn_id}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+import docker.errors
 from sqlalchemy import select
 
 from core.db import transaction
@@ -30,9 +31,12 @@ def check(ctx: WorkerContext) -> dict[str, int]:
     for session_id in present:
         if known.get(session_id) not in LIVE_STATES:
             log.info("removing container of session %s (%s)", session_id, known.get(session_id, "no such session"))
-            present[session_id].remove(force=True)  # whatever its name: it may not be one we gave
-            ctx.runtime.remove(session_id)
-            removed += 1
+            try:
+                present[session_id].remove(force=True)  # whatever its name: it may not be one we gave
+                ctx.runtime.remove(session_id)
+                removed += 1
+            except docker.errors.APIError as exc:  # e.g. a concurrent check removed it first
+                log.warning("could not remove the container of session %s: %s", session_id, exc)
     marked = sum(1 for session_id in ready_here
                  if session_id not in present or present[session_id].status != "running"
                  if mark_lost(ctx, session_id))
@@ -50,6 +54,7 @@ def mark_lost(ctx: WorkerContext, session_id: str) -> bool:
         if row is None or row.status != "ready" or ctx.runtime.is_running(session_id):
             return False  # it moved on (a turn woke it) while we looked
         row.status, row.updated_at = "stopped", utcnow()
-    ctx.events.publish(status_event(session_id, "stopped", reason="container_lost"))
+        # Under the row lock, so a wake that follows cannot publish its "starting" before this.
+        ctx.events.publish(status_event(session_id, "stopped", reason="container_lost"))
     log.warning("session %s: its container is gone or stopped; marked stopped, the next turn starts it", session_id)
     return True

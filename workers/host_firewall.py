@@ -48,12 +48,17 @@ def guard(network, settings: Settings) -> bool:
     try:
         if iptables is None:
             raise OSError("iptables is not installed")
+        # All at the top of INPUT, so no broader ACCEPT further down (ufw, firewalld) comes first:
+        # the refusals go in first, then the accepts above them.
+        if not all(_present(iptables, rule) for rule in last):
+            for rule in first + last:
+                while _present(iptables, rule):
+                    _run(iptables, "-D", "INPUT", *rule)
+            for rule in reversed(last):
+                _run(iptables, "-I", "INPUT", "1", *rule)
         for rule in reversed(first):
             if not _present(iptables, rule):
-                _run(iptables, "-I", "INPUT", *rule)
-        for rule in last:
-            if not _present(iptables, rule):
-                _run(iptables, "-A", "INPUT", *rule)
+                _run(iptables, "-I", "INPUT", "1", *rule)
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = exc.stderr.strip() if isinstance(exc, subprocess.CalledProcessError) else str(exc)
         shown = "; ".join("iptables -I INPUT " + " ".join(r) for r in first)

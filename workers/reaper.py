@@ -35,13 +35,19 @@ def reap(ctx: WorkerContext, stale_after: timedelta = STALE_AFTER) -> dict[str, 
                 # Any worker of that host takes it over and re-attaches through the turn log.
                 reattach.append((str(turn.id), session.host_queue))
                 continue
+            # Fence off the lost worker, in case it is only slow: it can publish nothing more.
+            turn.attempt += 1
+            mark = ctx.events.take_mark(str(turn.id), turn.attempt)
             turn.status, turn.reason, turn.finished_at = "failed", "worker_lost", utcnow()
             turn.error = (f"the worker running this turn ({turn.lease_holder}) was lost and no worker of its host "
                           f"took the turn over within {ctx.settings.worker_lost_seconds}s")
             turn.lease_holder = turn.lease_expires_at = None
             if session.status == "busy":
                 session.status = "ready"
-            ended.append(ended_event(turn))
+            if mark.get("final"):  # it got as far as publishing its final event, not as recording it
+                turn.last_event_id = mark["final"]
+            else:
+                ended.append(ended_event(turn))
             if turn.webhook:
                 webhooks.append(str(turn.id))
         cutoff = now - stale_after
@@ -49,9 +55,6 @@ def reap(ctx: WorkerContext, stale_after: timedelta = STALE_AFTER) -> dict[str, 
         # A session still `creating` long after it was made: its start task never arrived.
         unstarted = [str(i) for i in db.scalars(select(Session.id).where(
             Session.status == "creating", Session.created_at < cutoff))]
-        # A session still `stopping`: its stop task was lost (broker down, worker killed mid-stop).
-        stopping = [(str(i), q) for i, q in db.execute(select(Session.id, Session.host_queue).where(
-            Session.status == "stopping", Session.updated_at < cutoff))]
         hosts = list(db.scalars(select(Session.host_queue).where(
             Session.host_queue.is_not(None), Session.status != "deleted").distinct()))
         idempotency.purge(db, now - timedelta(seconds=ctx.settings.idempotency_ttl_seconds))
@@ -61,14 +64,12 @@ def reap(ctx: WorkerContext, stale_after: timedelta = STALE_AFTER) -> dict[str, 
         ctx.sender.run_turn(turn_id, host_queue)
     for session_id in unstarted:
         ctx.sender.start_session(session_id)
-    for session_id, host_queue in stopping:
-        ctx.sender.stop_session(session_id, host_queue)
     for host_queue in hosts:
         ctx.sender.check_containers(host_queue)
     for turn_id in webhooks:
         ctx.sender.deliver_webhook("turn", turn_id)
     batches.advance(ctx.db, ctx.events, ctx.sender, ctx.cancels, ctx.settings)
-    resent = len(stale) + len(unstarted) + len(stopping)
+    resent = len(stale) + len(unstarted)
     if ended or resent or reattach:
         log.info("reaper: %d turns lost their worker, %d handed over to re-attach, %d tasks re-sent",
                  len(ended), len(reattach), resent)

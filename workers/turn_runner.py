@@ -99,26 +99,32 @@ class TurnRunner:
         output = TurnOutput(max_bytes=self.ctx.settings.max_turn_output_bytes,
                             max_event=self.ctx.settings.max_event_bytes)
         if turn["resumed"]:
-            mark = self.ctx.events.mark(turn_id)
+            mark = self.ctx.events.take_mark(turn_id, turn["attempt"])  # the old worker can publish no more
             log.info("turn %s (session %s): its worker was lost, re-attaching (attempt %s, %s lines published)",
                      turn_id, session["id"], turn["attempt"], mark.get("number", 0))
         else:
             log.info("turn %s (session %s, #%s) started", turn_id, session["id"], turn["seq"])
             first_id = self._publish(session, turn, "turn.started", {"attempt": turn["attempt"]}, 0, "first")
             mark = {"number": "0", "first": first_id}
-        failure, stop_watch = None, None
+        failure, where = None, {}
+        # Watching starts before the container does: a long start or restore must not cost the lease.
+        stop_watch = self._watch(turn, where, output)
         try:
-            container_id = self._container(session, turn)
-            stop_watch = self._watch(turn, container_id, output)
-            self._execute(container_id, session, turn, output, int(mark.get("number") or 0))
+            where["container"] = self._container(session, turn)
+            if turn.get("lost"):
+                return  # another worker took the turn over while the container started
+            self._execute(where["container"], session, turn, output, int(mark.get("number") or 0))
         except ContainerLost as exc:
             failure = (str(exc), "container_lost")
+        except SERVICE_DOWN:
+            raise  # Redis or Postgres stayed away: the lease lapses and a re-attaching worker finishes the turn
         except Exception as exc:  # the turn fails, the worker and the session carry on
             log.warning("turn %s could not run: %s", turn_id, exc)
             failure = (f"the session container could not run the turn: {exc}", "container_error")
         finally:
-            if stop_watch:
-                stop_watch()
+            stop_watch()
+        if turn.get("lost"):
+            return
         status, error, reason = ("failed", *failure) if failure else output.outcome()
         if reason == "process_lost":
             error, reason = self._why_lost(session, error, reason)
@@ -192,7 +198,7 @@ class TurnRunner:
                  "host_queue": session.host_queue},
             )
 
-    def _watch(self, turn: dict, container_id: str, output: TurnOutput):
+    def _watch(self, turn: dict, where: dict, output: TurnOutput):
         """While the turn runs: renew its lease, and interrupt it when cancelled or over its output limit.
 
         Returns the stop function. Losing the lease (another worker took the turn over) sets
@@ -229,9 +235,9 @@ class TurnRunner:
                 if not interrupted and output.over_limit:
                     log.warning("turn %s: output passed %d bytes, stopping it", turn["id"], output.max_bytes)
                     signalled = True
-                if signalled and not done.is_set():
+                if signalled and not done.is_set() and where.get("container"):
                     interrupted = True
-                    self._interrupt(container_id, turn)
+                    self._interrupt(where["container"], turn)
 
         thread = threading.Thread(target=watch, name=f"watch-{turn['id'][:8]}", daemon=True)
         thread.start()
@@ -304,8 +310,12 @@ class TurnRunner:
                  id_field: str = "last") -> str:
         """Publishes one event of the turn, marking wrapper line `number` as published."""
         event = Event(session_id=session["id"], turn_id=turn["id"], seq=turn["seq"], type=kind, data=data)
-        return retry_while_down(lambda: self.ctx.events.publish_marked(event, turn["id"], number, id_field),
-                                what=f"publish an event of turn {turn['id']}")
+        stream_id = retry_while_down(lambda: self.ctx.events.publish_marked(event, turn["id"], number, id_field,
+                                                                            turn["attempt"]),
+                                     what=f"publish an event of turn {turn['id']}")
+        if stream_id is None:
+            turn["lost"] = True  # a later attempt owns the turn (or its final event is out already)
+        return stream_id
 
     def _finish(self, session: dict, turn: dict, output: TurnOutput, ending: tuple[str, str | None, str | None],
                 mark: dict[str, str]) -> bool:
@@ -327,6 +337,10 @@ class TurnRunner:
         last_id = self.ctx.events.mark(turn["id"]).get("final") if turn["resumed"] else None
         if last_id is None:
             last_id = self._publish(session, turn, final_event_type(status), summary, output.number, "final")
+            if last_id is None:
+                log.warning("turn %s was taken over before it finished; leaving it to attempt > %s",
+                            turn["id"], turn["attempt"])
+                return False
         values = dict(status=status, result=result.get("result"), usage=usage or None,
                       cost_usd=cost if result else None, duration_ms=result.get("duration_ms"),
                       error=error, reason=reason, first_event_id=mark.get("first"), last_event_id=last_id,
