@@ -71,3 +71,9 @@ def test_a_conversation_with_a_transcript_is_resumed_not_started_again(tmp_path,
     (tmp_path / ".claude" / "projects" / "-workspace" / "abc.jsonl").write_text("{}")
     args = wrapper.parse_args(["run", "--turn-id", "t", "--session-id", "abc"])
     assert wrapper.claude_command(args)[6:8] == ["--resume", "abc"]
+
+
+def test_attach_keeps_a_carriage_return_inside_its_record(tmp_path, capsys):
+    records = '1\t{"type": "assistant", "text": "a\rb"}\nexit\t{"code": 0}\n'
+    (tmp_path / "t4.log").write_text(records, newline="")
+    assert attach(tmp_path, "t4", capsys) == (0, records)

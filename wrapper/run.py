@@ -192,10 +192,15 @@ def turn_running(base: Path) -> bool:
 def attach_turn(args: argparse.Namespace) -> int:
     """Prints the turn log's records and follows it; 0 after the exit record, 3 if the turn died without one."""
     base = Path(args.log_dir) / args.turn_id
-    try:
-        log = open(f"{base}.log", encoding="utf-8")
-    except OSError:
-        return 3
+    while True:
+        try:
+            # newline="\n": records end at \n only, exactly as the live stream splits them.
+            log = open(f"{base}.log", encoding="utf-8", newline="\n")
+            break
+        except OSError:
+            if not turn_running(base):
+                return 3
+            time.sleep(ATTACH_POLL_SECONDS)  # `wrapper run` is starting and has not opened its log yet
     partial, gone = "", False
     with log:
         while True:
