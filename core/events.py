@@ -95,7 +95,9 @@ class EventLog:
                                             args=[self.maxlen, number, id_field, MARK_TTL_SECONDS, attempt, *fields])
 
     def take_mark(self, turn_id: str, attempt: int) -> dict[str, str]:
-        """Fences off earlier attempts' publishing and returns the turn's mark (see `mark`)."""
+        """Fences off earlier attempts' publishing and returns the turn's mark: `number` (the last
+        wrapper line published), `attempt`, and the ids of its first, last and final events, as far
+        as they were published; {} when nothing was."""
         flat = self._script(TAKE_MARK)(keys=[self.mark_key(turn_id)], args=[attempt, MARK_TTL_SECONDS])
         return dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -107,11 +109,6 @@ class EventLog:
 
     def mark_key(self, turn_id: str) -> str:
         return f"{self.prefix}:turnmark:{turn_id}"
-
-    def mark(self, turn_id: str) -> dict[str, str]:
-        """The turn's mark: `number` (the last wrapper line published) and the ids of its first,
-        last and final events, as far as they were published; {} when nothing was."""
-        return self.redis.hgetall(self.mark_key(turn_id))
 
     def publish_many(self, events: Iterable[Event]) -> list[str]:
         """Appends events in one round trip, in order."""

@@ -27,6 +27,7 @@ def reap(ctx: WorkerContext, stale_after: timedelta = STALE_AFTER) -> dict[str, 
     ended: list[Event] = []
     webhooks: list[str] = []
     reattach: list[tuple[str, str]] = []
+    lost = 0
     with transaction(ctx.db) as db:
         for turn in expired_leases(db, now):
             session = db.get(Session, turn.session_id, with_for_update=True)
@@ -42,6 +43,7 @@ def reap(ctx: WorkerContext, stale_after: timedelta = STALE_AFTER) -> dict[str, 
             turn.error = (f"the worker running this turn ({turn.lease_holder}) was lost and no worker of its host "
                           f"took the turn over within {ctx.settings.worker_lost_seconds}s")
             turn.lease_holder = turn.lease_expires_at = None
+            lost += 1
             if session.status == "busy":
                 session.status = "ready"
             if mark.get("final"):  # it got as far as publishing its final event, not as recording it
@@ -70,7 +72,7 @@ def reap(ctx: WorkerContext, stale_after: timedelta = STALE_AFTER) -> dict[str, 
         ctx.sender.deliver_webhook("turn", turn_id)
     batches.advance(ctx.db, ctx.events, ctx.sender, ctx.cancels, ctx.settings)
     resent = len(stale) + len(unstarted)
-    if ended or resent or reattach:
+    if lost or resent or reattach:
         log.info("reaper: %d turns lost their worker, %d handed over to re-attach, %d tasks re-sent",
-                 len(ended), len(reattach), resent)
-    return {"ended": len(ended), "reattach": len(reattach), "resent": resent}
+                 lost, len(reattach), resent)
+    return {"ended": lost, "reattach": len(reattach), "resent": resent}

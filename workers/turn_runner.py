@@ -334,7 +334,7 @@ class TurnRunner:
         if isinstance(text, str) and len(text) > self.ctx.settings.max_event_bytes // 2:
             # The event stays within the event limit; the turn row keeps the whole answer.
             summary.update(result=text[: self.ctx.settings.max_event_bytes // 2], result_truncated=True)
-        last_id = self.ctx.events.mark(turn["id"]).get("final") if turn["resumed"] else None
+        last_id = mark.get("final")  # taken with the turn: a lost worker got as far as publishing it
         if last_id is None:
             last_id = self._publish(session, turn, final_event_type(status), summary, output.number, "final")
             if last_id is None:
