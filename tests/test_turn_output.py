@@ -94,3 +94,10 @@ def test_output_past_the_turn_limit_stops_passing_lines_and_fails_with_output_li
 def test_an_out_of_memory_kill_is_named():
     out = feed(sample_lines()[:1], {"code": -9, "oom_killed": True})
     assert out.outcome()[2] == "out_of_memory"
+
+
+def test_claude_codes_own_error_list_is_named():
+    result = {"type": "result", "is_error": True, "subtype": "error_during_execution",
+              "errors": ["Error: transcript unreadable"]}
+    _, error, reason = feed([json.dumps(result)], {"code": 1}).outcome()
+    assert reason == "claude_error" and "transcript unreadable" in error

@@ -66,10 +66,12 @@ def test_old_turn_logs_are_pruned_and_recent_ones_kept(tmp_path):
 def test_a_conversation_with_a_transcript_is_resumed_not_started_again(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     args = wrapper.parse_args(["run", "--turn-id", "t", "--session-id", "abc"])
+    wrapper.prepare_conversation(args)
     assert wrapper.claude_command(args)[6:8] == ["--session-id", "abc"]
     (tmp_path / ".claude" / "projects" / "-workspace").mkdir(parents=True)
-    (tmp_path / ".claude" / "projects" / "-workspace" / "abc.jsonl").write_text("{}")
+    (tmp_path / ".claude" / "projects" / "-workspace" / "abc.jsonl").write_text("{}\n")
     args = wrapper.parse_args(["run", "--turn-id", "t", "--session-id", "abc"])
+    wrapper.prepare_conversation(args)
     assert wrapper.claude_command(args)[6:8] == ["--resume", "abc"]
 
 
@@ -77,3 +79,16 @@ def test_attach_keeps_a_carriage_return_inside_its_record(tmp_path, capsys):
     records = '1\t{"type": "assistant", "text": "a\rb"}\nexit\t{"code": 0}\n'
     (tmp_path / "t4.log").write_text(records, newline="")
     assert attach(tmp_path, "t4", capsys) == (0, records)
+
+
+def test_a_transcript_cut_mid_line_is_repaired_before_resuming(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    project = tmp_path / ".claude" / "projects" / "-workspace"
+    project.mkdir(parents=True)
+    whole, cut = project / "whole.jsonl", project / "cut.jsonl"
+    whole.write_text('{"a": 1}\n{"b": 2}\n')
+    cut.write_text('{"a": 1}\n{"b": 2}\n{"c": ')
+    for session_id in ("whole", "cut"):
+        wrapper.prepare_conversation(wrapper.parse_args(["run", "--turn-id", "t", "--resume", session_id]))
+    assert whole.read_text() == '{"a": 1}\n{"b": 2}\n'
+    assert cut.read_text() == '{"a": 1}\n{"b": 2}\n'

@@ -99,6 +99,9 @@ class TurnOutput:
             return "failed", self.invalid, "invalid_output"
         if self.result is not None and self.result.get("is_error"):
             detail = self.result.get("result") or self.result.get("subtype") or "error"
+            errors = self.result.get("errors")
+            if isinstance(errors, list) and errors:  # what went wrong, when Claude Code says (error_during_execution)
+                detail = f"{detail} ({'; '.join(str(e) for e in errors)[:1000]})"
             status = self.result.get("api_error_status")
             return ("failed", f"Claude Code reported an error{f' (model API status {status})' if status else ''}: "
                               f"{detail}", "claude_error")

@@ -71,10 +71,6 @@ def claude_command(args: argparse.Namespace, mcp_config: Path | None = None) -> 
     """The Claude Code command line for this turn; with `mcp_config`, the ccd tools are loaded and allowed."""
     cmd = [args.claude, "-p", "--output-format", "stream-json", "--verbose",
            "--include-partial-messages"]
-    if args.session_id and transcript_exists(args.session_id):
-        # An earlier turn started this conversation but its end was never recorded (its worker or
-        # container was lost): continue it, since Claude Code refuses to start an id twice.
-        args.session_id, args.resume = None, args.session_id
     cmd += ["--session-id", args.session_id] if args.session_id else ["--resume", args.resume]
     if args.model:
         cmd += ["--model", args.model]
@@ -92,9 +88,41 @@ def claude_command(args: argparse.Namespace, mcp_config: Path | None = None) -> 
     return cmd
 
 
-def transcript_exists(session_id: str) -> bool:
-    """True when Claude Code already keeps a conversation with this id (in ~/.claude/projects/*/)."""
-    return any((Path.home() / ".claude" / "projects").glob(f"*/{session_id}.jsonl"))
+def transcripts(session_id: str) -> list[Path]:
+    """Where Claude Code keeps the conversation with this id (~/.claude/projects/<cwd>/<id>.jsonl)."""
+    return list((Path.home() / ".claude" / "projects").glob(f"*/{session_id}.jsonl"))
+
+
+def prepare_conversation(args: argparse.Namespace) -> None:
+    """Makes the conversation ready to go on after a lost turn: its transcript's cut last line is
+    dropped, and a new conversation whose id already has a transcript is resumed instead."""
+    found = transcripts(args.resume or args.session_id)
+    for path in found:
+        repair_transcript(path)
+    if args.session_id and found:
+        # An earlier turn started this conversation but its end was never recorded (its worker or
+        # container was lost): continue it, since Claude Code refuses to start an id twice.
+        args.session_id, args.resume = None, args.session_id
+
+
+def repair_transcript(path: Path) -> None:
+    """Drops a last line cut short when Claude Code was killed mid-write (its container was killed),
+    so the conversation resumes from its last whole entry."""
+    try:
+        with open(path, "rb+") as transcript:
+            size = transcript.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            transcript.seek(max(0, size - 1))
+            if transcript.read(1) == b"\n":
+                return
+            start = max(0, size - (1 << 20))
+            transcript.seek(start)
+            tail = transcript.read()
+            cut = tail.rfind(b"\n")
+            transcript.truncate(start + cut + 1 if cut >= 0 else 0)
+    except OSError:
+        pass
 
 
 def write_mcp_config(env: dict[str, str], path: Path) -> Path | None:
@@ -261,6 +289,7 @@ def run_turn(args: argparse.Namespace) -> int:
     base = Path(args.log_dir) / args.turn_id
     base.parent.mkdir(parents=True, exist_ok=True)
     stop_leftover_turns(base.parent, args.grace)
+    prepare_conversation(args)
     prune_old_logs(base.parent)
     Path(f"{base}.run.pid").write_text(str(os.getpid()))
     mcp_config = write_mcp_config(dict(os.environ), Path(f"{base}.mcp.json"))
