@@ -16,6 +16,8 @@ NO_ID_ENDPOINTS = {
     "health.healthz": "liveness, no data",
     "health.readyz": "readiness of the service's dependencies, no owner data",
     "docs.openapi_document": "the API's shape, no data",
+    "docs.docs_page": "the documentation page, no data",
+    "docs.docs_asset": "Swagger UI's static files, no data",
     "api.create_session": "creates for the caller",
     "api.list_sessions": "lists the caller's own (test_api checks another owner's are absent)",
     "api.create_batch": "creates for the caller; its items' session ids are checked (test_jobs_api)",

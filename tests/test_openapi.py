@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import jsonschema
 import pytest
@@ -116,3 +117,23 @@ def test_the_fuzz_checks_catch_an_answer_the_document_does_not_allow(app, docume
     readyz = schema["/readyz"]["GET"].Case()
     with pytest.raises(FailureGroup, match="Response violates schema"):
         readyz.validate_response(readyz.call(), checks=[response_schema_conformance])
+
+
+def test_docs_page_serves_swagger_ui_from_the_package_with_nothing_from_the_internet(app):
+    client = app.test_client()
+    page = client.get("/docs")  # no Authorization header
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    assert '"/openapi.json"' in html
+    assert "http://" not in html and "https://" not in html
+    assets = re.findall(r'(?:src|href)="(/docs/[^"]+)"', html)
+    assert {"/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css"} <= set(assets)
+    for asset in assets:
+        response = client.get(asset)
+        assert response.status_code == 200, asset
+        assert len(response.get_data()) > 100, asset
+    # Swagger UI renders OpenAPI 3.1 from version 5 on.
+    major = re.search(r'name="swagger-ui-version" content="(\d+)\.', html)
+    assert major and int(major.group(1)) >= 5
+    assert client.get("/docs/..%2Fsetup.cfg").status_code == 404
+    assert client.get("/docs/flask_swagger_ui.py").status_code == 404

@@ -232,6 +232,11 @@ OPERATIONS: dict[str, Op] = {
                  errors=(404,), public=True, tag="console"),
     "docs.openapi_document": Op("This document", {200: json_response("the OpenAPI 3.1 document", {"type": "object"})},
                        public=True, tag="docs"),
+    "docs.docs_page": Op("Interactive documentation (Swagger UI) of this document",
+                         {200: Response("the page", {"text/html": {"schema": {"type": "string"}}})},
+                         public=True, tag="docs"),
+    "docs.docs_asset": Op("A static file of the documentation page",
+                          {200: Response("the file", {"*/*": BINARY})}, errors=(404,), public=True, tag="docs"),
     "api.create_session": Op(
         "Create a session", {201: json_response("created; a worker starts its container", SESSION)},
         body=schemas.CreateSession, headers=("Idempotency-Key",), errors=(409, 429), tag="sessions",
