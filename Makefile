@@ -1,10 +1,13 @@
-# cc-docker: `make run` starts everything, `make test` runs the whole suite.
+# cc-docker: `make run` starts everything, `make test` runs the whole suite; `make up` deploys with compose.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test fuzz install image migrate compose-check clean
+# Compose v2's plugin where there is one, else the standalone docker-compose (1.29 on Debian 12).
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
+.PHONY: run test fuzz install setup image migrate up down compose-check clean
 
 run: install
 	$(BIN)/python scripts/run.py
@@ -25,14 +28,31 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
+# Everything `make run` needs, ahead of time: the virtualenv, the session image, the database schema.
+setup: install image migrate
+
+# The session image (container/): a debootstrapped Debian, Claude Code from the npm registry, the wrapper.
 image:
 	bash container/build.sh
 
 migrate: install
 	$(BIN)/python -m core.migrate
 
+# The compose deployment (compose.yaml, settings from .env): builds the images, then starts every service.
+up: .env image
+	$(COMPOSE) up -d --build
+	$(COMPOSE) ps
+
+down:
+	$(COMPOSE) down
+
+# A first .env for compose: .env.example with a fresh JWT_SECRET. Never overwrites an existing one.
+.env:
+	sed "s/^JWT_SECRET=$$/JWT_SECRET=$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(32))')/" .env.example > .env
+	@echo "wrote .env from .env.example with a new JWT_SECRET (review the rest of it)"
+
 compose-check:
-	docker-compose -f compose.yaml config --quiet
+	$(COMPOSE) -f compose.yaml config --quiet
 
 clean:
 	rm -rf $(VENV) .run container/.build

@@ -9,7 +9,9 @@ COPY wrapper wrapper
 COPY client client
 COPY migrations migrations
 COPY scripts scripts
-RUN pip install --no-cache-dir .
+# iptables: the host-firewall service applies the sessions' rules from this image.
+RUN apt-get update && apt-get install -y --no-install-recommends iptables && rm -rf /var/lib/apt/lists/*
+RUN pip install --no-cache-dir ".[ops]"
 ENV PYTHONUNBUFFERED=1
 EXPOSE 8000
-CMD ["gunicorn", "-b", "0.0.0.0:8000", "-k", "gthread", "--threads", "32", "web.wsgi:app"]
+CMD ["gunicorn", "-c", "python:web.gunicorn_conf", "-b", "0.0.0.0:8000", "web.wsgi:app"]

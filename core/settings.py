@@ -54,6 +54,8 @@ class Settings:
     ws_ping_seconds: int = 25
     max_children: int = 10
     session_api_url: str = ""
+    host_firewall: bool = True
+    session_bridge: str = ""
     idle_check_seconds: int = 60
     max_upload_bytes: int = 104_857_600
     files_timeout_seconds: int = 120
@@ -166,6 +168,8 @@ ENV_NAMES = {
     "ws_ping_seconds": "CCD_WS_PING_SECONDS",
     "max_children": "CCD_MAX_CHILDREN",
     "session_api_url": "CCD_SESSION_API_URL",
+    "host_firewall": "CCD_HOST_FIREWALL",
+    "session_bridge": "CCD_SESSION_BRIDGE",
     "idle_check_seconds": "CCD_IDLE_CHECK_SECONDS",
     "max_upload_bytes": "CCD_MAX_UPLOAD_BYTES",
     "files_timeout_seconds": "CCD_FILES_TIMEOUT_SECONDS",

@@ -180,8 +180,8 @@ def main() -> int:
         python = sys.executable
         # The model proxy holds ANTHROPIC_API_KEY; session containers get per-session credentials for it.
         spawn("model-proxy", [python, "-m", "workers", "proxy"])
-        spawn("web", [python, "-m", "gunicorn", "-b", f"0.0.0.0:{settings.port}", "-k", "gthread",
-                      "--threads", "32", "--graceful-timeout", "5", "web.wsgi:app"])
+        spawn("web", [python, "-m", "gunicorn", "-c", "python:web.gunicorn_conf", "-b", f"0.0.0.0:{settings.port}",
+                      "web.wsgi:app"])
         spawn("worker", [python, "-m", "workers", "worker"])
         spawn("beat", [python, "-m", "workers", "beat"])
         wait_until(lambda: answers("127.0.0.1", settings.port), "web")

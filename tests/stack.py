@@ -138,8 +138,8 @@ class Process:
 def start_web(env: dict[str, str], port: int, also_on: str | None = None, name: str = "web") -> Process:
     """The web tier on loopback, and on `also_on` too (where session containers reach the host)."""
     binds = ["-b", f"127.0.0.1:{port}"] + (["-b", f"{also_on}:{port}"] if also_on else [])
-    web = Process(name, [sys.executable, "-m", "gunicorn", *binds, "-k", "gthread",
-                          "--threads", "32", "--graceful-timeout", "3", "web.wsgi:app"], env)
+    web = Process(name, [sys.executable, "-m", "gunicorn", "-c", "python:web.gunicorn_conf", *binds, "-w", "1",
+                          "--graceful-timeout", "3", "web.wsgi:app"], env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if not web.alive():

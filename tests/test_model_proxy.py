@@ -233,3 +233,17 @@ def test_a_model_credential_is_no_api_token(client, api_settings):
     resp = client.get(f"/api/v1/sessions/{sid}",
                       headers={"Authorization": f"Bearer {mint_model_credential(api_settings.jwt_secret, sid, 60)}"})
     assert resp.status_code == 401 and resp.get_json()["error"]["code"] == "invalid_token"
+
+
+def test_health_answers_without_a_credential_and_reaches_nothing_upstream(proxy, upstream):
+    before = len(upstream.seen)
+    host, port = proxy.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", "/healthz")
+    resp = conn.getresponse()
+    assert (resp.status, json.loads(resp.read())) == (200, {"status": "ok"})
+    conn.request("POST", "/healthz", body=b"{}")  # only GET /healthz is the check; the rest needs a credential
+    resp = conn.getresponse()
+    assert resp.status == 401 and resp.read()
+    conn.close()
+    assert len(upstream.seen) == before

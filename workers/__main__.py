@@ -1,4 +1,5 @@
-"""`python -m workers worker|beat|proxy`: runs a worker for this host's queues, the scheduler, or the model proxy."""
+"""`python -m workers worker|beat|proxy|firewall`: a worker for this host's queues, the scheduler, the model proxy,
+or the host firewall keeper (for deployments where the worker itself may not change the host's firewall)."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ from workers.celery_app import create_worker_app
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers")
-    parser.add_argument("role", choices=["worker", "beat", "proxy"])
+    parser.add_argument("role", choices=["worker", "beat", "proxy", "firewall"])
     parser.add_argument("--concurrency", type=int)
     args = parser.parse_args(argv)
     try:
@@ -29,6 +30,9 @@ def main(argv: list[str]) -> int:
 
         serve(settings)
         return 0
+    if args.role == "firewall":
+        host_firewall.keep_guarding(settings)
+        return 0
     app, ctx = create_worker_app(settings)
     level = settings.log_level.upper()
     if args.role == "beat":
@@ -36,7 +40,8 @@ def main(argv: list[str]) -> int:
         app.start(["beat", f"--loglevel={level}", f"--schedule={schedule}"])
         return 0
     network = ctx.runtime.ensure_network()  # fail fast when Docker is not reachable
-    host_firewall.guard(network, settings)
+    if settings.host_firewall:
+        host_firewall.guard(host_firewall.bridge_name(network), settings)
     queues = f"{settings.placement_queue},{settings.host_queue()}"
     app.worker_main(["worker", f"--loglevel={level}", "-Q", queues,
                      f"--concurrency={args.concurrency or settings.worker_concurrency}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import time
 from urllib.parse import urlsplit
 
 from core.settings import Settings
@@ -40,17 +41,18 @@ def rules(bridge: str, ports: list[int]) -> tuple[list[list[str]], list[list[str
     return first, last
 
 
-def guard(network, settings: Settings) -> bool:
-    """Installs the rules (idempotent); False, with a warning saying what to add, when it cannot."""
-    bridge = bridge_name(network)
+def guard(bridge: str, settings: Settings) -> bool:
+    """Installs the rules for the bridge interface (idempotent); False, with a warning saying what to add, if not."""
     first, last = rules(bridge, allowed_ports(settings))
     iptables = shutil.which("iptables")
+    changed = False
     try:
         if iptables is None:
             raise OSError("iptables is not installed")
         # All at the top of INPUT, so no broader ACCEPT further down (ufw, firewalld) comes first:
         # the refusals go in first, then the accepts above them.
         if not all(_present(iptables, rule) for rule in last):
+            changed = True
             for rule in first + last:
                 while _present(iptables, rule):
                     _run(iptables, "-D", "INPUT", *rule)
@@ -58,6 +60,7 @@ def guard(network, settings: Settings) -> bool:
                 _run(iptables, "-I", "INPUT", "1", *rule)
         for rule in reversed(first):
             if not _present(iptables, rule):
+                changed = True
                 _run(iptables, "-I", "INPUT", "1", *rule)
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = exc.stderr.strip() if isinstance(exc, subprocess.CalledProcessError) else str(exc)
@@ -66,8 +69,19 @@ def guard(network, settings: Settings) -> bool:
                     "addresses are reachable from sessions. Add, as root: %s; iptables -A INPUT -i %s -j DROP",
                     settings.session_network, detail, shown, bridge)
         return False
-    log.info("host firewall: sessions on %s reach the host only at ports %s", bridge, allowed_ports(settings))
+    log.log(logging.INFO if changed else logging.DEBUG, "host firewall: sessions on %s reach the host only at "
+            "ports %s", bridge, allowed_ports(settings))
     return True
+
+
+def keep_guarding(settings: Settings, every: float = 60.0) -> None:
+    """Applies the rules for CCD_SESSION_BRIDGE now and every minute after, since a Docker or firewall restart can
+    drop them: compose's host-firewall service, which has the host's network but no Docker socket."""
+    if not settings.session_bridge:
+        raise SystemExit("error: set CCD_SESSION_BRIDGE (the sessions' bridge interface name) for the firewall role")
+    while True:
+        guard(settings.session_bridge, settings)
+        time.sleep(every)
 
 
 def _present(iptables: str, rule: list[str]) -> bool:

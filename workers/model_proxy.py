@@ -121,9 +121,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:
+        if self.command == "GET" and self.path == "/healthz":  # compose's healthcheck; carries nothing, needs no credential
+            return self._answer_health()
         self._proxy()
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
+
+    def _answer_health(self) -> None:
+        body = b'{"status": "ok"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def _proxy(self) -> None:
         try:

@@ -79,8 +79,10 @@ class DockerRuntime:
 
     def _create_network(self, name: str):
         try:
-            return self.client.networks.create(name, driver="bridge", internal=True,
-                                               options={"com.docker.network.bridge.enable_icc": "false"},
+            options = {"com.docker.network.bridge.enable_icc": "false"}
+            if self.settings.session_bridge:  # a fixed interface name lets a firewall outside Docker find it
+                options["com.docker.network.bridge.name"] = self.settings.session_bridge
+            return self.client.networks.create(name, driver="bridge", internal=True, options=options,
                                                labels={"ccd.network": "sessions"})
         except APIError as exc:  # a concurrent worker made it first
             if exc.status_code != 409:
@@ -104,6 +106,11 @@ class DockerRuntime:
                 host = self.gateway()
             self._proxy_url = f"http://{host}:{self.settings.model_proxy_port}"
         return self._proxy_url
+
+    def session_api_url(self) -> str:
+        """The API as session containers see it (CCD_SESSION_API_URL, where `{gateway}` is the network's gateway)."""
+        url = self.settings.session_api_url
+        return url.replace("{gateway}", self.gateway()) if "{gateway}" in url else url
 
     def find(self, session_id: str):
         try:

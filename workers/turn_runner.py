@@ -285,7 +285,7 @@ class TurnRunner:
                "ANTHROPIC_API_KEY": mint_model_credential(settings.jwt_secret, session["id"],
                                                           timeout + TOKEN_SLACK_SECONDS)}
         if settings.session_api_url:  # the agent's spawn tools call the API with a token for its subtree only
-            env.update(CCD_API_URL=settings.session_api_url, CCD_SESSION_ID=session["id"],
+            env.update(CCD_API_URL=self.ctx.runtime.session_api_url(), CCD_SESSION_ID=session["id"],
                        CCD_SESSION_TOKEN=mint_session_token(settings.jwt_secret, session["owner"], session["id"],
                                                             timeout + TOKEN_SLACK_SECONDS,
                                                             settings.jwt_audience, settings.jwt_issuer))
