@@ -16,6 +16,8 @@ NO_ID_ENDPOINTS = {
     "health.healthz": "liveness, no data",
     "health.readyz": "readiness of the service's dependencies, no owner data",
     "docs.openapi_document": "the API's shape, no data",
+    "console.index": "the console page: static, no data (it reads the API with the token pasted into it)",
+    "console.static": "the console's script and stylesheet: no owner data",
     "docs.docs_page": "the documentation page, no data",
     "docs.docs_asset": "Swagger UI's static files, no data",
     "api.create_session": "creates for the caller",

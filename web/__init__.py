@@ -13,6 +13,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from web.context import WebContext
     from web.errors import register_error_handlers
     from web.health import health
+    from web.routes.console import console
     from web.routes.docs import docs
     from web.stream import sock
 
@@ -27,6 +28,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
     app.register_blueprint(health)
     app.register_blueprint(docs)
+    app.register_blueprint(console)
     app.register_blueprint(api)
     sock.init_app(app)
     return app
