@@ -16,12 +16,12 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 class Settings:
     """Everything configurable; see README "Configuration" for each variable."""
 
-    jwt_secret: str
+    jwt_secret: str = field(repr=False)  # secrets stay out of reprs, and so out of logs and tracebacks
     jwt_audience: str = ""
     jwt_issuer: str = ""
     database_url: str = DEFAULT_DATABASE_URL
     redis_url: str = DEFAULT_REDIS_URL
-    anthropic_api_key: str = ""
+    anthropic_api_key: str = field(default="", repr=False)
     anthropic_base_url: str = ""
     port: int = 8000
     image: str = "ccd-session:latest"
@@ -29,9 +29,10 @@ class Settings:
     container_timeout_default: int = 3600
     max_spawn_depth: int = 5
     log_level: str = "INFO"
+    log_format: str = "text"
     minio_endpoint: str = ""
     minio_access_key: str = ""
-    minio_secret_key: str = ""
+    minio_secret_key: str = field(default="", repr=False)
     minio_bucket: str = "ccd-workspaces"
     minio_secure: bool = False
     storage_dir: str = ".run/storage"
@@ -48,7 +49,7 @@ class Settings:
     owner_max_running_turns: int = 20
     owner_max_queued_turns: int = 1000
     idempotency_ttl_seconds: int = 86400
-    webhook_secret: str = ""
+    webhook_secret: str = field(default="", repr=False)
     webhook_allow_private: bool = False
     webhook_max_attempts: int = 8
     ws_ping_seconds: int = 25
@@ -104,6 +105,8 @@ class Settings:
         """Rejects values that would only fail later, far from their cause."""
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"LOG_FORMAT must be text or json, got {self.log_format!r}")
         for name in ("port", "container_timeout_default", "max_spawn_depth", "events_maxlen",
                      "max_body_bytes", "max_batch_bytes", "worker_concurrency", "cancel_grace_seconds", "max_wait_seconds",
                      "owner_max_sessions", "owner_max_running_turns", "owner_max_queued_turns",
@@ -143,6 +146,7 @@ ENV_NAMES = {
     "container_timeout_default": "CONTAINER_TIMEOUT_DEFAULT",
     "max_spawn_depth": "MAX_SPAWN_DEPTH",
     "log_level": "LOG_LEVEL",
+    "log_format": "LOG_FORMAT",
     "minio_endpoint": "MINIO_ENDPOINT",
     "minio_access_key": "MINIO_ACCESS_KEY",
     "minio_secret_key": "MINIO_SECRET_KEY",

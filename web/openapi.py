@@ -237,7 +237,7 @@ OPERATIONS: dict[str, Op] = {
     "docs.openapi_document": Op("This document", {200: json_response("the OpenAPI 3.1 document", {"type": "object"})},
                        public=True, tag="docs"),
     "docs.docs_page": Op("Interactive documentation (Swagger UI) of this document",
-                         {200: Response("the page", {"text/html": {"schema": {"type": "string"}}})},
+                         {200: Response("the page", {"text/html": {"type": "string"}})},
                          public=True, tag="docs"),
     "docs.docs_asset": Op("A static file of the documentation page",
                           {200: Response("the file", {"*/*": BINARY})}, errors=(404,), public=True, tag="docs"),
