@@ -233,7 +233,7 @@ def test_cancelling_a_batch_midway_leaves_nothing_running(api):
         body = api.call("GET", f"/api/v1/batches/{batch['id']}", 200)
         return body if not any(body["counts"][s] for s in ("pending", "queued", "running")) else None
     body = settled_body = wait_for(settled, 60, what="the batch to settle")
-    assert body["status"] == "cancelled" and settled_body["counts"]["cancelled"] == 6, body["counts"]
+    assert body["status"] == "cancelled" and settled_body["counts"]["cancelled"] == 6, f"counts: {body['counts']}"
     results = requests.get(f"{api.base}/api/v1/batches/{batch['id']}/results", headers=api.headers, timeout=30)
     lines = [json.loads(line) for line in results.text.splitlines()]
     assert len(lines) == 6 and {r["status"] for r in lines} == {"cancelled"}
