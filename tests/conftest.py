@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import time
 from dataclasses import replace
 
@@ -139,3 +140,22 @@ def s3_endpoint():
     server = S3Server().start()
     yield {"endpoint": server.endpoint, "access_key": ACCESS_KEY, "secret_key": SECRET_KEY}
     server.stop()
+
+
+# Without the background-networking switches Chromium waits on services this closed network never answers.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium, driven by Playwright (which brings its driver, not a browser)."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Chromium is not installed: apt-get install chromium (the console and /docs are tested in it)")
+    with sync_playwright() as playwright:
+        found = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield found
+        found.close()

@@ -5,31 +5,15 @@ from __future__ import annotations
 
 import re
 import secrets
-import shutil
 
 import pytest
 import requests
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from tests.stack import LOG_DIR
 
 pytestmark = pytest.mark.docker
-# Without the background-networking switches Chromium waits on services this closed network never answers.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TURN_SECONDS = 90_000  # ms: a turn, container start included
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Debian's Chromium, driven by Playwright (which brings its driver, not a browser)."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("Chromium is not installed: apt-get install chromium (the console is tested in it)")
-    with sync_playwright() as playwright:
-        found = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        yield found
-        found.close()
 
 
 @pytest.fixture
