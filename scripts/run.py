@@ -207,6 +207,7 @@ def print_welcome(settings: Settings) -> None:
     model = settings.anthropic_base_url or "the Anthropic API"
     print(f"""
 cc-docker is running at {base}  (sessions talk to {model}; Ctrl-C stops everything)
+  console: {base}/   API docs: {base}/docs   (paste the token below)
 
   export CCD={base} TOKEN={token}
   curl -s -X POST $CCD/api/v1/sessions -H "Authorization: Bearer $TOKEN" \\
