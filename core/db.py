@@ -22,8 +22,9 @@ POOL_TIMEOUT_SECONDS = 10
 
 def make_engine(settings: Settings) -> Engine:
     """The process's engine; pre-ping so a restarted Postgres costs one retry, not an error."""
+    # hide_parameters: a failed statement's text names its parameters, and those hold prompts; errors get logged.
     return create_engine(settings.database_url, pool_pre_ping=True, pool_size=5, max_overflow=10,
-                         pool_timeout=POOL_TIMEOUT_SECONDS,
+                         pool_timeout=POOL_TIMEOUT_SECONDS, hide_parameters=True,
                          connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS})
 
 

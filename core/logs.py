@@ -90,10 +90,12 @@ def end_log_context(token: contextvars.Token) -> None:
 
 
 def iterate_in_context(items: Iterable) -> Iterator:
-    """Iterates `items` in a copy of the current context: a streamed response body keeps logging with its
-    request's ids after the request itself has ended, without leaking them into the server's context."""
-    context = contextvars.copy_context()
-    iterator = iter(items)
+    """Iterates `items` in a copy of the context of this call: a streamed response body keeps logging with
+    its request's ids after the request itself has ended, without leaking them into the server's context."""
+    return _iterate(contextvars.copy_context(), iter(items))  # copied now, not at the first next()
+
+
+def _iterate(context: contextvars.Context, iterator: Iterator) -> Iterator:
     try:
         while True:
             try:
@@ -265,6 +267,8 @@ def gunicorn_log_config(environ: Mapping[str, str]) -> dict:
         "root": {"level": level, "handlers": ["console"]},
         "loggers": {
             "gunicorn.error": {"level": level, "handlers": ["console"], "propagate": False},
-            "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+            # Off: with a log config gunicorn would log each request with its query string (where a token may
+            # be); web/request_ids.py logs each request instead, with its ids and without the query.
+            "gunicorn.access": {"level": "WARNING", "handlers": ["console"], "propagate": False},
         },
     }

@@ -41,7 +41,9 @@ def celery_config(settings: Settings) -> dict:
         "task_serializer": "json",
         "accept_content": ["json"],
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
+        # Task events (sent, received, started, succeeded, ...) for Flower and `celery events`: see README.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
         "beat_schedule": {
             "reap": {"task": REAP, "schedule": float(settings.reap_seconds),
                      "options": {"queue": settings.placement_queue, "expires": settings.reap_seconds}},

@@ -69,6 +69,8 @@ class Settings:
     model_proxy_host: str = ""
     model_proxy_port: int = 8011
     tmp_mb: int = 256
+    worker_metrics_port: int = 9808
+    metrics_token: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -116,6 +118,8 @@ class Settings:
                      "model_proxy_port", "tmp_mb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.worker_metrics_port <= 65535:
+            raise ConfigError(f"CCD_WORKER_METRICS_PORT must be a port number (0 = off), got {self.worker_metrics_port}")
         if self.idempotency_ttl_seconds < 86400:
             raise ConfigError("CCD_IDEMPOTENCY_TTL_SECONDS must be at least 86400 (24 h): "
                               "clients may retry a request a day later")
@@ -186,4 +190,6 @@ ENV_NAMES = {
     "model_proxy_host": "CCD_MODEL_PROXY_HOST",
     "model_proxy_port": "CCD_MODEL_PROXY_PORT",
     "tmp_mb": "CCD_TMP_MB",
+    "worker_metrics_port": "CCD_WORKER_METRICS_PORT",
+    "metrics_token": "CCD_METRICS_TOKEN",
 }

@@ -180,8 +180,10 @@ def main() -> int:
         python = sys.executable
         # The model proxy holds ANTHROPIC_API_KEY; session containers get per-session credentials for it.
         spawn("model-proxy", [python, "-m", "workers", "proxy"])
+        # Several gunicorn processes: their /metrics counts add up through one multiprocess directory.
+        web_env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(RUN_DIR / "web-metrics")}
         spawn("web", [python, "-m", "gunicorn", "-c", "python:web.gunicorn_conf", "-b", f"0.0.0.0:{settings.port}",
-                      "web.wsgi:app"])
+                      "web.wsgi:app"], env=web_env)
         spawn("worker", [python, "-m", "workers", "worker"])
         spawn("beat", [python, "-m", "workers", "beat"])
         wait_until(lambda: answers("127.0.0.1", settings.port), "web")

@@ -97,6 +97,7 @@ def stack_env(settings, docker_client, s3_endpoint):
         # Webhook receivers in the tests listen on loopback; cancels escalate quickly.
         "CCD_WEBHOOK_SECRET": settings.webhook_secret, "CCD_WEBHOOK_ALLOW_PRIVATE": "true",
         "CCD_CANCEL_GRACE_SECONDS": str(settings.cancel_grace_seconds), "CCD_WS_PING_SECONDS": "3",
+        "CCD_WORKER_METRICS_PORT": str(stack.free_port()),  # the stack worker's; other workers from this env log it taken
     }
     proxy = stack.start_proxy(env)
     web = stack.start_web(env, port, also_on=gateway)
@@ -104,6 +105,7 @@ def stack_env(settings, docker_client, s3_endpoint):
     beat = stack.start_beat(env)
     yield {"base": f"http://127.0.0.1:{port}", "ws": f"ws://127.0.0.1:{port}", "model": model,
            "web": web, "worker": worker, "beat": beat, "env": env, "proxy": proxy, "gateway": gateway,
+           "worker_metrics": f"http://127.0.0.1:{env['CCD_WORKER_METRICS_PORT']}",
            "settings": replace(settings, anthropic_base_url=model.url, minio_endpoint=env["MINIO_ENDPOINT"],
                                minio_access_key=env["MINIO_ACCESS_KEY"], minio_secret_key=env["MINIO_SECRET_KEY"],
                                minio_bucket=env["MINIO_BUCKET"], max_spawn_depth=1,

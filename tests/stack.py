@@ -87,6 +87,15 @@ def network_gateway(client: docker.DockerClient, name: str) -> str:
     return network.attrs["IPAM"]["Config"][0]["Gateway"]
 
 
+def remove_private_stack(client: docker.DockerClient, prefix: str, database_url: str) -> None:
+    """What a test's private stack leaves: its containers and volumes (by prefix label), and its database."""
+    for container in client.containers.list(all=True, filters={"label": f"ccd.prefix={prefix}"}):
+        container.remove(force=True)
+    for volume in client.volumes.list(filters={"label": f"ccd.prefix={prefix}"}):
+        volume.remove(force=True)
+    drop_database(database_url)
+
+
 def remove_prefixed(client: docker.DockerClient, prefix: str, network: str) -> None:
     """Removes every container and volume this run made, and its network."""
     for container in client.containers.list(all=True, filters={"label": f"ccd.prefix={prefix}"}):

@@ -51,11 +51,7 @@ def faulty(stack_env, settings, docker_client, token):
     beat.stop()
     web.stop()
     proxy.stop()
-    for container in docker_client.containers.list(all=True, filters={"label": f"ccd.prefix={prefix}"}):
-        container.remove(force=True)
-    for volume in docker_client.volumes.list(filters={"label": f"ccd.prefix={prefix}"}):
-        volume.remove(force=True)
-    stack.drop_database(database_url)
+    stack.remove_private_stack(docker_client, prefix, database_url)
 
 
 def ready_session(api: Api, **config) -> str:

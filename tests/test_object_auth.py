@@ -15,6 +15,7 @@ NO_ID_ENDPOINTS = {
     "static": "Flask's static files: no owner data",
     "health.healthz": "liveness, no data",
     "health.readyz": "readiness of the service's dependencies, no owner data",
+    "metrics.scrape": "Prometheus metrics: counts and timings across all owners, no ids or owner data",
     "docs.openapi_document": "the API's shape, no data",
     "console.index": "the console page: static, no data (it reads the API with the token pasted into it)",
     "console.static": "the console's script and stylesheet: no owner data",

@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from core.envelope import Event
 from core.events import EventLog, id_before
+from web.metrics import LagMeter
 
 FINAL_TYPES = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
 BLOCK_MS = 1000
@@ -133,9 +134,12 @@ def sse_stream(events: Iterator[Event | None]) -> Iterator[str]:
     """An SSE body: the reconnect delay, then frames and heartbeats; ends cleanly when Redis stays
     away, and the browser's EventSource reconnects with Last-Event-ID."""
     yield "retry: 2000\n\n"
+    lag = LagMeter("sse")
     try:
         for event in events:
             yield SSE_HEARTBEAT if event is None else sse_frame(event)
+            if event is not None:
+                lag.delivered(event)
     except REDIS_DOWN:  # StreamInterrupted, or a tail without its own retries
         return
 

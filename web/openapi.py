@@ -227,7 +227,14 @@ OPERATIONS: dict[str, Op] = {
     "health.healthz": Op("Liveness: the process is up", {200: json_response("up", ref("Health"))},
                          public=True, tag="health"),
     "health.readyz": Op("Readiness: Postgres and Redis answer",
-                        {200: json_response("ready", ref("Health"))}, errors=(503,), public=True, tag="health"),
+                        {200: json_response("ready", ref("Health"))}, errors=(503,), public=True, tag="health",
+                        description="A 503 is `database_unavailable` (or `redis_unavailable` when only Redis "
+                                    "failed), with `failed` listing each dependency that did not answer."),
+    "metrics.scrape": Op("Prometheus metrics (text exposition format)",
+                         {200: Response("the metrics", {"text/plain": {"type": "string"}})}, errors=(401,),
+                         public=True, tag="health",
+                         description="Aggregates only (no owner data). Open unless CCD_METRICS_TOKEN is set; then "
+                                     "send `Authorization: Bearer <CCD_METRICS_TOKEN>` (that token, not a JWT)."),
     "static": Op("Static files of the web console", {200: Response("the file", {"*/*": BINARY})},
                  errors=(404,), public=True, tag="console"),
     "console.index": Op("The web console: a page that uses this API from the browser with a pasted token",

@@ -10,6 +10,7 @@ When Redis stays away the socket closes with 1011; reconnect with ?since=<the la
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import threading
@@ -22,6 +23,7 @@ from core.errors import DomainError
 from web.api import api
 from web.context import ctx
 from web.follow import StreamInterrupted, tail
+from web.metrics import LagMeter
 from web.routes.events import session_alive
 from web.routes.turns import cancel, submit_chat
 from web.schemas import ChatRequest
@@ -89,13 +91,17 @@ def serve_commands(app, socket: Socket, owner: str, session_id: str) -> None:
 def stream(ws, session_id: str) -> None:
     """Sends every event after `since` exactly once, in order; auth ran in api.before_request."""
     socket = Socket(ws)
-    commands = threading.Thread(target=serve_commands, name=f"ws-commands-{session_id[:8]}", daemon=True,
-                                args=(current_app._get_current_object(), socket, g.owner, session_id))
+    # In a copy of this context: the commands' log lines (and the turns they send) carry the request's ids.
+    commands = threading.Thread(target=contextvars.copy_context().run, name=f"ws-commands-{session_id[:8]}",
+                                daemon=True, args=(serve_commands, current_app._get_current_object(), socket,
+                                                   g.owner, session_id))
     commands.start()
+    lag = LagMeter("ws")
     try:
         for event in tail(ctx().events, session_id, request.args.get("since"), session_alive(session_id)):
             if event is not None:
                 socket.send(event.to_json())
+                lag.delivered(event)
             elif not ws.connected:
                 return
         ws.close(reason=1000, message="session deleted")

@@ -11,5 +11,5 @@ try:
 except ConfigError as exc:
     print(f"cc-docker web cannot start: {exc}", file=sys.stderr)
     raise SystemExit(2) from None
-setup_logging(_settings.log_level)
+setup_logging(_settings.log_level, _settings.log_format)
 app = create_app(_settings)

@@ -1,30 +1,36 @@
-"""`python -m workers worker|beat|proxy|firewall`: a worker for this host's queues, the scheduler, the model proxy,
-or the host firewall keeper (for deployments where the worker itself may not change the host's firewall)."""
+"""`python -m workers worker|beat|proxy|firewall|check`: a worker for this host's queues, the scheduler, the model
+proxy, the host firewall keeper (for deployments where the worker itself may not change the host's firewall), or a
+one-off readiness check of Postgres and Redis (and Docker with --docker) for healthchecks."""
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
 
+from celery.signals import setup_logging as setup_celery_logging
+
 from core.errors import ConfigError
-from core.logs import setup_logging
+from core.logs import LineLogger, setup_logging
+from core.metrics import use_private_multiprocess_dir
 from core.settings import Settings
-from workers import host_firewall
-from workers.celery_app import create_worker_app
+from workers import health_server, host_firewall
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers")
-    parser.add_argument("role", choices=["worker", "beat", "proxy", "firewall"])
+    parser.add_argument("role", choices=["worker", "beat", "proxy", "firewall", "check"])
     parser.add_argument("--concurrency", type=int)
+    parser.add_argument("--docker", action="store_true", help="check: Docker too, not only Postgres and Redis")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     if args.role == "proxy":
         from workers.model_proxy import serve
 
@@ -33,20 +39,46 @@ def main(argv: list[str]) -> int:
     if args.role == "firewall":
         host_firewall.keep_guarding(settings)
         return 0
+    if args.role == "check":  # a healthcheck for processes without a port (compose's beat)
+        checks = health_server.Readiness(settings).check()
+        if not args.docker:
+            checks.pop("docker")
+        status, body = health_server.readiness_body(checks)
+        print(json.dumps(body))
+        return 0 if status == 200 else 1
+    if args.role == "worker":  # before any metric is defined and before the prefork children are forked
+        use_private_multiprocess_dir(f"{settings.key_prefix}-worker-metrics")
+    from workers.celery_app import create_worker_app  # here: it defines the turn metrics (workers/metrics.py)
+
     app, ctx = create_worker_app(settings)
     level = settings.log_level.upper()
+    plain = keep_celery_logging_ours(settings)
     if args.role == "beat":
         schedule = Path(tempfile.gettempdir()) / f"{settings.key_prefix}-beat-schedule"
-        app.start(["beat", f"--loglevel={level}", f"--schedule={schedule}"])
+        app.start([*plain, "beat", f"--loglevel={level}", f"--schedule={schedule}"])
         return 0
     network = ctx.runtime.ensure_network()  # fail fast when Docker is not reachable
     if settings.host_firewall:
         host_firewall.guard(host_firewall.bridge_name(network), settings)
+    health_server.start(settings)
     queues = f"{settings.placement_queue},{settings.host_queue()}"
-    app.worker_main(["worker", f"--loglevel={level}", "-Q", queues,
+    app.worker_main([*plain, *(["--quiet"] if plain else []), "worker", f"--loglevel={level}", "-Q", queues,
                      f"--concurrency={args.concurrency or settings.worker_concurrency}",
                      f"--hostname=ccd@{settings.host_name}", "--without-gossip", "--without-mingle"])
     return 0
+
+
+def keep_celery_logging_ours(settings: Settings) -> list[str]:
+    """Stops Celery from setting up logging (its handlers, its stdout redirect): ours stands. With
+    LOG_FORMAT=json, what Celery prints (beat's start-up lines) is logged line by line; returns the Celery
+    options for that (the worker adds --quiet: its banner is noise as log lines)."""
+    setup_celery_logging.connect(lambda **_: None, weak=False, dispatch_uid="ccd-logging")
+    if settings.log_format != "json":
+        return []
+    # sys.__stdout__ too: Celery prints its banner there, and writes its shutdown notes straight to its file
+    # descriptor, which a LineLogger does not have (so those notes are left out rather than printed raw).
+    sys.stdout = sys.__stdout__ = LineLogger(logging.getLogger("celery.stdout"))
+    return ["--no-color"]
 
 
 if __name__ == "__main__":

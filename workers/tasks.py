@@ -1,9 +1,12 @@
 """Celery tasks: thin wrappers that hand ids to the lifecycle, turn runner and reaper."""
 from __future__ import annotations
 
-from celery import Celery
+from contextlib import AbstractContextManager
+
+from celery import Celery, current_task
 
 from core import queues
+from core.logs import TASK_HEADER, log_context
 from workers import containers, files, lifecycle
 from workers.context import WorkerContext
 from workers.reaper import reap
@@ -16,36 +19,52 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
 
     @app.task(name=queues.START_SESSION)
     def start_session(session_id: str) -> None:
-        lifecycle.start_session(ctx, session_id)
+        with traced(session_id=session_id):
+            lifecycle.start_session(ctx, session_id)
 
     @app.task(name=queues.RUN_TURN)
     def run_turn(turn_id: str) -> None:
-        TurnRunner(ctx).run(turn_id)
+        with traced(turn_id=turn_id):  # the runner adds the session's id once it has the turn
+            TurnRunner(ctx).run(turn_id)
 
     @app.task(name=queues.STOP_SESSION)
     def stop_session(session_id: str) -> None:
-        lifecycle.stop_session(ctx, session_id)
+        with traced(session_id=session_id):
+            lifecycle.stop_session(ctx, session_id)
 
     @app.task(name=queues.DELETE_SESSION)
     def delete_session(session_id: str) -> None:
-        lifecycle.delete_session(ctx, session_id)
+        with traced(session_id=session_id):
+            lifecycle.delete_session(ctx, session_id)
 
     @app.task(name=queues.DELIVER_WEBHOOK)
     def deliver_webhook(kind: str, resource_id: str, attempt: int = 1) -> str:
-        return deliver(ctx, kind, resource_id, attempt)
+        with traced(turn_id=resource_id if kind == "turn" else None):
+            return deliver(ctx, kind, resource_id, attempt)
 
     @app.task(name=queues.STOP_IDLE)
     def stop_idle_sessions() -> int:
-        return lifecycle.stop_idle_sessions(ctx)
+        with traced():
+            return lifecycle.stop_idle_sessions(ctx)
 
     @app.task(name=queues.WORKSPACE_FILES)
     def workspace_files(request: dict) -> None:
-        files.serve(ctx, request)
+        with traced(session_id=request.get("session_id")):
+            files.serve(ctx, request)
 
     @app.task(name=queues.CHECK_CONTAINERS)
     def check_containers() -> dict:
-        return containers.check(ctx)
+        with traced():
+            return containers.check(ctx)
 
     @app.task(name=queues.REAP)
     def reap_task() -> dict:
-        return reap(ctx)
+        with traced():
+            return reap(ctx)
+
+
+def traced(**ids: object) -> AbstractContextManager[None]:
+    """The log context of the task running now: `ids`, and the id of the HTTP request that sent it (none
+    when a worker or beat sent it, or an older web that sets no header)."""
+    request = getattr(current_task, "request", None)  # none when the task is called directly
+    return log_context(request_id=getattr(request, TASK_HEADER, None), **ids)

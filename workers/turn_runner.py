@@ -1,6 +1,7 @@
 """Runs one turn: lease it, exec the wrapper in the session container, publish, record the result."""
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -14,10 +15,12 @@ from sqlalchemy.exc import OperationalError
 from core import batches
 from core.db import transaction
 from core.envelope import Event
+from core.logs import bind_log_ids
 from core.session_tokens import mint_session_token
 from core.models import Session, Turn, utcnow
 from core.turns import claim_turn, final_event_type, head_queued_turn, renew_lease
 from workers.context import WorkerContext
+from workers import metrics
 from workers.lifecycle import wake
 from workers.model_proxy import mint_model_credential
 from workers.runtime import ExecResult
@@ -96,6 +99,8 @@ class TurnRunner:
             self._dropped(turn_id)
             return
         turn, session = claim
+        metrics.turn_taken(turn)
+        bind_log_ids(session_id=session["id"])  # with the task's turn and request ids, until the task ends
         output = TurnOutput(max_bytes=self.ctx.settings.max_turn_output_bytes,
                             max_event=self.ctx.settings.max_event_bytes)
         if turn["resumed"]:
@@ -239,7 +244,9 @@ class TurnRunner:
                     interrupted = True
                     self._interrupt(where["container"], turn)
 
-        thread = threading.Thread(target=watch, name=f"watch-{turn['id'][:8]}", daemon=True)
+        # In a copy of this context, so that the watcher's lines carry the turn's ids too.
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(watch,), name=f"watch-{turn['id'][:8]}",
+                                  daemon=True)
         thread.start()
 
         def stop() -> None:
@@ -315,6 +322,8 @@ class TurnRunner:
                                      what=f"publish an event of turn {turn['id']}")
         if stream_id is None:
             turn["lost"] = True  # a later attempt owns the turn (or its final event is out already)
+        else:
+            metrics.event_published(turn, kind)
         return stream_id
 
     def _finish(self, session: dict, turn: dict, output: TurnOutput, ending: tuple[str, str | None, str | None],
@@ -351,6 +360,7 @@ class TurnRunner:
             log.warning("turn %s was taken from us before it finished; result dropped", turn["id"])
             return False
         log.info("turn %s %s%s", turn["id"], status, f" ({reason}): {error}" if error else "")
+        metrics.turn_finished(turn, status)
         return True
 
     def _record(self, session: dict, turn: dict, values: dict, usage: dict, cost: Decimal, saw_init: bool) -> bool:

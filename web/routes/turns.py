@@ -19,6 +19,7 @@ from web.api import (api, claim_idempotency_key, enqueue, json_body, page, query
                      remember_idempotency_key)
 from web.context import ctx, unit_of_work
 from web.follow import FINAL_TYPES, SSE_HEARTBEAT, sse_frame, turn_events
+from web.metrics import LagMeter
 from web.routes.sessions import after_turns_ended
 from web.schemas import ChatRequest, PageQuery, TurnQuery
 
@@ -127,12 +128,14 @@ def stream_turn(body: dict) -> Response:
     start = body["queued_event_id"] or "0-1"  # turns queued before event ids were recorded: from the start
 
     def frames():
+        lag = LagMeter("sse" if sse else "ndjson")
         for event in turn_events(events, body["session_id"], body["id"], start, running):
             if event is None:
                 if sse:
                     yield SSE_HEARTBEAT
                 continue
             yield sse_frame(event) if sse else event.to_json() + "\n"
+            lag.delivered(event)
 
     headers = {"Location": body["links"]["self"], "X-Turn-Id": body["id"], "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
