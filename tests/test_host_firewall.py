@@ -48,9 +48,10 @@ def test_the_firewall_role_guards_the_named_bridge_without_docker(named_network,
            "DOCKER_HOST": "unix:///nonexistent/docker.sock"}  # it must not need Docker
     keeper = stack.Process("host-firewall", [sys.executable, "-m", "workers", "firewall"], env)
     try:
-        wait_for(lambda: iptables_has(["-i", bridge, "-j", "DROP"]), timeout=30, what="the firewall rules")
-        for port in ("8111", "8123"):
-            assert iptables_has(["-i", bridge, "-p", "tcp", "--dport", port, "-j", "ACCEPT"]), port
+        accepts = [["-i", bridge, "-p", "tcp", "--dport", port, "-j", "ACCEPT"] for port in ("8111", "8123")]
+        # The refusals go in first, then the accepts above them: wait for the whole set.
+        wait_for(lambda: all(map(iptables_has, [["-i", bridge, "-j", "DROP"], *accepts])), timeout=30,
+                 what="the firewall rules (DROP, then ACCEPT for the proxy's and the API's ports)")
         assert not iptables_has(["-i", bridge, "-p", "tcp", "--dport", "5432", "-j", "ACCEPT"])
         assert keeper.alive(), keeper.tail()
     finally:

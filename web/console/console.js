@@ -251,7 +251,15 @@ function note(parent, text) {
 
 function turnView(event) {
   let view = state.turns.get(event.turn_id);
-  if (view) return view;
+  if (view) {
+    // A turn another client sent: ask for its prompt once it is past turn.queued, which is published
+    // before the turn's row is committed (so a fetch on turn.queued itself could meet a 404).
+    if (!state.prompts.has(event.turn_id) && !view.promptAsked && event.type !== "turn.queued") {
+      view.promptAsked = true;
+      api("GET", `/turns/${event.turn_id}`).then((turn) => { view.user.textContent = turn.prompt; }, () => {});
+    }
+    return view;
+  }
   view = {
     status: null, text: null, message: null, streamed: new Set(),
     badge: el("span", {}), user: el("div", { class: "user" }, state.prompts.get(event.turn_id) || ""),
@@ -263,9 +271,6 @@ function turnView(event) {
   state.turns.set(event.turn_id, view);
   const count = listed(".turns");
   if (count && event.seq > parseInt(count.textContent, 10)) count.textContent = turns(event.seq);
-  if (!state.prompts.has(event.turn_id)) {  // a turn sent by another client since the page loaded
-    api("GET", `/turns/${event.turn_id}`).then((turn) => { view.user.textContent = turn.prompt; }, () => {});
-  }
   return view;
 }
 
