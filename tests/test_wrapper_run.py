@@ -69,7 +69,13 @@ def test_a_conversation_with_a_transcript_is_resumed_not_started_again(tmp_path,
     wrapper.prepare_conversation(args)
     assert wrapper.claude_command(args)[6:8] == ["--session-id", "abc"]
     (tmp_path / ".claude" / "projects" / "-workspace").mkdir(parents=True)
-    (tmp_path / ".claude" / "projects" / "-workspace" / "abc.jsonl").write_text("{}\n")
+    stub = tmp_path / ".claude" / "projects" / "-workspace" / "abc.jsonl"
+    # Killed before its first message: no conversation to resume, so it starts again (and the stub goes).
+    stub.write_text('{"type": "queue-operation", "operation": "enqueue"}\n{"type": "user", "mess')
+    args = wrapper.parse_args(["run", "--turn-id", "t", "--session-id", "abc"])
+    wrapper.prepare_conversation(args)
+    assert wrapper.claude_command(args)[6:8] == ["--session-id", "abc"] and not stub.exists()
+    stub.write_text('{"type": "user", "message": {"role": "user", "content": "hi"}}\n')
     args = wrapper.parse_args(["run", "--turn-id", "t", "--session-id", "abc"])
     wrapper.prepare_conversation(args)
     assert wrapper.claude_command(args)[6:8] == ["--resume", "abc"]

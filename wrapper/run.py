@@ -100,9 +100,31 @@ def prepare_conversation(args: argparse.Namespace) -> None:
     for path in found:
         repair_transcript(path)
     if args.session_id and found:
-        # An earlier turn started this conversation but its end was never recorded (its worker or
-        # container was lost): continue it, since Claude Code refuses to start an id twice.
-        args.session_id, args.resume = None, args.session_id
+        if any(holds_a_message(path) for path in found):
+            # An earlier turn started this conversation but its end was never recorded (its worker or
+            # container was lost): continue it, since Claude Code refuses to start an id twice.
+            args.session_id, args.resume = None, args.session_id
+        else:
+            # Killed before its first message was written: nothing to resume (Claude Code answers
+            # "No conversation found"), so start the conversation afresh.
+            for path in found:
+                path.unlink(missing_ok=True)
+
+
+def holds_a_message(path: Path) -> bool:
+    """Whether a transcript has at least one whole conversation entry (a user or assistant message)."""
+    try:
+        with open(path, "rb") as transcript:
+            for line in transcript:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict) and isinstance(entry.get("message"), dict):
+                    return True
+    except OSError:
+        pass
+    return False
 
 
 def repair_transcript(path: Path) -> None:
