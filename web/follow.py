@@ -8,6 +8,7 @@ with StreamInterrupted when Redis stays away, so the client can resume with its 
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Callable, Iterator
 
 import redis
@@ -34,14 +35,24 @@ class StreamInterrupted(redis.ConnectionError):
         self.last_id = last_id
 
 
+DOWN = object()  # what Outage.read gives while Redis is away
+
+
 class Outage:
     """Tracks one stretch of Redis being unreachable, and bounds it."""
 
     def __init__(self) -> None:
         self.since: float | None = None
 
-    def over(self) -> None:
+    def read(self, cursor: str, fetch: Callable[[], object]) -> object:
+        """`fetch()`, or DOWN after a pause while Redis is away; StreamInterrupted once that lasts too long."""
+        try:
+            value = fetch()
+        except REDIS_DOWN as exc:
+            self.pause(cursor, exc)
+            return DOWN
         self.since = None
+        return value
 
     def pause(self, cursor: str, exc: Exception) -> None:
         """Waits before the next try; raises StreamInterrupted once the outage is too long."""
@@ -76,11 +87,8 @@ def turn_events(events: EventLog, session_id: str, turn_id: str, start_id: str,
     cursor, checked, outage = id_before(start_id), time.monotonic(), Outage()
     while deadline is None or time.monotonic() < deadline:
         block = BLOCK_MS if deadline is None else max(1, min(BLOCK_MS, int((deadline - time.monotonic()) * 1000)))
-        try:
-            batch = events.wait(session_id, cursor, block)
-            outage.over()
-        except REDIS_DOWN as exc:
-            outage.pause(cursor, exc)
+        batch = outage.read(cursor, partial(events.wait, session_id, cursor, block))
+        if batch is DOWN:
             yield None
             continue
         for event in batch:
@@ -104,16 +112,13 @@ def tail(events: EventLog, session_id: str, since: str | None,
          session_exists: Callable[[], bool]) -> Iterator[Event | None]:
     """Every event after `since` (a stream.gap first when some were trimmed), then live ones,
     until the session is deleted."""
-    cursor, gap_checked, trimmed, outage = since or "0-0", False, None, Outage()
+    cursor, trimmed, outage = since or "0-0", DOWN, Outage()  # trimmed: DOWN until the gap is checked
     checked = time.monotonic()
     while True:
-        try:
-            if not gap_checked:
-                trimmed, gap_checked = events.gap_after(session_id, cursor), True
-            batch = events.wait(session_id, cursor, BLOCK_MS)
-            outage.over()
-        except REDIS_DOWN as exc:
-            outage.pause(cursor, exc)
+        if trimmed is DOWN:
+            trimmed = outage.read(cursor, partial(events.gap_after, session_id, cursor))
+        batch = DOWN if trimmed is DOWN else outage.read(cursor, partial(events.wait, session_id, cursor, BLOCK_MS))
+        if batch is DOWN:
             yield None
             continue
         if trimmed:
