@@ -71,6 +71,8 @@ class Settings:
     tmp_mb: int = 256
     worker_metrics_port: int = 9808
     metrics_token: str = ""
+    warm_pool_size: int = 2
+    stream_buffer_events: int = 1000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -115,9 +117,11 @@ class Settings:
                      "idempotency_ttl_seconds", "webhook_max_attempts", "ws_ping_seconds", "max_children",
                      "idle_check_seconds", "max_upload_bytes", "files_timeout_seconds",
                      "lease_seconds", "worker_lost_seconds", "reap_seconds", "max_event_bytes", "max_turn_output_bytes", "max_prompt_chars",
-                     "model_proxy_port", "tmp_mb"):
+                     "model_proxy_port", "tmp_mb", "stream_buffer_events"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
+        if self.warm_pool_size < 0:
+            raise ConfigError(f"CCD_WARM_POOL_SIZE must be 0 (off) or more, got {self.warm_pool_size}")
         if not 0 <= self.worker_metrics_port <= 65535:
             raise ConfigError(f"CCD_WORKER_METRICS_PORT must be a port number (0 = off), got {self.worker_metrics_port}")
         if self.idempotency_ttl_seconds < 86400:
@@ -192,4 +196,6 @@ ENV_NAMES = {
     "tmp_mb": "CCD_TMP_MB",
     "worker_metrics_port": "CCD_WORKER_METRICS_PORT",
     "metrics_token": "CCD_METRICS_TOKEN",
+    "warm_pool_size": "CCD_WARM_POOL_SIZE",
+    "stream_buffer_events": "CCD_STREAM_BUFFER_EVENTS",
 }
