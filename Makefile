@@ -7,13 +7,18 @@ STAMP  := $(VENV)/.installed-stamp
 # Compose v2's plugin where there is one, else the standalone docker-compose (1.29 on Debian 12).
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
-.PHONY: run test fuzz install setup image migrate up down compose-check clean
+# `make bench` measures M1–M7 against a private stack: see BENCHMARKS.md.
+.PHONY: run test bench fuzz install setup image migrate up down compose-check clean
 
 run: install
 	$(BIN)/python scripts/run.py
 
 test: install
 	$(BIN)/python -m pytest
+
+# The benchmark suite (BENCHMARKS.md): a table on stdout and bench/results.json; BENCH_ARGS="--only M1,M4 --quick".
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # The fuzzing test at full strength: new requests each run, 60 per operation, 1,000 at least in all.
 fuzz: install
@@ -25,7 +30,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	@touch $(STAMP)
 
 # Everything `make run` needs, ahead of time: the virtualenv, the session image, the database schema.

@@ -14,6 +14,7 @@ DELIVER_WEBHOOK = "ccd.deliver_webhook"
 STOP_IDLE = "ccd.stop_idle_sessions"
 WORKSPACE_FILES = "ccd.workspace_files"
 CHECK_CONTAINERS = "ccd.check_containers"
+PROBE = "ccd.probe"
 
 
 def celery_config(settings: Settings) -> dict:

@@ -82,23 +82,15 @@ def stack_env(settings, docker_client, s3_endpoint):
     gateway = stack.network_gateway(docker_client, settings.session_network)
     model = ModelServer("127.0.0.1", 0).start()  # on loopback: containers reach it only through the proxy
     port = stack.free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CCD_"))},
-        "JWT_SECRET": settings.jwt_secret, "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url, "CCD_KEY_PREFIX": settings.key_prefix,
-        "CCD_SESSION_NETWORK": settings.session_network, "CCD_IMAGE": settings.image,
-        "ANTHROPIC_API_KEY": settings.anthropic_api_key, "ANTHROPIC_BASE_URL": model.url,
-        "CONTAINER_TIMEOUT_DEFAULT": "900", "LOG_LEVEL": "INFO", "CCD_PORT": str(port),
+    env = stack.service_env(
+        settings, gateway, model.url, port,
         # Agents reach the API where they reach the host; spawn chains stop at depth 1 here.
-        "CCD_SESSION_API_URL": f"http://{gateway}:{port}", "MAX_SPAWN_DEPTH": "1",
-        "CCD_IDLE_CHECK_SECONDS": "2", "CCD_MODEL_PROXY_PORT": str(stack.free_port()),
-        "MINIO_ENDPOINT": s3_endpoint["endpoint"], "MINIO_ACCESS_KEY": s3_endpoint["access_key"],
-        "MINIO_SECRET_KEY": s3_endpoint["secret_key"], "MINIO_BUCKET": f"ccdt{RUN_ID}",
+        CCD_SESSION_API_URL=f"http://{gateway}:{port}", MAX_SPAWN_DEPTH="1", CCD_IDLE_CHECK_SECONDS="2",
+        MINIO_ENDPOINT=s3_endpoint["endpoint"], MINIO_ACCESS_KEY=s3_endpoint["access_key"],
+        MINIO_SECRET_KEY=s3_endpoint["secret_key"], MINIO_BUCKET=f"ccdt{RUN_ID}",
         # Webhook receivers in the tests listen on loopback; cancels escalate quickly.
-        "CCD_WEBHOOK_SECRET": settings.webhook_secret, "CCD_WEBHOOK_ALLOW_PRIVATE": "true",
-        "CCD_CANCEL_GRACE_SECONDS": str(settings.cancel_grace_seconds), "CCD_WS_PING_SECONDS": "3",
-        "CCD_WORKER_METRICS_PORT": str(stack.free_port()),  # the stack worker's; other workers from this env log it taken
-    }
+        CCD_WEBHOOK_SECRET=settings.webhook_secret, CCD_WEBHOOK_ALLOW_PRIVATE="true",
+        CCD_CANCEL_GRACE_SECONDS=str(settings.cancel_grace_seconds), CCD_WS_PING_SECONDS="3")
     proxy = stack.start_proxy(env)
     web = stack.start_web(env, port, also_on=gateway)
     worker = stack.start_worker(env)

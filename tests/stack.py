@@ -87,6 +87,23 @@ def network_gateway(client: docker.DockerClient, name: str) -> str:
     return network.attrs["IPAM"]["Config"][0]["Gateway"]
 
 
+def service_env(settings, gateway: str, model_url: str, port: int, **extra: str) -> dict[str, str]:
+    """The environment of a private stack's processes (web, worker, beat, proxy): this run's database, key prefix,
+    network and image, the scripted model server, ports of their own; `extra` adds or overrides variables."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CCD_"))},
+        "JWT_SECRET": settings.jwt_secret, "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url, "CCD_KEY_PREFIX": settings.key_prefix,
+        "CCD_SESSION_NETWORK": settings.session_network, "CCD_IMAGE": settings.image,
+        "ANTHROPIC_API_KEY": settings.anthropic_api_key, "ANTHROPIC_BASE_URL": model_url,
+        "CONTAINER_TIMEOUT_DEFAULT": "900", "LOG_LEVEL": "INFO", "CCD_PORT": str(port),
+        "CCD_MODEL_PROXY_PORT": str(free_port()),
+        "CCD_WORKER_METRICS_PORT": str(free_port()),  # the stack worker's; other workers from this env log it taken
+    }
+    env.update(extra)
+    return env
+
+
 def remove_private_stack(client: docker.DockerClient, prefix: str, database_url: str) -> None:
     """What a test's private stack leaves: its containers and volumes (by prefix label), and its database."""
     for container in client.containers.list(all=True, filters={"label": f"ccd.prefix={prefix}"}):
@@ -144,11 +161,12 @@ class Process:
         self._log.close()
 
 
-def start_web(env: dict[str, str], port: int, also_on: str | None = None, name: str = "web") -> Process:
+def start_web(env: dict[str, str], port: int, also_on: str | None = None, name: str = "web",
+              processes: int = 1) -> Process:
     """The web tier on loopback, and on `also_on` too (where session containers reach the host)."""
     binds = ["-b", f"127.0.0.1:{port}"] + (["-b", f"{also_on}:{port}"] if also_on else [])
-    web = Process(name, [sys.executable, "-m", "gunicorn", "-c", "python:web.gunicorn_conf", *binds, "-w", "1",
-                          "--graceful-timeout", "3", "web.wsgi:app"], env)
+    web = Process(name, [sys.executable, "-m", "gunicorn", "-c", "python:web.gunicorn_conf", *binds,
+                          "-w", str(processes), "--graceful-timeout", "3", "web.wsgi:app"], env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if not web.alive():
@@ -174,8 +192,8 @@ def wait_for_log(process: Process, marker: str, what: str, timeout: float = 30) 
     raise RuntimeError(f"{process.name} did not {what}:\n{process.tail()}")
 
 
-def start_worker(env: dict[str, str], name: str = "worker") -> Process:
-    worker = Process(name, [sys.executable, "-m", "workers", "worker", "--concurrency", "4"], env)
+def start_worker(env: dict[str, str], name: str = "worker", concurrency: int = 4) -> Process:
+    worker = Process(name, [sys.executable, "-m", "workers", "worker", "--concurrency", str(concurrency)], env)
     return wait_for_log(worker, " ready.", "become ready")
 
 

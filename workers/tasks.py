@@ -1,6 +1,7 @@
 """Celery tasks: thin wrappers that hand ids to the lifecycle, turn runner and reaper."""
 from __future__ import annotations
 
+import time
 from contextlib import AbstractContextManager
 
 from celery import Celery, current_task
@@ -56,6 +57,12 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
     def check_containers() -> dict:
         with traced():
             return containers.check(ctx)
+
+    @app.task(name=queues.PROBE)
+    def probe(key: str) -> None:
+        """Records when it started in a Redis list the sender waits on: how long dispatch takes (make bench)."""
+        ctx.events.redis.rpush(key, repr(time.time()))
+        ctx.events.redis.expire(key, 300)
 
     @app.task(name=queues.REAP)
     def reap_task() -> dict:

@@ -1,0 +1,71 @@
+"""M4: session start → ready for a turn, cold and from the warm pool, beside `docker run` of the same image with the
+same hardening, and `docker start` of a container created ahead."""
+from __future__ import annotations
+
+import time
+
+from core.events import parse_stream_id
+from bench.stats import Figure, summary
+from workers.runtime import AGENT_USER, DEFAULT_LIMITS
+
+# Limits other than the defaults: such a session never takes a pool container, so it shows the cold path.
+COLD_CONFIG = {"limits": {"memory_mb": DEFAULT_LIMITS["memory_mb"] - 1}}
+
+
+def ready_after(bench, config: dict) -> float:
+    """POST /sessions → its `session.status ready` event, in ms (the event's Redis id is stamped when published)."""
+    sent = time.time()
+    session = bench.call("POST", "/sessions", 201, json={"config": config})
+    key, cursor, deadline = bench.events.key(session["id"]), "0-0", time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for event in bench.events.wait(session["id"], cursor, 1000):
+            cursor = event.id
+            if event.type == "session.status" and event.data.get("status") == "ready":
+                return parse_stream_id(event.id)[0] - sent * 1000
+            if event.type == "session.status" and event.data.get("status") == "failed":
+                raise RuntimeError(f"session start failed: {event.data}")
+    raise RuntimeError(f"session {session['id']} ({key}) was not ready within 120 s")
+
+
+def hardened_options(bench) -> dict:
+    """`docker run` options as the worker gives a session container (volumes aside)."""
+    s = bench.settings
+    return dict(command=["sleep", "infinity"], user=AGENT_USER, working_dir="/workspace", init=True,
+                cap_drop=["ALL"], security_opt=["no-new-privileges"], read_only=True,
+                tmpfs={"/tmp": f"rw,nosuid,nodev,exec,size={s.tmp_mb}m,mode=1777"},
+                mem_limit=f"{DEFAULT_LIMITS['memory_mb']}m", memswap_limit=f"{DEFAULT_LIMITS['memory_mb']}m",
+                nano_cpus=int(DEFAULT_LIMITS["cpus"] * 1e9), pids_limit=DEFAULT_LIMITS["pids"],
+                labels={"ccd.prefix": s.key_prefix}, network=s.session_network)
+
+
+def docker_run(bench) -> tuple[float, float]:
+    """(docker run, docker start of a created container) of the session image, in ms."""
+    client, options = bench.docker, hardened_options(bench)
+    start = time.monotonic()
+    container = client.containers.run(bench.settings.image, detach=True, **options)
+    run_ms = (time.monotonic() - start) * 1000
+    container.remove(force=True)
+    created = client.containers.create(bench.settings.image, **options)
+    start = time.monotonic()
+    created.start()
+    start_ms = (time.monotonic() - start) * 1000
+    created.remove(force=True)
+    return run_ms, start_ms
+
+
+def measure(bench, runs: int) -> list[Figure]:
+    ready_after(bench, {})  # warm the paths once
+    ready_after(bench, COLD_CONFIG)
+    cold, warm, run, start = [], [], [], []
+    for _ in range(runs):
+        warm.append(ready_after(bench, {}))
+        cold.append(ready_after(bench, COLD_CONFIG))
+        r, s = docker_run(bench)
+        run.append(r)
+        start.append(s)
+        time.sleep(1.0)  # the pool refills in the background, as it would between real sessions
+    c, w, r, s = summary(cold), summary(warm), summary(run), summary(start)
+    return [Figure(id="M4-cold", what="session start -> ready, cold", unit="ms", ours=c, baseline=r,
+                   baseline_name="docker run", target="<= 1.1x docker run", met=c["median"] <= 1.1 * r["median"]),
+            Figure(id="M4-warm", what="session start -> ready, warm pool", unit="ms", ours=w, baseline=s,
+                   baseline_name="docker start", target="p50 <= 50 ms", met=w["median"] <= 50)]

@@ -1,0 +1,69 @@
+"""M7: throughput. Many short turns over as many sessions as the worker runs at once, all queued up front; turns
+completed per minute, beside the same turns run directly with docker exec, one at a time and in parallel."""
+from __future__ import annotations
+
+import threading
+import time
+
+from bench.direct import DirectTurns
+from bench.stats import Figure, summary
+
+PROMPT = "SAY: short"
+
+
+def ours(bench, sessions: list[str], per_session: int) -> float:
+    """Turns per minute through the API: every chat POSTed at once, until the last one has finished."""
+    start = time.monotonic()
+    turns = [bench.call("POST", f"/sessions/{sid}/chat", 202, json={"prompt": PROMPT})["id"]
+             for _ in range(per_session) for sid in sessions]
+    pending = set(turns)
+    while pending:
+        for turn_id in list(pending):
+            row = bench.call("GET", f"/turns/{turn_id}")
+            if row["status"] not in ("queued", "running"):
+                if row["status"] != "succeeded":
+                    raise RuntimeError(f"turn {turn_id} {row['status']}: {row.get('error')}")
+                pending.discard(turn_id)
+        time.sleep(0.1)
+    return len(turns) / (time.monotonic() - start) * 60
+
+
+def direct(runners: list[DirectTurns], per_session: int, parallel: bool) -> float:
+    """Turns per minute run straight in the containers: one thread per container, or all in one thread."""
+    start = time.monotonic()
+    if parallel:
+        threads = [threading.Thread(target=lambda r=r: [r.run(PROMPT) for _ in range(per_session)]) for r in runners]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    else:
+        for runner in runners:
+            for _ in range(per_session):
+                runner.run(PROMPT)
+    return len(runners) * per_session / (time.monotonic() - start) * 60
+
+
+def measure(bench, rounds: int, per_session: int = 8) -> Figure:
+    sessions = [bench.new_session()["id"] for _ in range(bench.worker_concurrency)]
+    runners = [DirectTurns(bench, sid) for sid in sessions]
+    for runner in runners:
+        runner.run(PROMPT)  # start the direct conversations, as the API's first turns below start theirs
+    ours(bench, sessions, 1)
+    mine, par, seq = [], [], []
+    for _ in range(rounds):
+        mine.append(ours(bench, sessions, per_session))
+        par.append(direct(runners, per_session, parallel=True))
+        seq.append(direct(runners[:1], per_session, parallel=False))
+    o, p, s = worst_round(mine), worst_round(par), worst_round(seq)
+    return Figure(id="M7", what=f"throughput: {len(sessions)} sessions x {per_session} short turns, turns/min",
+                  unit="turns/min", ours=o, baseline=p, baseline_name="direct, parallel",
+                  target=">= 0.9x direct parallel", met=o["median"] >= 0.9 * p["median"],
+                  derived={"direct sequential turns/min": s["median"]},
+                  notes="for a rate the p99 column holds the slowest round (higher is better)")
+
+
+def worst_round(rates: list[float]) -> dict:
+    """A rate's summary, where the tail that matters is the slowest round."""
+    found = summary(rates)
+    return {**found, "p99": found["min"]}
