@@ -1,7 +1,10 @@
 """Task names, queue routing and the Celery configuration shared by web (sender) and workers."""
 from __future__ import annotations
 
+import time
+
 from celery import Celery
+from kombu.utils.uuid import uuid
 
 from core.settings import Settings
 
@@ -14,7 +17,10 @@ DELIVER_WEBHOOK = "ccd.deliver_webhook"
 STOP_IDLE = "ccd.stop_idle_sessions"
 WORKSPACE_FILES = "ccd.workspace_files"
 CHECK_CONTAINERS = "ccd.check_containers"
+FILL_POOL = "ccd.fill_pool"
 PROBE = "ccd.probe"
+# Tasks per Redis pipeline when sending many (each is an LPUSH, and a PUBLISH for its task-sent event).
+SEND_BATCH = 100
 
 
 def celery_config(settings: Settings) -> dict:
@@ -73,6 +79,37 @@ class TaskSender:
     def run_turn(self, turn_id: str, host_queue: str) -> None:
         self.celery.send_task(RUN_TURN, args=[turn_id], queue=host_queue)
 
+    def start_sessions(self, session_ids: list[str]) -> None:
+        """start_session for many sessions, pipelined (see send_many)."""
+        self.send_many([(START_SESSION, [sid], self.settings.placement_queue) for sid in session_ids])
+
+    def run_turns(self, pairs: list[tuple[str, str]]) -> None:
+        """run_turn for many (turn id, host queue) pairs, pipelined (see send_many)."""
+        self.send_many([(RUN_TURN, [turn_id], host_queue) for turn_id, host_queue in pairs])
+
+    def send_many(self, tasks: list[tuple[str, list, str]]) -> None:
+        """Sends (task name, args, queue) tasks as the Celery messages `send_task` makes (task-sent events
+        too) through one pooled producer, SEND_BATCH per Redis pipeline instead of a round trip each, and
+        without send_task's per-call routing. A failed flush raises with delivery uncertain: the reaper
+        re-sends what never arrived (a task may then come twice, which tasks allow)."""
+        declared: set[str] = set()
+        with self.celery.producer_or_acquire() as producer:
+            for start in range(0, len(tasks), SEND_BATCH):
+                with producer.batch(max_size=SEND_BATCH * 2):  # an LPUSH and a PUBLISH each; flushed on exit
+                    for name, args, queue in tasks[start:start + SEND_BATCH]:
+                        self._publish(producer, name, args, queue, declare=queue not in declared)
+                        declared.add(queue)
+                time.sleep(0)  # under gevent: the web worker's other requests run between batches
+
+    def _publish(self, producer, name: str, args: list, queue: str, declare: bool) -> None:
+        """One task message onto a producer (batched by the caller), declaring its queue when asked."""
+        app = self.celery
+        message = app.amqp.create_task_message(uuid(), name, args, {}, reply_to=app.thread_oid,
+                                               create_sent_event=app.conf.task_send_sent_event, ignore_result=None)
+        # A buffered publish cannot fail, so retrying it is moot: the flush is what fails.
+        app.amqp.send_task_message(producer, name, message, queue=queue, retry=False,
+                                   declare=None if declare else [])
+
     def stop_session(self, session_id: str, host_queue: str | None) -> None:
         self.celery.send_task(STOP_SESSION, args=[session_id],
                               queue=host_queue or self.settings.placement_queue)
@@ -90,6 +127,11 @@ class TaskSender:
     def check_containers(self, host_queue: str) -> None:
         """Asks one host to settle its containers against the sessions table; stale checks are dropped."""
         self.celery.send_task(CHECK_CONTAINERS, queue=host_queue, expires=self.settings.reap_seconds * 4)
+
+    def fill_pool(self, host_queue: str, startup: bool = False) -> None:
+        """Asks one host to clear out and top up its warm pool (`startup`: a worker's first, run even with the pool
+        off, so that what an earlier worker left is cleared)."""
+        self.celery.send_task(FILL_POOL, kwargs={"startup": startup}, queue=host_queue)
 
     def delete_session(self, session_id: str, host_queue: str | None) -> None:
         self.celery.send_task(DELETE_SESSION, args=[session_id],

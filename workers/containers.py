@@ -1,5 +1,6 @@
 """Settles this host's session containers against the sessions table, after crashes and restarts:
-removes containers no live session owns, and marks ready sessions whose container is gone."""
+removes containers no live session owns, marks ready sessions whose container is gone, and has the warm pool
+clear out its dead containers (an untaken pool container is no session's, so it is never removed here)."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,7 @@ from core.db import transaction
 from core.envelope import status_event
 from core.models import Session, utcnow
 from workers.context import WorkerContext
+from workers.pool import WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,9 @@ def check(ctx: WorkerContext) -> dict[str, int]:
         if known.get(session_id) not in LIVE_STATES:
             log.info("removing container of session %s (%s)", session_id, known.get(session_id, "no such session"))
             try:
-                present[session_id].remove(force=True)  # whatever its name: it may not be one we gave
+                # Whatever its name (it may not be one we gave), with the volumes it mounts (a taken pool
+                # container's are named after the pool, not the session); then what is named after the session.
+                ctx.runtime.remove_container(present[session_id])
                 ctx.runtime.remove(session_id)
                 removed += 1
             except docker.errors.APIError as exc:  # e.g. a concurrent check removed it first
@@ -43,7 +47,23 @@ def check(ctx: WorkerContext) -> dict[str, int]:
     if removed or marked:
         log.info("container check: removed %d left-over containers, marked %d sessions whose container was gone",
                  removed, marked)
-    return {"removed": removed, "marked": marked}
+    return {"removed": removed, "marked": marked, "pool_removed": check_pool(ctx)}
+
+
+def check_pool(ctx: WorkerContext) -> int:
+    """Has the warm pool drop dead containers (an engine restart stops them all), and asks for a fill when it is
+    short; returns how many it removed."""
+    if not ctx.settings.warm_pool_size:
+        return 0
+    pool = WarmPool.of(ctx)
+    try:
+        removed = pool.prune()
+    except docker.errors.DockerException as exc:  # e.g. the image is gone: the next fill says so, loudly
+        log.warning("container check: could not check the warm pool: %s", exc)
+        return 0
+    if pool.ready() < pool.size:
+        ctx.sender.fill_pool(ctx.settings.host_queue())
+    return removed
 
 
 def mark_lost(ctx: WorkerContext, session_id: str) -> bool:

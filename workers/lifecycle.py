@@ -14,6 +14,7 @@ from core.sessions import request_stop
 from core.turns import head_queued_turn
 from workers import snapshots
 from workers.context import WorkerContext
+from workers.pool import WarmPool, uses_pool
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def start_session(ctx: WorkerContext, session_id: str) -> None:
             return  # already started, or stopped/deleted before we got here
         owner, config = row.owner, dict(row.config)
     try:
-        container_id, _ = ctx.runtime.ensure_running(session_id, owner, config)
+        container_id, how = start_container(ctx, session_id, owner, config)
         snapshots.restore(ctx, session_id, container_id, fresh=True)
     except Exception as exc:
         log.error("session %s: container failed to start: %s", session_id, exc)
@@ -61,9 +62,21 @@ def start_session(ctx: WorkerContext, session_id: str) -> None:
         row.host_queue = ctx.settings.host_queue()
         head = head_queued_turn(db, row.id)
     publish_status(ctx, session_id, "ready")
-    log.info("session %s ready in container %s", session_id, container_id[:12])
+    log.info("session %s ready in container %s (%s)", session_id, container_id[:12], how)
     if head is not None:
         ctx.sender.run_turn(str(head.id), ctx.settings.host_queue())
+    if ctx.settings.warm_pool_size and uses_pool(config):
+        ctx.sender.fill_pool(ctx.settings.host_queue())  # replaces what was taken (or was missing), after ready
+
+
+def start_container(ctx: WorkerContext, session_id: str, owner: str, config: dict) -> tuple[str, str]:
+    """The new session's container: a started one from this host's warm pool when its config matches the pool's
+    ("taken"), else made the cold way (see DockerRuntime.ensure_running)."""
+    if ctx.settings.warm_pool_size and uses_pool(config) and ctx.runtime.find(session_id) is None:
+        container_id = WarmPool.of(ctx).take(session_id)
+        if container_id is not None:
+            return container_id, "taken"
+    return ctx.runtime.ensure_running(session_id, owner, config)
 
 
 def wake(ctx: WorkerContext, session_id: str, owner: str, config: dict) -> str:

@@ -4,11 +4,13 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import uuid
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 import docker
 from docker.errors import APIError, NotFound
+from docker.types import Mount
 from docker.utils.socket import STDOUT, frames_iter
 
 from core.errors import Unavailable
@@ -37,6 +39,7 @@ class DockerRuntime:
             raise Unavailable(f"cannot reach the Docker engine ({exc}); is dockerd running?") from None
         self.api = self.client.api
         self._proxy_url: str | None = None
+        self._gateway: str | None = None
 
     def container_name(self, session_id: str) -> str:
         return f"{self.settings.key_prefix}-session-{session_id}"
@@ -110,7 +113,11 @@ class DockerRuntime:
     def session_api_url(self) -> str:
         """The API as session containers see it (CCD_SESSION_API_URL, where `{gateway}` is the network's gateway)."""
         url = self.settings.session_api_url
-        return url.replace("{gateway}", self.gateway()) if "{gateway}" in url else url
+        if "{gateway}" not in url:
+            return url
+        if self._gateway is None:  # looked up once, like the proxy's: reloading the network costs every turn
+            self._gateway = self.gateway()
+        return url.replace("{gateway}", self._gateway)
 
     def find(self, session_id: str):
         try:
@@ -123,9 +130,25 @@ class DockerRuntime:
         return container is not None and container.status == "running"
 
     def session_containers(self) -> dict[str, object]:
-        """Every session container of ours on this engine, by the session id on its label."""
+        """Every session container of ours on this engine, by session id: from its label, else from its name
+        (a warm pool container, taken, keeps its pool labels but carries the session's name)."""
         found = self.client.containers.list(all=True, filters={"label": f"ccd.prefix={self.settings.key_prefix}"})
-        return {c.labels["ccd.session"]: c for c in found if c.labels.get("ccd.session")}
+        by_session = {}
+        for container in found:
+            session_id = container.labels.get("ccd.session") or self.session_of(container.name)
+            if session_id:
+                by_session[session_id] = container
+        return by_session
+
+    def session_of(self, container_name: str) -> str | None:
+        """The session id in a session container's name; None for any other name."""
+        prefix = self.container_name("")
+        if not container_name.startswith(prefix):
+            return None
+        try:
+            return str(uuid.UUID(container_name[len(prefix):]))
+        except ValueError:
+            return None
 
     def ensure_running(self, session_id: str, owner: str, config: dict) -> tuple[str, str]:
         """The session's container, created if missing and started if stopped.
@@ -143,17 +166,29 @@ class DockerRuntime:
         return container.id, how
 
     def _create(self, session_id: str, owner: str, config: dict):
-        self.ensure_network()
         limits = {**DEFAULT_LIMITS, **(config.get("limits") or {})}
-        volumes = self.volume_names(session_id)
         labels = {"ccd.session": session_id, "ccd.owner": owner, "ccd.prefix": self.settings.key_prefix}
-        for volume in volumes.values():
-            self._ensure_volume(volume, labels)
+        try:
+            return self.create_container(self.container_name(session_id), labels, self.volume_names(session_id),
+                                         limits)
+        except APIError as exc:
+            if exc.status_code == 409:  # a retried start: the container is already there
+                return self.client.containers.get(self.container_name(session_id))
+            raise
+
+    def create_container(self, name: str, labels: dict, volumes: dict[str, str], limits: dict):
+        """A hardened, created (not started) container: the one recipe for session and warm pool containers.
+
+        Its named volumes are made with it, with the same labels, when missing.
+        """
+        self.ensure_network()
+        mounts = [Mount(target, volumes[key], type="volume", labels=labels)
+                  for key, target in (("workspace", "/workspace"), ("home", "/home/agent"))]
         try:
             return self.client.containers.create(
                 self.settings.image,
                 command=["sleep", "infinity"],
-                name=self.container_name(session_id),
+                name=name,
                 hostname="session",
                 user=AGENT_USER,
                 working_dir="/workspace",
@@ -169,22 +204,13 @@ class DockerRuntime:
                 nano_cpus=int(float(limits["cpus"]) * 1e9),
                 pids_limit=int(limits["pids"]),
                 labels=labels,
-                volumes={volumes["workspace"]: {"bind": "/workspace", "mode": "rw"},
-                         volumes["home"]: {"bind": "/home/agent", "mode": "rw"}},
+                mounts=mounts,
                 network=self.settings.session_network,
             )
         except APIError as exc:
-            if exc.status_code == 409:  # a retried start: the container is already there
-                return self.client.containers.get(self.container_name(session_id))
             if exc.status_code == 404 and "image" in str(exc).lower():
                 raise Unavailable(f"session image {self.settings.image} is missing; run `make image`") from None
             raise
-
-    def _ensure_volume(self, name: str, labels: dict) -> None:
-        try:
-            self.client.volumes.get(name)
-        except NotFound:
-            self.client.volumes.create(name, labels=labels)
 
     def stop(self, session_id: str, grace_seconds: int = 10) -> None:
         container = self.find(session_id)
@@ -195,10 +221,26 @@ class DockerRuntime:
         """Removes the container and its volumes; missing parts are fine (removal is retried)."""
         container = self.find(session_id)
         if container is not None:
+            self.remove_container(container)
+        self.remove_volumes(self.volume_names(session_id).values())
+
+    def remove_container(self, container) -> None:
+        """Removes a container of ours and the named volumes it mounts (a container taken from the warm
+        pool keeps its pool volumes' names, so they are read from its mounts, not derived from the session)."""
+        ours = f"{self.settings.key_prefix}-"
+        mounted = [m["Name"] for m in container.attrs.get("Mounts") or []
+                   if m.get("Type") == "volume" and (m.get("Name") or "").startswith(ours)]
+        try:
             container.remove(force=True)
-        for name in self.volume_names(session_id).values():
+        except NotFound:
+            pass  # removed meanwhile (a concurrent check or delete); its volumes may still be there
+        self.remove_volumes(mounted)
+
+    def remove_volumes(self, names) -> None:
+        """Removes these volumes; missing ones are fine."""
+        for name in names:
             try:
-                self.client.volumes.get(name).remove(force=True)
+                self.api.remove_volume(name, force=True)
             except NotFound:
                 pass
 

@@ -10,6 +10,7 @@ from core import queues
 from core.logs import TASK_HEADER, log_context
 from workers import containers, files, lifecycle
 from workers.context import WorkerContext
+from workers.pool import WarmPool
 from workers.reaper import reap
 from workers.turn_runner import TurnRunner
 from workers.webhooks import deliver
@@ -63,6 +64,11 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
         """Records when it started in a Redis list the sender waits on: how long dispatch takes (make bench)."""
         ctx.events.redis.rpush(key, repr(time.time()))
         ctx.events.redis.expire(key, 300)
+
+    @app.task(name=queues.FILL_POOL)
+    def fill_pool(startup: bool = False) -> int:
+        with traced():
+            return WarmPool.of(ctx).fill(startup=startup)
 
     @app.task(name=queues.REAP)
     def reap_task() -> dict:
