@@ -25,7 +25,7 @@ def commit_row(bench, session_id: uuid.UUID) -> None:
 def celery_dispatch(bench, session_id: uuid.UUID, host_queue: str, n: int) -> list[float]:
     """Commit + send_task → the probe task's first line, in ms."""
     samples = []
-    for i in range(n):
+    for _ in range(n):
         key = f"{bench.settings.key_prefix}:bench:probe:{uuid.uuid4().hex}"
         sent = time.time()
         commit_row(bench, session_id)

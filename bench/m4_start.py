@@ -3,6 +3,7 @@ same hardening, and `docker start` of a container created ahead."""
 from __future__ import annotations
 
 import time
+import uuid
 
 from core.events import parse_stream_id
 from bench.stats import Figure, summary
@@ -27,10 +28,12 @@ def ready_after(bench, config: dict) -> float:
     raise RuntimeError(f"session {session['id']} ({key}) was not ready within 120 s")
 
 
-def hardened_options(bench) -> dict:
-    """`docker run` options as the worker gives a session container (volumes aside)."""
+def hardened_options(bench, name: str) -> dict:
+    """`docker run` options as the worker gives a session container, with its two named volumes."""
     s = bench.settings
-    return dict(command=["sleep", "infinity"], user=AGENT_USER, working_dir="/workspace", init=True,
+    volumes = {f"{name}-workspace": {"bind": "/workspace", "mode": "rw"}, f"{name}-home": {"bind": "/home/agent",
+                                                                                          "mode": "rw"}}
+    return dict(volumes=volumes, command=["sleep", "infinity"], user=AGENT_USER, working_dir="/workspace", init=True,
                 cap_drop=["ALL"], security_opt=["no-new-privileges"], read_only=True,
                 tmpfs={"/tmp": f"rw,nosuid,nodev,exec,size={s.tmp_mb}m,mode=1777"},
                 mem_limit=f"{DEFAULT_LIMITS['memory_mb']}m", memswap_limit=f"{DEFAULT_LIMITS['memory_mb']}m",
@@ -40,17 +43,34 @@ def hardened_options(bench) -> dict:
 
 def docker_run(bench) -> tuple[float, float]:
     """(docker run, docker start of a created container) of the session image, in ms."""
-    client, options = bench.docker, hardened_options(bench)
+    client, name = bench.docker, f"{bench.settings.key_prefix}-bench-{uuid.uuid4().hex[:12]}"
     start = time.monotonic()
-    container = client.containers.run(bench.settings.image, detach=True, **options)
+    container = client.containers.run(bench.settings.image, detach=True, **hardened_options(bench, name))
     run_ms = (time.monotonic() - start) * 1000
-    container.remove(force=True)
-    created = client.containers.create(bench.settings.image, **options)
+    remove_with_volumes(client, container)
+    created = client.containers.create(bench.settings.image, **hardened_options(bench, name))
     start = time.monotonic()
     created.start()
     start_ms = (time.monotonic() - start) * 1000
-    created.remove(force=True)
+    remove_with_volumes(client, created)
     return run_ms, start_ms
+
+
+def remove_with_volumes(client, container) -> None:
+    """docker rm -f, and the named volumes it made (they carry no label for the run's clean-up to find)."""
+    container.reload()
+    names = [m["Name"] for m in container.attrs.get("Mounts", []) if m.get("Type") == "volume"]
+    container.remove(force=True)
+    for name in names:
+        client.volumes.get(name).remove(force=True)
+
+
+def settle(bench, timeout: float = 30.0) -> None:
+    """Waits until the warm pool is full again: each start is measured on a quiet host, as the baselines are."""
+    key, deadline = f"{bench.settings.key_prefix}:pool:{bench.settings.host_name}", time.monotonic() + timeout
+    while bench.redis.llen(key) < bench.pool_size and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)  # the fill's last container is listed a moment before its task ends
 
 
 def measure(bench, runs: int) -> list[Figure]:
@@ -58,12 +78,13 @@ def measure(bench, runs: int) -> list[Figure]:
     ready_after(bench, COLD_CONFIG)
     cold, warm, run, start = [], [], [], []
     for _ in range(runs):
+        settle(bench)
         warm.append(ready_after(bench, {}))
+        settle(bench)
         cold.append(ready_after(bench, COLD_CONFIG))
         r, s = docker_run(bench)
         run.append(r)
         start.append(s)
-        time.sleep(1.0)  # the pool refills in the background, as it would between real sessions
     c, w, r, s = summary(cold), summary(warm), summary(run), summary(start)
     return [Figure(id="M4-cold", what="session start -> ready, cold", unit="ms", ours=c, baseline=r,
                    baseline_name="docker run", target="<= 1.1x docker run", met=c["median"] <= 1.1 * r["median"]),

@@ -65,7 +65,7 @@ def table(figures: list[Figure]) -> str:
     """A Markdown table, the same in the terminal and in BENCHMARKS.md."""
     rows = [HEADER] + [f.row() for f in figures]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(r, widths)) + " |" for r in rows]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 

@@ -72,11 +72,13 @@ def start_session(ctx: WorkerContext, session_id: str) -> None:
 def start_container(ctx: WorkerContext, session_id: str, owner: str, config: dict) -> tuple[str, str]:
     """The new session's container: a started one from this host's warm pool when its config matches the pool's
     ("taken"), else made the cold way (see DockerRuntime.ensure_running)."""
-    if ctx.settings.warm_pool_size and uses_pool(config) and ctx.runtime.find(session_id) is None:
+    if ctx.runtime.find(session_id) is not None:  # a retried start: the container it made is there
+        return ctx.runtime.ensure_running(session_id, owner, config)
+    if ctx.settings.warm_pool_size and uses_pool(config):
         container_id = WarmPool.of(ctx).take(session_id)
         if container_id is not None:
             return container_id, "taken"
-    return ctx.runtime.ensure_running(session_id, owner, config)
+    return ctx.runtime.ensure_running(session_id, owner, config, new=True)
 
 
 def wake(ctx: WorkerContext, session_id: str, owner: str, config: dict) -> str:

@@ -39,6 +39,7 @@ class DockerRuntime:
             raise Unavailable(f"cannot reach the Docker engine ({exc}); is dockerd running?") from None
         self.api = self.client.api
         self._proxy_url: str | None = None
+        self._network_checked = False
         self._gateway: str | None = None
 
     def container_name(self, session_id: str) -> str:
@@ -150,13 +151,14 @@ class DockerRuntime:
         except ValueError:
             return None
 
-    def ensure_running(self, session_id: str, owner: str, config: dict) -> tuple[str, str]:
+    def ensure_running(self, session_id: str, owner: str, config: dict, new: bool = False) -> tuple[str, str]:
         """The session's container, created if missing and started if stopped.
 
         Returns its id and what it took: "running" (nothing), "started" or "created" (new, empty
         volumes when they were missing too), so the caller knows whether to restore a workspace.
+        `new` says the session has had no container yet: creating comes first (a retry finds it by the 409).
         """
-        container = self.find(session_id)
+        container = None if new else self.find(session_id)
         how = "running"
         if container is None:
             container, how = self._create(session_id, owner, config), "created"
@@ -181,7 +183,9 @@ class DockerRuntime:
 
         Its named volumes are made with it, with the same labels, when missing.
         """
-        self.ensure_network()
+        if not self._network_checked:  # once per process: a network removed since shows up as a 404 below
+            self.ensure_network()
+            self._network_checked = True
         mounts = [Mount(target, volumes[key], type="volume", labels=labels)
                   for key, target in (("workspace", "/workspace"), ("home", "/home/agent"))]
         try:
@@ -210,6 +214,9 @@ class DockerRuntime:
         except APIError as exc:
             if exc.status_code == 404 and "image" in str(exc).lower():
                 raise Unavailable(f"session image {self.settings.image} is missing; run `make image`") from None
+            if exc.status_code == 404 and "network" in str(exc).lower() and self._network_checked:
+                self._network_checked = False  # removed since we looked (an engine reset): make it, then retry
+                return self.create_container(name, labels, volumes, limits)
             raise
 
     def stop(self, session_id: str, grace_seconds: int = 10) -> None:
