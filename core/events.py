@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import redis
 
@@ -36,18 +36,39 @@ def is_stream_id(value: str) -> bool:
 
 # Marks outlive any turn by far; they only matter while a turn can still be re-attached.
 MARK_TTL_SECONDS = 7 * 86400
-# Fenced: a worker whose attempt is older than the mark's, a line already published, or any
-# event after the final one is refused (nil), so a worker that lost its turn cannot publish.
+# Fenced: nothing is published (nil) when a later attempt took the turn or its final event is out, so a
+# worker that lost its turn cannot publish. Otherwise each event gets its id, or false for a line already
+# published (a "last" event numbered at or below the mark) or an event after the final one; the mark
+# (last number, the ids of the first, last and final events, the attempt) is updated once.
+# ARGV: maxlen, mark ttl, attempt, then per event: number, id field, field count, field names and values.
 PUBLISH_MARKED = """
-local attempt = tonumber(redis.call('HGET', KEYS[2], 'attempt') or '0')
-if attempt > tonumber(ARGV[5]) or redis.call('HEXISTS', KEYS[2], 'final') == 1 then return false end
-if ARGV[3] == 'last' and tonumber(ARGV[2]) <= tonumber(redis.call('HGET', KEYS[2], 'number') or '-1') then
+local attempt = ARGV[3]
+if tonumber(redis.call('HGET', KEYS[2], 'attempt') or '0') > tonumber(attempt)
+   or redis.call('HEXISTS', KEYS[2], 'final') == 1 then
   return false
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 6))
-redis.call('HSET', KEYS[2], 'number', ARGV[2], ARGV[3], id, 'attempt', ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-return id
+local number = redis.call('HGET', KEYS[2], 'number') or '-1'
+local ids, marked, ended, i = {}, {}, false, 4
+while i <= #ARGV do
+  local n, field, count = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local id = false
+  if not ended and not (field == 'last' and tonumber(n) <= tonumber(number)) then
+    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, i + 3, i + 2 + 2 * count))
+    number, marked[field], ended = n, id, field == 'final'
+  end
+  ids[#ids + 1] = id
+  i = i + 3 + 2 * count
+end
+if next(marked) then
+  local update = {'number', number, 'attempt', attempt}
+  for field, id in pairs(marked) do
+    update[#update + 1] = field
+    update[#update + 1] = id
+  end
+  redis.call('HSET', KEYS[2], unpack(update))
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return ids
 """
 TAKE_MARK = """
 if tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') < tonumber(ARGV[1]) then
@@ -90,9 +111,35 @@ class EventLog:
         when a later attempt took the turn over, the line is already there, or the turn's final
         event is.
         """
-        fields = [part for item in event.to_fields().items() for part in item]
-        return self._script(PUBLISH_MARKED)(keys=[self.key(event.session_id), self.mark_key(turn_id)],
-                                            args=[self.maxlen, number, id_field, MARK_TTL_SECONDS, attempt, *fields])
+        ids = self.publish_marked_many([(event, number, id_field)], turn_id, attempt)
+        return ids[0] if ids else None
+
+    def publish_marked_many(self, marked: Sequence[tuple[Event, int, str]], turn_id: str,
+                            attempt: int = 1) -> list[str | None] | None:
+        """Appends events of one turn, each given as (event, wrapper line number, id field), in one
+        round trip, fenced and marked as `publish_marked` does for one; the mark is updated once.
+
+        Returns None, publishing nothing, when a later attempt took the turn over or its final event
+        is out; otherwise each event's stream id, or None for one skipped (its line was already
+        published, or it came after the final event).
+        """
+        if not marked:
+            return []
+        return self.publish_encoded_marked(marked[0][0].session_id,
+                                           [(number, id_field, event.to_fields()) for event, number, id_field in marked],
+                                           turn_id, attempt)
+
+    def publish_encoded_marked(self, session_id: str, entries: Sequence[tuple[int, str, dict[str, str]]],
+                               turn_id: str, attempt: int = 1) -> list[str | None] | None:
+        """`publish_marked_many` for entries already encoded (Event.to_fields), as (number, id field, fields)."""
+        if not entries:
+            return []
+        args: list = [self.maxlen, MARK_TTL_SECONDS, attempt]
+        for number, id_field, fields in entries:
+            args += [number, id_field, len(fields)]
+            for name, value in fields.items():
+                args += [name, value]
+        return self._script(PUBLISH_MARKED)(keys=[self.key(session_id), self.mark_key(turn_id)], args=args)
 
     def take_mark(self, turn_id: str, attempt: int) -> dict[str, str]:
         """Fences off earlier attempts' publishing and returns the turn's mark: `number` (the last

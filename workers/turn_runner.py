@@ -14,7 +14,6 @@ from sqlalchemy.exc import OperationalError
 
 from core import batches
 from core.db import transaction
-from core.envelope import Event
 from core.logs import bind_log_ids
 from core.session_tokens import mint_session_token
 from core.models import Session, Turn, utcnow
@@ -23,6 +22,7 @@ from workers.context import WorkerContext
 from workers import metrics
 from workers.lifecycle import wake
 from workers.model_proxy import mint_model_credential
+from workers.publisher import SERVICE_DOWN, Publisher, retry_while_down
 from workers.runtime import ExecResult
 from workers.turn_output import TurnOutput
 
@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 
 # How long a turn whose process vanished waits for its container's state to say why.
 STATE_SETTLE_SECONDS = 3.0
-# How long a turn waits for Postgres or Redis to come back before leaving the rest to the reaper.
-OUTAGE_PATIENCE_SECONDS = 60.0
-SERVICE_DOWN = (OperationalError, redis.ConnectionError, redis.TimeoutError)
 CANCEL_POLL_SECONDS = 1.0
 # A session token outlives its turn by this much, so a spawn tool call at the very end still works.
 TOKEN_SLACK_SECONDS = 300
@@ -66,27 +63,6 @@ class ContainerLost(Exception):
     """The turn's container is gone or was restarted, and the turn's process with it."""
 
 
-def retry_while_down(step, what: str, patience: float = OUTAGE_PATIENCE_SECONDS):
-    """Runs a step that needs Postgres or Redis, retrying while either is unreachable, for up to
-    `patience` seconds.
-
-    Past that the error propagates: the turn's lease then runs out and the reaper hands the turn
-    to a worker that re-attaches and publishes or records the rest, so nothing is lost either way.
-    """
-    deadline, delay = time.monotonic() + patience, 0.5
-    while True:
-        try:
-            return step()
-        except SERVICE_DOWN as exc:
-            if time.monotonic() >= deadline:
-                raise
-            log.warning("could not %s (%s unreachable: %s); retrying in %.1fs", what,
-                        "Redis" if isinstance(exc, redis.RedisError) else "the database",
-                        getattr(exc, "orig", None) or exc, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
 class TurnRunner:
     """Carries one turn from `queued` to a final state; safe to call twice for the same turn."""
 
@@ -101,6 +77,15 @@ class TurnRunner:
         turn, session = claim
         metrics.turn_taken(turn)
         bind_log_ids(session_id=session["id"])  # with the task's turn and request ids, until the task ends
+        publisher = Publisher(self.ctx.events, session, turn)
+        try:
+            self._run_claimed(turn, session, publisher)
+        finally:
+            publisher.close()
+
+    def _run_claimed(self, turn: dict, session: dict, publisher: Publisher) -> None:
+        """Runs (or re-attaches to) a turn this worker holds the lease of, and records how it ended."""
+        turn_id = turn["id"]
         output = TurnOutput(max_bytes=self.ctx.settings.max_turn_output_bytes,
                             max_event=self.ctx.settings.max_event_bytes)
         if turn["resumed"]:
@@ -109,7 +94,7 @@ class TurnRunner:
                      turn_id, session["id"], turn["attempt"], mark.get("number", 0))
         else:
             log.info("turn %s (session %s, #%s) started", turn_id, session["id"], turn["seq"])
-            first_id = self._publish(session, turn, "turn.started", {"attempt": turn["attempt"]}, 0, "first")
+            first_id = publisher.publish("turn.started", {"attempt": turn["attempt"]}, 0, "first")
             mark = {"number": "0", "first": first_id}
         failure, where = None, {}
         # Watching starts before the container does: a long start or restore must not cost the lease.
@@ -118,7 +103,7 @@ class TurnRunner:
             where["container"] = self._container(session, turn)
             if turn.get("lost"):
                 return  # another worker took the turn over while the container started
-            self._execute(where["container"], session, turn, output, int(mark.get("number") or 0))
+            self._execute(where["container"], session, turn, output, publisher, int(mark.get("number") or 0))
         except ContainerLost as exc:
             failure = (str(exc), "container_lost")
         except SERVICE_DOWN:
@@ -135,7 +120,7 @@ class TurnRunner:
             error, reason = self._why_lost(session, error, reason)
         if status not in ("succeeded", "cancelled") and reason != "output_limit" and self._cancel_requested(turn):
             status, error, reason = "cancelled", "cancelled by request", "cancelled"  # e.g. its container was stopped
-        finished = self._finish(session, turn, output, (status, error, reason), mark)
+        finished = self._finish(session, turn, output, (status, error, reason), mark, publisher)
         self._start_next(session)
         if finished:
             self._after(turn)
@@ -154,9 +139,11 @@ class TurnRunner:
     def _container(self, session: dict, turn: dict) -> str:
         """The container to run in: started (and restored) if needed for a new turn; for a re-attach,
         only the running container the turn was in (a restarted one has lost the turn's process)."""
-        if not turn["resumed"]:
-            return wake(self.ctx, session["id"], session["owner"], session["config"])
         container = self.ctx.runtime.find(session["id"])
+        if not turn["resumed"]:
+            if container is not None and container.status == "running":
+                return container.id  # the usual case, in one engine call
+            return wake(self.ctx, session["id"], session["owner"], session["config"])
         if container is None or container.status != "running":
             raise ContainerLost("the session container stopped while its worker was lost; the turn's process "
                                 "went with it")
@@ -282,9 +269,10 @@ class TurnRunner:
         except Exception as exc:  # the container may be gone already: then so is the turn
             log.warning("turn %s: could not interrupt: %s", turn["id"], exc)
 
-    def _execute(self, container_id: str, session: dict, turn: dict, output: TurnOutput, published: int) -> None:
+    def _execute(self, container_id: str, session: dict, turn: dict, output: TurnOutput, publisher: Publisher,
+                 published: int) -> None:
         """Runs the turn's wrapper (or, re-attaching, follows its log) and publishes each line past
-        `published`, the last wrapper line number already in the stream."""
+        `published`, the last wrapper line number already in the stream (batched: see Publisher)."""
         settings = self.ctx.settings
         timeout = turn_timeout(session["config"], settings.container_timeout_default)
         # The model through cc-docker's proxy, with a credential for this session only: the real key stays out.
@@ -303,31 +291,26 @@ class TurnRunner:
             argv = wrapper_argv(turn["id"], session, timeout, settings.cancel_grace_seconds)
             stdin = turn["prompt"].encode()
         cap = settings.max_turn_output_bytes + 64  # one line can at most end the turn: no need to hold more
-        for record, size in self.ctx.runtime.exec_lines(container_id, argv, env, stdin, result, max_line=cap):
-            line = output.take(record, size, cut=size > cap)
-            if turn.get("lost"):
-                return
-            if line is not None and output.number > published:
-                self._publish(session, turn, f"claude.{line['type']}", line, output.number)
+        records = self.ctx.runtime.exec_lines(container_id, argv, env, stdin, result, max_line=cap)
+        try:
+            for record, size in records:
+                line = output.take(record, size, cut=size > cap)
+                if turn.get("lost"):
+                    return
+                if line is not None and output.number > published:
+                    publisher.add(f"claude.{line['type']}", line, output.number)
+                if output.exit is not None:
+                    # The exit record is the wrapper's last: waiting for its process to end and asking the
+                    # engine for its exit code would only add time (~20 ms) to every turn.
+                    break
+        finally:
+            records.close()
         if output.exit is None and result:
             log.warning("turn %s: wrapper ended without an exit record (exit code %s): %s",
                         turn["id"], result[0].exit_code, result[0].stderr[-500:])
 
-    def _publish(self, session: dict, turn: dict, kind: str, data: dict, number: int,
-                 id_field: str = "last") -> str:
-        """Publishes one event of the turn, marking wrapper line `number` as published."""
-        event = Event(session_id=session["id"], turn_id=turn["id"], seq=turn["seq"], type=kind, data=data)
-        stream_id = retry_while_down(lambda: self.ctx.events.publish_marked(event, turn["id"], number, id_field,
-                                                                            turn["attempt"]),
-                                     what=f"publish an event of turn {turn['id']}")
-        if stream_id is None:
-            turn["lost"] = True  # a later attempt owns the turn (or its final event is out already)
-        else:
-            metrics.event_published(turn, kind)
-        return stream_id
-
     def _finish(self, session: dict, turn: dict, output: TurnOutput, ending: tuple[str, str | None, str | None],
-                mark: dict[str, str]) -> bool:
+                mark: dict[str, str], publisher: Publisher) -> bool:
         """Publishes the final event (unless a lost worker already did) and records the outcome."""
         if turn.get("lost"):
             return False
@@ -345,7 +328,7 @@ class TurnRunner:
             summary.update(result=text[: self.ctx.settings.max_event_bytes // 2], result_truncated=True)
         last_id = mark.get("final")  # taken with the turn: a lost worker got as far as publishing it
         if last_id is None:
-            last_id = self._publish(session, turn, final_event_type(status), summary, output.number, "final")
+            last_id = publisher.publish(final_event_type(status), summary, output.number, "final")
             if last_id is None:
                 log.warning("turn %s was taken over before it finished; leaving it to attempt > %s",
                             turn["id"], turn["attempt"])
