@@ -8,9 +8,7 @@ import logging
 import math
 import socket
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any, Callable
 
 Progress = Callable[[str], None]  # tells the client a long tool call is still alive
@@ -47,6 +45,10 @@ class Api:
         """One API request; the decoded JSON answer, or ToolError saying what went wrong."""
         if not self.base_url:
             raise ToolError("CCD_API_URL is not set, so the cc-docker API cannot be reached")
+        # Imported on the first call: the MCP server starts with every turn, and most turns spawn nothing.
+        import urllib.error
+        import urllib.request
+
         url = self.base_url + path
         headers = {"Accept": "application/json", "Authorization": f"Bearer {self.token}"}
         data = None
