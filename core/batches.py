@@ -6,27 +6,32 @@ run from wherever a turn ends (worker, cancel, reaper), so a batch always moves 
 """
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import and_, case, func, insert, select, update
+from sqlalchemy import and_, case, func, select, text, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session as DbSession
 
 from core import sessions as session_cmds
+from core import trees, workspaces
 from core import turns as turn_cmds
 from core.admission import live_sessions, turn_counts
 from core.cancels import CancelSignals
 from core.db import transaction
 from core.envelope import Event, status_event
 from core.events import EventLog
-from core.errors import NotFound, ValidationFailed, WrongState
+from core.errors import DomainError, NotFound, ValidationFailed, WrongState
 from core.models import FINISHED_TURN_STATUSES, Batch, BatchItem, Session, Turn, utcnow
 from core.sessions import CHAT_STATES, parse_uuid
 from core.queues import TaskSender
 from core.settings import Settings
 
-INSERT_CHUNK = 1000
+# What a session made for one batch item starts with (an ephemeral workspace, like POST /sessions' default).
+ITEM_WORKSPACE = {"type": "ephemeral"}
 
 
 @dataclass
@@ -39,6 +44,10 @@ class Dispatch:
     stop_sessions: list[tuple[str, str | None]] = field(default_factory=list)
     signal_turns: list[str] = field(default_factory=list)
     finished_batches: list[str] = field(default_factory=list)
+
+    def merge(self, other: "Dispatch") -> None:
+        for name, value in vars(other).items():
+            getattr(self, name).extend(value)
 
 
 def check_sessions(db: DbSession, owner: str, items: list[dict]) -> None:
@@ -62,18 +71,43 @@ def check_sessions(db: DbSession, owner: str, items: list[dict]) -> None:
 
 def create_batch(db: DbSession, owner: str, items: list[dict], concurrency: int,
                  webhook: str | None) -> Batch:
-    """The batch row and all its items as `pending`, inserted in chunks (one round trip each)."""
+    """The batch row and all its items as `pending`; the items go in with one COPY."""
     batch = Batch(id=uuid.uuid4(), owner=owner, status="running", concurrency=concurrency,
                   total=len(items), webhook=webhook, webhook_status="pending" if webhook else None,
                   created_at=utcnow())
     db.add(batch)
     db.flush()
-    rows = [{"batch_id": batch.id, "index": i, "custom_id": item.get("custom_id"), "prompt": item["prompt"],
-             "session_id": item.get("session_id"), "config": item.get("config"), "status": "pending"}
-            for i, item in enumerate(items)]
-    for start in range(0, len(rows), INSERT_CHUNK):
-        db.execute(insert(BatchItem), rows[start:start + INSERT_CHUNK])
+    copy_rows(db, BatchItem, [{"batch_id": batch.id, "index": i, "custom_id": item.get("custom_id"),
+                               "prompt": item["prompt"], "session_id": item.get("session_id"),
+                               "config": item.get("config"), "status": "pending"}
+                              for i, item in enumerate(items)])
     return batch
+
+
+def copy_rows(db: DbSession, model: type, rows: list[dict[str, Any]]) -> None:
+    """Rows into the model's table with one COPY, in the session's transaction (no statement per row).
+
+    Every row has the same keys; columns they leave out get the model's Python-side defaults, as an
+    ORM insert would give them.
+    """
+    if not rows:
+        return
+    table = model.__table__
+    given = list(rows[0])
+    defaults = {c.name: c.default for c in table.columns
+                if c.name not in rows[0] and c.default is not None and (c.default.is_scalar or c.default.is_callable)}
+    names = given + list(defaults)
+    json_at = [i for i, name in enumerate(names) if isinstance(table.c[name].type, JSONB)]  # COPY takes JSON text
+    columns = ", ".join(f'"{name}"' for name in names)
+    raw = db.connection().connection.driver_connection
+    with raw.cursor() as cursor, cursor.copy(f"COPY {table.name} ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            values = [row[name] for name in given]
+            values += [d.arg if d.is_scalar else d.arg(None) for d in defaults.values()]
+            for i in json_at:
+                if values[i] is not None:
+                    values[i] = json.dumps(values[i])
+            copy.write_row(values)
 
 
 def get_owned(db: DbSession, owner: str, batch_id: str, *, lock: bool = False) -> Batch:
@@ -139,45 +173,125 @@ def release(db: DbSession, events: EventLog, batch_id: uuid.UUID, settings: Sett
     owner_turns = turn_counts(db, batch.owner)
     room = min(batch.concurrency - in_flight,
                settings.owner_max_running_turns - owner_turns["running"] - owner_turns["queued"])
-    session_room = settings.owner_max_sessions - live_sessions(db, batch.owner)
-    queued: list[Turn] = []
     if room > 0:
-        pending = db.scalars(select(BatchItem).where(BatchItem.batch_id == batch_id,
-                                                     BatchItem.status == "pending")
+        session_room = settings.owner_max_sessions - live_sessions(db, batch.owner)
+        pending = db.execute(select(BatchItem.index, BatchItem.prompt, BatchItem.session_id, BatchItem.config)
+                             .where(BatchItem.batch_id == batch_id, BatchItem.status == "pending")
                              .order_by(BatchItem.index).limit(room)).all()
+        chosen = []
         for item in pending:
             if item.config is not None:
                 if session_room <= 0:
                     break  # waits for a session of the owner's to stop
                 session_room -= 1
-            turn = _release_item(db, batch, item, plan)
-            if turn is not None:
-                queued.append(turn)
-    if queued:  # published before commit, while the sessions are locked: turn.queued comes first
-        for turn, event_id in zip(queued, events.publish_many(turn_cmds.queued_event(t) for t in queued), strict=False):
-            turn.queued_event_id = event_id
+            chosen.append(item)
+        if chosen:
+            _release_items(db, events, batch, chosen, plan)
     if not db.scalar(select(func.count()).select_from(BatchItem).where(
             BatchItem.batch_id == batch_id, BatchItem.status.in_(("pending", "released")))):
         batch.status, batch.finished_at = "completed", utcnow()
         plan.finished_batches.append(str(batch_id))
 
 
-def _release_item(db: DbSession, batch: Batch, item: BatchItem, plan: Dispatch) -> Turn | None:
-    if item.session_id is not None:
-        session = db.get(Session, item.session_id, with_for_update=True)
-        if session is None or session.status not in CHAT_STATES:
-            item.status, item.finished_at = "failed", utcnow()
-            item.error = f"session {item.session_id} is {session.status if session else 'gone'}; it takes no turns"
-            return None
-    else:
-        session = session_cmds.create_session(db, batch.owner, item.config, {"type": "ephemeral"})
-        item.session_id = session.id
-        plan.start_sessions.append(str(session.id))
-    turn = turn_cmds.queue_turn(db, session, item.prompt, batch_id=batch.id)
-    item.turn_id, item.status = turn.id, "released"
-    if session.host_queue and session.status != "creating":
-        plan.run_turns.append((str(turn.id), session.host_queue))
-    return turn
+@dataclass(frozen=True)
+class NewTurn:
+    """A turn a release is about to insert: what its row and its `turn.queued` event need."""
+
+    id: uuid.UUID
+    session_id: uuid.UUID
+    seq: int
+    prompt: str
+
+
+def _release_items(db: DbSession, events: EventLog, batch: Batch, items: list, plan: Dispatch) -> None:
+    """Queued turns for these pending items in a few statements however many they are: the named
+    sessions locked at once, new sessions and turns streamed in with COPY, the items updated in one go."""
+    now = utcnow()
+    wanted = {item.session_id for item in items if item.config is None}
+    named = _lock_sessions(db, wanted)
+    refusals = {sid: _refusal(db, named.get(sid), sid) for sid in wanted}
+    turns: list[NewTurn] = []
+    made: list[dict[str, Any]] = []
+    marks: list[tuple[int, uuid.UUID | None, uuid.UUID | None, str | None]] = []  # index, turn, session, error
+    for item in items:
+        if item.config is None:
+            if refusals[item.session_id]:
+                marks.append((item.index, None, None, refusals[item.session_id]))
+                continue
+            session = named[item.session_id]
+            session.turn_count += 1
+            session.last_active_at = now
+            turn = NewTurn(uuid.uuid4(), session.id, session.turn_count, item.prompt)
+        else:
+            made.append(_made_session(batch.owner, item.config, now))
+            turn = NewTurn(uuid.uuid4(), made[-1]["id"], 1, item.prompt)
+        turns.append(turn)
+        marks.append((item.index, turn.id, turn.session_id, None))
+    db.flush()  # the named sessions' turn counts, before their turns go in
+    copy_rows(db, Session, made)
+    # Published before commit, while the sessions are locked: turn.queued comes first in each stream.
+    event_ids = events.publish_many(turn_cmds.queued_event(t) for t in turns) if turns else []
+    copy_rows(db, Turn, [{"id": t.id, "session_id": t.session_id, "seq": t.seq, "prompt": t.prompt,
+                          "status": "queued", "batch_id": batch.id, "queued_event_id": event_id, "created_at": now}
+                         for t, event_id in zip(turns, event_ids, strict=True)])
+    _mark_items(db, batch.id, marks)
+    plan.start_sessions.extend(str(row["id"]) for row in made)
+    plan.run_turns.extend(_session_heads(turns, named))
+
+
+def _lock_sessions(db: DbSession, ids: set[uuid.UUID]) -> dict[uuid.UUID, Session]:
+    """The sessions items name, locked in one statement, in id order (so two releases cannot deadlock)."""
+    if not ids:
+        return {}
+    rows = db.scalars(select(Session).where(Session.id.in_(ids)).order_by(Session.id).with_for_update())
+    return {row.id: row for row in rows}
+
+
+def _refusal(db: DbSession, session: Session | None, session_id: uuid.UUID) -> str | None:
+    """Why a named session takes no turn (gone, ended, its tree's budget spent, its workspace held), else None."""
+    if session is None or session.status not in CHAT_STATES:
+        return f"session {session_id} is {session.status if session else 'gone'}; it takes no turns"
+    try:
+        trees.check_budget(db, session)
+        if session.status == "stopped":  # it restarts for these turns, so it must hold its workspace again
+            workspaces.hold(db, session)
+    except DomainError as exc:  # the item fails; the rest of the batch goes on
+        return exc.message
+    return None
+
+
+def _made_session(owner: str, config: dict, now: datetime) -> dict[str, Any]:
+    """The row of a session made for one item, as `sessions.create_session` makes it, with its one turn."""
+    session_id = uuid.uuid4()
+    return {"id": session_id, "owner": owner, "config": config, "workspace": ITEM_WORKSPACE, "parent_id": None,
+            "depth": 0, "root_id": session_id, "status": "creating", "claude_session_id": uuid.uuid4(),
+            "turn_count": 1, "created_at": now, "updated_at": now, "last_active_at": now}
+
+
+def _mark_items(db: DbSession, batch_id: uuid.UUID, marks: list[tuple]) -> None:
+    """Released items get their turn and session, refused ones their error: one UPDATE from arrays."""
+    indexes, turn_ids, session_ids, errors = (list(column) for column in zip(*marks, strict=True))
+    db.execute(text(
+        "UPDATE batch_items SET turn_id = m.turn_id, session_id = coalesce(m.session_id, batch_items.session_id),"
+        " status = CASE WHEN m.error IS NULL THEN 'released' ELSE 'failed' END, error = m.error,"
+        " finished_at = CASE WHEN m.error IS NULL THEN NULL ELSE clock_timestamp() END"
+        " FROM unnest(CAST(:indexes AS integer[]), CAST(:turn_ids AS uuid[]), CAST(:session_ids AS uuid[]),"
+        " CAST(:errors AS text[])) AS m(index, turn_id, session_id, error)"
+        " WHERE batch_items.batch_id = :batch_id AND batch_items.index = m.index"),
+        {"batch_id": batch_id, "indexes": indexes, "turn_ids": turn_ids, "session_ids": session_ids,
+         "errors": errors})
+
+
+def _session_heads(turns: list[NewTurn], named: dict[uuid.UUID, Session]) -> list[tuple[str, str]]:
+    """One run_turn per existing session, for its first new turn: when a turn ends its worker sends the
+    session's next one, so tasks for the later turns would only be dropped. A new session's start task
+    sends its turn; a `creating` one's will too."""
+    heads: dict[uuid.UUID, tuple[str, str]] = {}
+    for turn in turns:
+        session = named.get(turn.session_id)
+        if session is not None and session.host_queue and session.status != "creating":
+            heads.setdefault(turn.session_id, (str(turn.id), session.host_queue))
+    return list(heads.values())
 
 
 def cancel(db: DbSession, batch: Batch, plan: Dispatch) -> None:
@@ -223,14 +337,24 @@ def running_batch_ids(db: DbSession) -> list[uuid.UUID]:
 def advance(db_factory, events: EventLog, sender: TaskSender, cancels: CancelSignals, settings: Settings,
             batch_ids: list[uuid.UUID] | None = None) -> None:
     """Settles finished items and releases the next ones; None means every running batch."""
+    plan = Dispatch()
+    try:
+        decide(db_factory, events, settings, batch_ids, plan)
+    finally:  # what committed before a failure is carried out all the same
+        carry_out(plan, events, sender, cancels)
+
+
+def decide(db_factory, events: EventLog, settings: Settings, batch_ids: list[uuid.UUID] | None,
+           plan: Dispatch) -> None:
+    """The committed half of `advance`: settles and releases, adding what to carry out to `plan`."""
     with transaction(db_factory) as db:
-        plan = settle(db, batch_ids)
+        plan_settled = settle(db, batch_ids)
         if batch_ids is None:
             batch_ids = running_batch_ids(db)
+    plan.merge(plan_settled)
     for batch_id in batch_ids:
         with transaction(db_factory) as db:
             release(db, events, batch_id, settings, plan)
-    carry_out(plan, events, sender, cancels)
 
 
 def carry_out(plan: Dispatch, events: EventLog, sender: TaskSender, cancels: CancelSignals) -> None:
@@ -241,9 +365,7 @@ def carry_out(plan: Dispatch, events: EventLog, sender: TaskSender, cancels: Can
     for session_id, host_queue in plan.stop_sessions:
         events.publish(status_event(session_id, "stopping"))
         sender.stop_session(session_id, host_queue)
-    for session_id in plan.start_sessions:
-        sender.start_session(session_id)
-    for turn_id, host_queue in plan.run_turns:
-        sender.run_turn(turn_id, host_queue)
+    sender.start_sessions(plan.start_sessions)
+    sender.run_turns(plan.run_turns)
     for batch_id in plan.finished_batches:
         sender.deliver_webhook("batch", batch_id)

@@ -171,7 +171,8 @@ MAX_BATCH_ITEMS = 10_000
 
 
 class BatchOptions(Strict):
-    concurrency: int = Field(4, ge=1, le=1000)
+    # Up to the batch size: one batch may have every item queued at once (owner limits still apply).
+    concurrency: int = Field(4, ge=1, le=MAX_BATCH_ITEMS)
     webhook: str | None = Webhook
 
 

@@ -5,7 +5,7 @@ import json
 import time
 from datetime import timedelta
 
-from flask import Response, g, request
+from flask import Response, g, make_response, request
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
@@ -98,11 +98,15 @@ def create_batch():
         row = batch_cmds.create_batch(db, g.owner, items, options.concurrency, options.webhook)
         remember_idempotency_key(db, "batch", row.id, 202)
         batch_id = row.id
-    enqueue(ctx().advance_batches, [batch_id])  # the reaper starts it if this fails
+    c, plan = ctx(), batch_cmds.Dispatch()
+    enqueue(batch_cmds.decide, c.db, c.events, c.settings, [batch_id], plan)  # the reaper starts it if this fails
     with unit_of_work() as db:
         row = batch_cmds.get_owned(db, g.owner, str(batch_id))
         body = batch_body(row, batch_cmds.counts(db, row.id))
-    return body, 202, {"Location": body["links"]["self"]}
+    response = make_response(body, 202, {"Location": body["links"]["self"]})
+    # The released turns are committed: their tasks (one start per new session) go out once the answer has.
+    response.call_on_close(lambda: enqueue(batch_cmds.carry_out, plan, c.events, c.sender, c.cancels))
+    return response
 
 
 @api.get("/batches")
