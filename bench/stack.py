@@ -137,10 +137,25 @@ class BenchStack:
         return self.runtime.find(session_id)
 
 
+class SlowClient(RuntimeError):
+    """The server dropped the socket for falling too far behind (close code 4008); resume with since=."""
+
+
+def next_frame(ws: websocket.WebSocket) -> dict:
+    """The next event frame; RuntimeError with the server's code and reason when it closes the socket."""
+    while True:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+            raise (SlowClient if code == 4008 else RuntimeError)(f"the server closed the stream: {code} {data[2:].decode(errors='replace')}")
+        if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
+            return json.loads(data)
+
+
 def receive_until(ws: websocket.WebSocket, turn_id: str, final=("turn.completed", "turn.failed", "turn.cancelled")):
     """Reads frames until the turn's final event; returns (that event, the monotonic time it arrived)."""
     while True:
-        frame = json.loads(ws.recv())
+        frame = next_frame(ws)
         if frame.get("turn_id") == turn_id and frame.get("type") in final:
             return frame, time.monotonic()
 
