@@ -25,6 +25,8 @@ HTTP_DURATION = Histogram("ccd_http_request_duration_seconds", "Seconds to answe
 STREAM_LAG = Histogram("ccd_stream_lag_seconds", "Seconds from an event's ts to its delivery to a client that "
                        "was following live (WebSocket, SSE or NDJSON), by transport", ["transport"],
                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+STREAM_DROPPED = Counter("ccd_stream_dropped_total", "Live followers dropped for falling more than "
+                         "CCD_STREAM_BUFFER_EVENTS behind (they resume with since=), by transport", ["transport"])
 UNMATCHED = "unmatched"  # no URL rule matched (404, 405): one label value, whatever the path
 
 metrics = Blueprint("metrics", __name__)
@@ -65,9 +67,11 @@ class LagMeter:
         self.histogram = STREAM_LAG.labels(transport)
 
     def delivered(self, event: Event) -> None:
-        try:
-            published = datetime.fromisoformat(event.ts).timestamp()
-        except (TypeError, ValueError):
-            return
+        published = event.__dict__.get("_published")  # parsed once per event, however many followers
+        if published is None:
+            try:
+                published = event.__dict__["_published"] = datetime.fromisoformat(event.ts).timestamp()
+            except (TypeError, ValueError):
+                return
         if published >= self.connected:
             self.histogram.observe(max(0.0, time.time() - published))

@@ -1,6 +1,7 @@
 """Session events over HTTP: a page of past events as JSON, or a live SSE stream."""
 from __future__ import annotations
 
+import time
 import uuid
 
 from flask import Response, g, request
@@ -18,14 +19,30 @@ from web.follow import gap_event, sse_stream, tail
 from web.schemas import EventsQuery
 
 
+# Followers of one session share its answer for this long: one query, not one per follower.
+ALIVE_FOR_SECONDS = 1.0
+_alive: dict[tuple[int, str], tuple[float, bool]] = {}
+
+
 def session_alive(session_id: str):
     """A check that runs outside the request (inside a streaming response)."""
     db_factory = ctx().db
+    key = (id(db_factory), session_id)
 
     def alive() -> bool:
+        now = time.monotonic()
+        known = _alive.get(key)
+        if known is not None and now - known[0] < ALIVE_FOR_SECONDS:
+            return known[1]
+        if len(_alive) > 10_000:
+            _alive.clear()  # a bound, not an eviction policy: entries are a second's worth of saved queries
+        # Followers that ask while this query runs take the last answer: one query at a time per session.
+        _alive[key] = (now, True if known is None else known[1])
         with transaction(db_factory) as db:
             row = db.get(Session, uuid.UUID(session_id))
-            return row is not None and row.status != "deleted"
+            answer = row is not None and row.status != "deleted"
+        _alive[key] = (time.monotonic(), answer)
+        return answer
     return alive
 
 

@@ -19,7 +19,8 @@ from web.api import (api, claim_idempotency_key, enqueue, json_body, page, query
                      remember_idempotency_key)
 from web.context import ctx, unit_of_work
 from web.follow import FINAL_TYPES, SSE_HEARTBEAT, sse_frame, turn_events
-from web.metrics import LagMeter
+from web.hub import SlowClient, frame_json
+from web.metrics import STREAM_DROPPED, LagMeter
 from web.routes.sessions import after_turns_ended
 from web.schemas import ChatRequest, PageQuery, TurnQuery
 
@@ -102,7 +103,7 @@ def wait_for_turn(body: dict, seconds: int):
     if body["status"] not in FINISHED_TURN_STATUSES and body["queued_event_id"]:
         deadline = time.monotonic() + seconds
         for event in turn_events(ctx().events, body["session_id"], body["id"], body["queued_event_id"],
-                                 turn_is_running(body["id"]), deadline):
+                                 turn_is_running(body["id"]), deadline, rejoin=True):
             if event is not None and event.type in FINAL_TYPES:
                 break
         give_up = min(deadline, time.monotonic() + ROW_CATCH_UP_SECONDS)
@@ -127,15 +128,22 @@ def stream_turn(body: dict) -> Response:
     events, running = ctx().events, turn_is_running(body["id"])
     start = body["queued_event_id"] or "0-1"  # turns queued before event ids were recorded: from the start
 
+    followed = turn_events(events, body["session_id"], body["id"], start, running)  # here: it reads the settings
+
     def frames():
         lag = LagMeter("sse" if sse else "ndjson")
-        for event in turn_events(events, body["session_id"], body["id"], start, running):
-            if event is None:
-                if sse:
-                    yield SSE_HEARTBEAT
-                continue
-            yield sse_frame(event) if sse else event.to_json() + "\n"
-            lag.delivered(event)
+        try:
+            for event in followed:
+                if event is None:
+                    if sse:
+                        yield SSE_HEARTBEAT
+                    continue
+                yield sse_frame(event) if sse else frame_json(event) + "\n"
+                lag.delivered(event)
+        except SlowClient as exc:  # the last line says why and where to resume (GET /sessions/{id}/events)
+            STREAM_DROPPED.labels("sse" if sse else "ndjson").inc()
+            error = {"code": "slow_client", "message": str(exc), "resume_since": exc.last_id}
+            yield f": {exc}\n\n" if sse else json.dumps({"error": error}) + "\n"
 
     headers = {"Location": body["links"]["self"], "X-Turn-Id": body["id"], "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
