@@ -13,7 +13,9 @@ import pytest
 import redis
 import requests
 from sqlalchemy import create_engine, select, update
+from sqlalchemy.engine import make_url
 
+from core.migrate import prepare_database
 from core.models import BatchItem, Session, Turn
 from core.queues import RUN_TURN, START_SESSION, make_celery
 from tests import stack
@@ -27,8 +29,12 @@ HOST_QUEUE = "ccd.host.intake-test"
 
 @pytest.fixture(scope="module")
 def intake(settings):
-    """A web of our own, with no worker on its queues and owner limits above 10,000 turns."""
-    s = replace(settings, key_prefix=f"{settings.key_prefix}intake")
+    """A web of our own, with no worker on its queues and owner limits above 10,000 turns. Its database is its own
+    too: the stack's reaper would otherwise re-send the thousands of turns and sessions it leaves queued."""
+    database_url = make_url(settings.database_url)
+    database_url = database_url.set(database=f"{database_url.database}_intake").render_as_string(hide_password=False)
+    prepare_database(database_url)
+    s = replace(settings, key_prefix=f"{settings.key_prefix}intake", database_url=database_url)
     port = stack.free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CCD_"))},
            "JWT_SECRET": s.jwt_secret, "DATABASE_URL": s.database_url, "REDIS_URL": s.redis_url,
@@ -40,6 +46,7 @@ def intake(settings):
     yield {"base": f"http://127.0.0.1:{port}/api/v1", "settings": s, "engine": engine}
     engine.dispose()
     web.stop()
+    stack.drop_database(database_url)
 
 
 def ready_sessions(intake, headers: dict, n: int) -> list[str]:
