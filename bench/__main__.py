@@ -45,22 +45,36 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(wanted) - set(ORDER)
     if unknown:
         parser.error(f"unknown benchmark {', '.join(sorted(unknown))}; choose from {', '.join(ORDER)}")
-    steps, figures, started = plan(args), [], time.monotonic()
+    steps, figures, failed, started = plan(args), [], [], time.monotonic()
     say = lambda text: print(f"[bench {time.monotonic() - started:6.1f}s] {text}", flush=True)  # noqa: E731
     with BenchStack(log=say) as bench:
         for name in [m for m in ORDER if m in wanted]:
             say(f"{name} ...")
-            found = steps[name](bench)
+            try:
+                found = steps[name](bench)
+            except Exception as exc:  # one broken figure still leaves the others' results
+                say(f"{name} failed: {exc!r}")
+                failed.append(name)
+                continue
             figures += found
             for figure in found:
-                say(f"{figure.id}: median {figure.ours.get('median', 0):.1f} {figure.unit}, met: {figure.met}")
+                say(f"{figure.id}: ours {fmt_summary(figure.ours)}; baseline {fmt_summary(figure.baseline)}; "
+                    f"{figure.derived}; met: {figure.met}")
     print()
     print(table(figures))
-    context = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
+    context = {"failed": failed, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
                "machine": machine(), "commit": git_commit(), "seconds": round(time.monotonic() - started)}
     write_results(Path(args.out), figures, context)
     print(f"\nwrote {args.out} ({context['seconds']} s)")
-    return 0
+    if failed:
+        print(f"these could not be measured (see above): {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def fmt_summary(found: dict | None) -> str:
+    if not found:
+        return "-"
+    return ", ".join(f"{k} {v:.1f}" for k, v in found.items() if k != "n") + f" (n={found['n']})"
 
 
 def git_commit() -> str:

@@ -31,15 +31,15 @@ def start_clients(bench, count: int, sessions: list[str], generators: int = 2) -
 
 
 def publish(bench, sessions: list[str], rate: float, seconds: float) -> int:
-    """`rate` events per second into each session's stream for `seconds`; returns how many each got."""
-    ticks, start = int(rate * seconds), time.monotonic()
-    for i in range(ticks):
-        time.sleep(max(0.0, start + i / rate - time.monotonic()))
-        sent = time.time()
-        bench.events.publish_many([Event(session_id=sid, type="claude.stream_event",
-                                         data={"type": "stream_event", "bench_sent": sent, "n": i, "pad": PAD})
-                                   for sid in sessions])
-    return ticks
+    """`rate` events per second into each session's stream for `seconds`, the sessions' events spread evenly in
+    time (they are independent turns); returns how many each got."""
+    each, start = int(rate * seconds), time.monotonic()
+    step = 1 / (rate * len(sessions))
+    for i in range(each * len(sessions)):
+        time.sleep(max(0.0, start + i * step - time.monotonic()))
+        bench.events.publish(Event(session_id=sessions[i % len(sessions)], type="claude.stream_event",
+                                   data={"type": "stream_event", "bench_sent": time.time(), "n": i, "pad": PAD}))
+    return each
 
 
 def measure(bench, clients: int, rate: float = 5.0, seconds: float = 20.0) -> Figure:

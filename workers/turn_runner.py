@@ -44,7 +44,8 @@ def turn_timeout(config: dict, ceiling: int) -> int:
 def wrapper_argv(turn_id: str, session: dict, timeout: int, grace: int) -> list[str]:
     """The in-container command for a turn; the prompt goes on stdin, never here."""
     config = session["config"]
-    argv = ["python3", "-m", "wrapper", "run", "--turn-id", turn_id, "--timeout", str(timeout),
+    # -S: the wrapper is stdlib only, and skipping site's start-up is a few ms off every turn.
+    argv = ["python3", "-S", "-m", "wrapper", "run", "--turn-id", turn_id, "--timeout", str(timeout),
             "--grace", str(grace)]
     flag = "--resume" if session["conversation_started"] else "--session-id"
     argv += [flag, session["claude_session_id"]]

@@ -156,7 +156,7 @@ def write_mcp_config(env: dict[str, str], path: Path) -> Path | None:
     # alwaysLoad: Claude Code (2.1.330) otherwise defers MCP tools behind its ToolSearch tool, so the
     # model sees only their names; it also makes Claude Code wait for the server before the first request.
     config = {"mcpServers": {MCP_SERVER: {"type": "stdio", "command": sys.executable or "python3",
-                                          "args": ["-m", "wrapper", "mcp"], "env": server_env,
+                                          "args": ["-S", "-m", "wrapper", "mcp"], "env": server_env,
                                           "alwaysLoad": True}}}
     path.parent.mkdir(parents=True, exist_ok=True)
     # 0600 whatever the umask: the file holds the session's token.
