@@ -6,25 +6,27 @@ import threading
 import time
 
 from bench.direct import DirectTurns
+from bench.stack import next_frame
 from bench.stats import Figure, summary
 
 PROMPT = "SAY: short"
 
 
 def ours(bench, sessions: list[str], per_session: int) -> float:
-    """Turns per minute through the API: every chat POSTed at once, until the last one has finished."""
+    """Turns per minute through the API: every chat POSTed at once, until the last one has finished (seen on
+    each session's WebSocket, so that watching costs the service no polling)."""
+    sockets = {sid: bench.socket(sid) for sid in sessions}
     start = time.monotonic()
     turns = [bench.call("POST", f"/sessions/{sid}/chat", 202, json={"prompt": PROMPT})["id"]
              for _ in range(per_session) for sid in sessions]
-    pending = set(turns)
-    while pending:
-        for turn_id in list(pending):
-            row = bench.call("GET", f"/turns/{turn_id}")
-            if row["status"] not in ("queued", "running"):
-                if row["status"] != "succeeded":
-                    raise RuntimeError(f"turn {turn_id} {row['status']}: {row.get('error')}")
-                pending.discard(turn_id)
-        time.sleep(0.1)
+    for sid, ws in sockets.items():
+        finished = 0
+        while finished < per_session:
+            frame = next_frame(ws)
+            if frame["type"] in ("turn.failed", "turn.cancelled"):
+                raise RuntimeError(f"turn {frame['turn_id']} of session {sid}: {frame['data']}")
+            finished += frame["type"] == "turn.completed"
+        ws.close()
     return len(turns) / (time.monotonic() - start) * 60
 
 

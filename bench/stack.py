@@ -67,7 +67,7 @@ class BenchStack:
         self.port = stack.free_port()
         self.env = stack.service_env(s, self.gateway, self.model.url, self.port, LOG_LEVEL="WARNING",
                                      CCD_WARM_POOL_SIZE=str(self.pool_size),
-                                     CCD_OWNER_MAX_QUEUED_TURNS="20000", CCD_OWNER_MAX_RUNNING_TURNS="1000",
+                                     CCD_OWNER_MAX_QUEUED_TURNS="20000", CCD_OWNER_MAX_RUNNING_TURNS="20000",
                                      CCD_OWNER_MAX_SESSIONS="1000", CCD_MAX_BODY_BYTES="67108864")
         self.log("starting the model proxy, web, worker")
         self.processes.append(stack.start_proxy({**self.env, "LOG_LEVEL": "INFO"}, name="bench-proxy"))
