@@ -21,7 +21,7 @@ from flask import current_app, has_app_context
 from core.envelope import Event
 from core.events import EventLog, id_before
 from core.settings import Settings
-from web.hub import Feed, SlowClient, follow, frame_json
+from web.hub import REDIS_DOWN, RETRY_PAUSE_SECONDS, Feed, SlowClient, follow, frame_json
 from web.metrics import STREAM_DROPPED, LagMeter
 
 FINAL_TYPES = frozenset({"turn.completed", "turn.failed", "turn.cancelled"})
@@ -29,8 +29,6 @@ BLOCK_SECONDS = 1.0  # a quiet follower yields None this often (heartbeats, clie
 CHECK_EVERY_SECONDS = 5.0
 # How long a stream waits for Redis to come back before it ends; a restart with AOF takes seconds.
 REDIS_RETRY_SECONDS = 30.0
-RETRY_PAUSE_SECONDS = 0.5
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
 class StreamInterrupted(redis.ConnectionError):

@@ -245,8 +245,7 @@ class Feed:
             return self._fill()
         if not self.pending:
             if self.hub.is_down() and not self.subscription.items:
-                time.sleep(min(timeout, RETRY_PAUSE_SECONDS))
-                raise redis.ConnectionError("the event hub is not reading Redis")
+                raise redis.ConnectionError("the event hub is not reading Redis")  # the caller's Outage pauses
             self.pending.extend(self.subscription.take(timeout))
             if self.subscription.dropped and not self.pending:
                 return self._dropped()
