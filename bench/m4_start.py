@@ -7,7 +7,7 @@ import uuid
 
 from core.events import parse_stream_id
 from bench.stats import Figure, summary
-from workers.runtime import AGENT_USER, DEFAULT_LIMITS
+from workers.runtime import DEFAULT_LIMITS
 
 # Limits other than the defaults: such a session never takes a pool container, so it shows the cold path.
 COLD_CONFIG = {"limits": {"memory_mb": DEFAULT_LIMITS["memory_mb"] - 1}}
@@ -28,41 +28,23 @@ def ready_after(bench, config: dict) -> float:
     raise RuntimeError(f"session {session['id']} ({key}) was not ready within 120 s")
 
 
-def hardened_options(bench, name: str) -> dict:
-    """`docker run` options as the worker gives a session container, with its two named volumes."""
-    s = bench.settings
-    volumes = {f"{name}-workspace": {"bind": "/workspace", "mode": "rw"}, f"{name}-home": {"bind": "/home/agent",
-                                                                                          "mode": "rw"}}
-    return dict(volumes=volumes, command=["sleep", "infinity"], user=AGENT_USER, working_dir="/workspace", init=True,
-                cap_drop=["ALL"], security_opt=["no-new-privileges"], read_only=True,
-                tmpfs={"/tmp": f"rw,nosuid,nodev,exec,size={s.tmp_mb}m,mode=1777"},
-                mem_limit=f"{DEFAULT_LIMITS['memory_mb']}m", memswap_limit=f"{DEFAULT_LIMITS['memory_mb']}m",
-                nano_cpus=int(DEFAULT_LIMITS["cpus"] * 1e9), pids_limit=DEFAULT_LIMITS["pids"],
-                labels={"ccd.prefix": s.key_prefix}, network=s.session_network)
-
-
 def docker_run(bench) -> tuple[float, float]:
-    """(docker run, docker start of a created container) of the session image, in ms."""
-    client, name = bench.docker, f"{bench.settings.key_prefix}-bench-{uuid.uuid4().hex[:12]}"
+    """(docker run, docker start of a created container) of a container made by the worker's own recipe
+    (DockerRuntime.create_container: the same hardening, limits, network and two named volumes), in ms."""
+    runtime, name = bench.runtime, f"{bench.settings.key_prefix}-bench-{uuid.uuid4().hex[:12]}"
+    volumes = {"workspace": f"{name}-workspace", "home": f"{name}-home"}
+    labels = {"ccd.prefix": bench.settings.key_prefix}
     start = time.monotonic()
-    container = client.containers.run(bench.settings.image, detach=True, **hardened_options(bench, name))
+    container = runtime.create_container(name, labels, volumes, DEFAULT_LIMITS)
+    container.start()
     run_ms = (time.monotonic() - start) * 1000
-    remove_with_volumes(client, container)
-    created = client.containers.create(bench.settings.image, **hardened_options(bench, name))
+    runtime.remove_container(container)
+    created = runtime.create_container(name, labels, volumes, DEFAULT_LIMITS)
     start = time.monotonic()
     created.start()
     start_ms = (time.monotonic() - start) * 1000
-    remove_with_volumes(client, created)
+    runtime.remove_container(created)
     return run_ms, start_ms
-
-
-def remove_with_volumes(client, container) -> None:
-    """docker rm -f, and the named volumes it made (they carry no label for the run's clean-up to find)."""
-    container.reload()
-    names = [m["Name"] for m in container.attrs.get("Mounts", []) if m.get("Type") == "volume"]
-    container.remove(force=True)
-    for name in names:
-        client.volumes.get(name).remove(force=True)
 
 
 def settle(bench, timeout: float = 30.0) -> None:
@@ -76,6 +58,7 @@ def settle(bench, timeout: float = 30.0) -> None:
 def measure(bench, runs: int) -> list[Figure]:
     ready_after(bench, {})  # warm the paths once
     ready_after(bench, COLD_CONFIG)
+    docker_run(bench)
     cold, warm, run, start = [], [], [], []
     for _ in range(runs):
         settle(bench)
