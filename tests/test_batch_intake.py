@@ -3,7 +3,6 @@ each turn queued once with its turn.queued event, and the tasks on the broker re
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -36,11 +35,9 @@ def intake(settings):
     prepare_database(database_url)
     s = replace(settings, key_prefix=f"{settings.key_prefix}intake", database_url=database_url)
     port = stack.free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CCD_"))},
-           "JWT_SECRET": s.jwt_secret, "DATABASE_URL": s.database_url, "REDIS_URL": s.redis_url,
-           "CCD_KEY_PREFIX": s.key_prefix, "ANTHROPIC_API_KEY": "sk-test-not-a-real-key", "CCD_PORT": str(port),
-           "LOG_LEVEL": "WARNING", "CCD_OWNER_MAX_SESSIONS": "100000", "CCD_OWNER_MAX_RUNNING_TURNS": "100000",
-           "CCD_OWNER_MAX_QUEUED_TURNS": "100000"}
+    env = stack.service_env(s, gateway="", model_url="", port=port, LOG_LEVEL="WARNING",
+                            CCD_OWNER_MAX_SESSIONS="100000", CCD_OWNER_MAX_RUNNING_TURNS="100000",
+                            CCD_OWNER_MAX_QUEUED_TURNS="100000")
     web = stack.start_web(env, port, name="intake-web")
     engine = create_engine(s.database_url)
     yield {"base": f"http://127.0.0.1:{port}/api/v1", "settings": s, "engine": engine}

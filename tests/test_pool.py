@@ -53,6 +53,16 @@ def container_of(docker_client, settings, sid: str):
     return docker_client.containers.get(f"{settings.key_prefix}-session-{sid}")
 
 
+def taken_session(api, pool, docker_client, settings) -> tuple[str, object]:
+    """A new session, ready, and the container it took from the (full) pool."""
+    before = full_pool(pool, docker_client)
+    sid = api.session()["id"]
+    api.session_status(sid, "ready")
+    container = container_of(docker_client, settings, sid)
+    assert container.id in before, "the session did not get a container the pool had ready"
+    return sid, container
+
+
 def test_pool_size_is_the_configured_one(pool):
     assert pool["size"] == 2, "these tests run with the default CCD_WARM_POOL_SIZE"
 
@@ -123,11 +133,7 @@ def test_two_owners_at_once_never_get_the_same_container(stack_env, token, pool,
 
 def test_deleting_a_session_removes_its_pool_container_and_volumes(stack_env, api, pool, docker_client):
     settings = stack_env["settings"]
-    before = full_pool(pool, docker_client)
-    sid = api.session()["id"]
-    api.session_status(sid, "ready")
-    container = container_of(docker_client, settings, sid)
-    assert container.id in before
+    sid, container = taken_session(api, pool, docker_client, settings)
     volumes = [m["Name"] for m in container.attrs["Mounts"]]
     assert len(volumes) == 2 and all(v.startswith(f"{settings.key_prefix}-pool-") for v in volumes)
     api.call("DELETE", f"/api/v1/sessions/{sid}", 202)
@@ -141,10 +147,7 @@ def test_the_container_check_leaves_pool_containers_and_removes_a_taken_one_whos
         stack_env, api, pool, docker_client):
     settings = stack_env["settings"]
     ctx = WorkerContext(settings)
-    before = full_pool(pool, docker_client)
-    sid = api.session()["id"]
-    api.session_status(sid, "ready")
-    taken = container_of(docker_client, settings, sid)
+    sid, taken = taken_session(api, pool, docker_client, settings)
     volumes = [m["Name"] for m in taken.attrs["Mounts"]]
     listed = full_pool(pool, docker_client, without=(taken.id,))
     # The session is gone (as if its delete never reached this host), its container is not.
@@ -159,7 +162,7 @@ def test_the_container_check_leaves_pool_containers_and_removes_a_taken_one_whos
     assert not set(volumes) & left
     for cid in listed:  # untouched: still there, still running, still listed
         assert docker_client.containers.get(cid).status == "running"
-    assert set(listed) <= set(pool["ids"]()) and taken.id in before
+    assert set(listed) <= set(pool["ids"]())
 
 
 def test_a_stopped_pool_container_is_dropped_and_replaced(stack_env, pool, docker_client):
@@ -193,11 +196,7 @@ def test_a_pool_container_a_crash_left_out_of_the_list_is_removed_once_old_and_k
 def test_a_taken_container_that_stopped_is_started_again_with_its_workspace(stack_env, api, pool, docker_client):
     """As after an engine restart: the session is marked stopped, and its next turn starts the same container."""
     settings = stack_env["settings"]
-    before = full_pool(pool, docker_client)
-    sid = api.session()["id"]
-    api.session_status(sid, "ready")
-    container = container_of(docker_client, settings, sid)
-    assert container.id in before
+    sid, container = taken_session(api, pool, docker_client, settings)
     turn = api.finished_turn(api.chat(sid, "RUN: echo kept > /workspace/k.txt && echo written")["id"])
     assert turn["status"] == "succeeded", turn
     container.stop(timeout=0)
