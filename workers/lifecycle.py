@@ -35,10 +35,11 @@ def start_session(ctx: WorkerContext, session_id: str) -> None:
         row = _locked(db, session_id)
         if row is None or row.status != "creating":
             return  # already started, or stopped/deleted before we got here
-        owner, config = row.owner, dict(row.config)
+        owner, config, persistent = row.owner, dict(row.config), workspaces.is_persistent(row.workspace)
     try:
         container_id, how = start_container(ctx, session_id, owner, config)
-        snapshots.restore(ctx, session_id, container_id, fresh=True)
+        if persistent:  # an ephemeral workspace has no snapshot: no need to ask
+            snapshots.restore(ctx, session_id, container_id, fresh=True)
     except Exception as exc:
         log.error("session %s: container failed to start: %s", session_id, exc)
         ctx.runtime.stop(session_id)
@@ -72,12 +73,13 @@ def start_session(ctx: WorkerContext, session_id: str) -> None:
 def start_container(ctx: WorkerContext, session_id: str, owner: str, config: dict) -> tuple[str, str]:
     """The new session's container: a started one from this host's warm pool when its config matches the pool's
     ("taken"), else made the cold way (see DockerRuntime.ensure_running)."""
-    if ctx.runtime.find(session_id) is not None:  # a retried start: the container it made is there
-        return ctx.runtime.ensure_running(session_id, owner, config)
     if ctx.settings.warm_pool_size and uses_pool(config):
+        if ctx.runtime.find(session_id) is not None:  # a retried start: keep the container it took, take no other
+            return ctx.runtime.ensure_running(session_id, owner, config)
         container_id = WarmPool.of(ctx).take(session_id)
         if container_id is not None:
             return container_id, "taken"
+    # Creating first: a retried start finds the container it made by the name conflict, in no extra engine call.
     return ctx.runtime.ensure_running(session_id, owner, config, new=True)
 
 
