@@ -1,5 +1,6 @@
 """Batch intake in bulk, through the real web (gunicorn, gevent): 10,000 items stored and released at once,
-each turn queued once with its turn.queued event, and the tasks on the broker real Celery messages."""
+each turn queued once with its turn.queued event, and the tasks on the broker real Celery messages. Also the rule
+they share with chats: a session's first queued turn gets a run_turn task, the worker sends each next one."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,8 @@ from core.models import BatchItem, Session, Turn
 from core.queues import RUN_TURN, START_SESSION, make_celery
 from tests import stack
 from tests.conftest import wait_for
+from workers.context import WorkerContext
+from workers.turn_runner import TurnRunner
 
 N = 10_000
 SESSIONS = 20
@@ -150,6 +153,30 @@ def test_a_bad_item_among_ten_thousand_is_named_and_nothing_is_stored(intake, to
     assert resp.json()["error"]["code"] == "invalid_item" and resp.json()["error"]["field"] == "items[9876]"
     with intake["engine"].connect() as conn:
         assert conn.scalar(select(Turn.id).where(Turn.session_id == sid)) is None
+
+
+def test_chats_behind_a_turn_send_no_task_and_a_head_cancelled_while_queued_hands_its_place_on(intake, token):
+    """A chat on an idle session sends its run_turn; chats queued behind it send none (the worker that ends a turn
+    sends the next). A head cancelled before a worker took it: its task, when it comes, sends the next one."""
+    s = intake["settings"]
+    headers = {"Authorization": f"Bearer {token('intake-chat-chain')}"}
+    sid = ready_sessions(intake, headers, 1)[0]
+    drain(s, HOST_QUEUE)  # what earlier tests left there
+    turns = [requests.post(f"{intake['base']}/sessions/{sid}/chat", json={"prompt": f"p{n}"}, headers=headers,
+                           timeout=30).json()["id"] for n in range(3)]
+    assert [m.payload[0][0] for m in drain(s, HOST_QUEUE)] == [turns[0]]
+    cancelled = requests.post(f"{intake['base']}/turns/{turns[0]}/cancel", headers=headers, timeout=30)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert drain(s, HOST_QUEUE) == []
+    ctx = WorkerContext(s)
+    try:
+        TurnRunner(ctx).run(turns[0])  # the cancelled head's task arrives at a worker: not its to run
+    finally:
+        ctx.engine.dispose()
+    assert [(m.headers["task"], m.payload[0][0]) for m in drain(s, HOST_QUEUE)] == [(RUN_TURN, turns[1])]
+    with intake["engine"].connect() as conn:
+        assert dict(conn.execute(select(Turn.id, Turn.status).where(Turn.session_id == sid)).all()) == {
+            uuid.UUID(turns[0]): "cancelled", uuid.UUID(turns[1]): "queued", uuid.UUID(turns[2]): "queued"}
 
 
 @pytest.mark.docker

@@ -9,7 +9,7 @@ import uuid
 from decimal import Decimal
 
 import redis
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 from core import batches
@@ -122,20 +122,25 @@ class TurnRunner:
         if status not in ("succeeded", "cancelled") and reason != "output_limit" and self._cancel_requested(turn):
             status, error, reason = "cancelled", "cancelled by request", "cancelled"  # e.g. its container was stopped
         finished = self._finish(session, turn, output, (status, error, reason), mark, publisher)
-        self._start_next(session)
+        self._start_next(session["id"], session["host_queue"])
         if finished:
             self._after(turn)
 
     def _dropped(self, turn_id: str) -> None:
         """Says why a delivery of the turn's task did nothing; a second delivery of a running turn is
-        worth a line (the broker redelivered it, or the reaper re-sent it while it ran)."""
+        worth a line (the broker redelivered it, or the reaper re-sent it while it ran). A turn that ended
+        while queued (cancelled) hands its place on: the turns queued behind it were sent no task of their own."""
         with transaction(self.ctx.db) as db:
             row = db.get(Turn, uuid.UUID(turn_id))
             if row is not None and row.status == "running":
                 log.info("turn %s is already running (attempt %s, lease held by %s); duplicate delivery dropped",
                          turn_id, row.attempt, row.lease_holder)
-            else:
-                log.debug("turn %s is not ours to run (%s)", turn_id, row.status if row else "no such turn")
+                return
+            log.debug("turn %s is not ours to run (%s)", turn_id, row.status if row else "no such turn")
+            if row is None or row.status == "queued":
+                return
+            host_queue = db.scalar(select(Session.host_queue).where(Session.id == row.session_id))
+        self._start_next(str(row.session_id), host_queue)
 
     def _container(self, session: dict, turn: dict) -> str:
         """The container to run in: started (and restored) if needed for a new turn; for a re-attach,
@@ -371,10 +376,11 @@ class TurnRunner:
             batches.advance(self.ctx.db, self.ctx.events, self.ctx.sender, self.ctx.cancels,
                             self.ctx.settings, [turn["batch_id"]])
 
-    def _start_next(self, session: dict) -> None:
-        """Sends the session's next queued turn on its way, now that this one is done."""
+    def _start_next(self, session_id: str, host_queue: str | None) -> None:
+        """Sends the session's next queued turn on its way, now that the one before it is done."""
+        if not host_queue:
+            return  # not started yet: its start sends the first queued turn
         with transaction(self.ctx.db) as db:
-            head = head_queued_turn(db, uuid.UUID(session["id"]))
-            host_queue = session["host_queue"]
-            if head is not None and host_queue:
-                self.ctx.sender.run_turn(str(head.id), host_queue)
+            head = head_queued_turn(db, uuid.UUID(session_id))
+        if head is not None:
+            self.ctx.sender.run_turn(str(head.id), host_queue)

@@ -60,13 +60,16 @@ def submit_chat(owner: str, session_id: str, spec: ChatRequest, idempotent: bool
             turn = turn_cmds.get_owned_turn(db, owner, str(prior.resource_id))
         else:
             row = session_cmds.get_owned(db, owner, session_id, lock=True)
-            admission.admit_turn(db, owner, settings, session_idle=not has_turns_in_flight(db, row.id))
+            idle = not has_turns_in_flight(db, row.id)
+            admission.admit_turn(db, owner, settings, session_idle=idle)
             turn = turn_cmds.queue_turn(db, row, spec.prompt, webhook=spec.webhook)
             # Published under the session lock, so turn.queued always precedes turn.started.
             turn.queued_event_id = ctx().events.publish(turn_cmds.queued_event(turn))
             if idempotent:
                 remember_idempotency_key(db, "turn", turn.id, 202)
-            host_queue = row.host_queue
+            # Behind another turn, the worker that ends that one sends this one (under the same session lock,
+            # so it sees this turn): a task now would only be dropped as not the session's next.
+            host_queue = row.host_queue if idle else None
         body = turn_body(turn, turn_cmds.queue_positions(db, {turn.session_id}).get(turn.id))
     if host_queue:
         enqueue(ctx().sender.run_turn, body["id"], host_queue)
