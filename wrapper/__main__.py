@@ -1,4 +1,5 @@
-"""Entry point inside the session container: `python3 -m wrapper run|attach|cancel|mcp ...`."""
+"""Entry point inside the session container: `python3 -m wrapper run|attach|cancel|mcp ...` (the worker calls
+`main` through `python3 -c`, which skips runpy's start-up: see workers/turn_runner.py)."""
 import sys
 
 
@@ -13,4 +14,5 @@ def main(argv: list[str]) -> int:
     return run_main(argv)
 
 
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -2,8 +2,16 @@
 
 Output protocol (read by workers/turn_runner.py), one record per line:
     <n>\t<line Claude Code printed>      n = 1, 2, 3 ... in the order printed
-    exit\t{"code": .., "timed_out": .., "cancelled": .., "stderr": ..}   always last
-The same records go to <log-dir>/<turn-id>.log, so a worker that lost the stream can re-read them.
+    exit\t{"code": .., "timed_out": .., "cancelled": .., "oom_killed": .., "lines": .., "stderr": ..}   always last
+The same records go to <log-dir>/<turn-id>.log, so a worker that lost the stream can re-read them
+(for a week: older logs are deleted by a later turn, which looks at most once an hour).
+Empty lines are skipped, line ends (\r\n) stripped, invalid UTF-8 replaced; "stderr" is the tail of
+what Claude Code wrote there (kept in <turn-id>.stderr while it runs). Each record is written as
+soon as its line is read. Should the wrapper itself fail, the exit record still comes, its error
+at the end of "stderr".
+
+A turn past --timeout is stopped: interrupt, terminate, kill, --grace seconds apart, to Claude
+Code's process group (so its tools go too); SIGTERM or SIGINT to the wrapper stops it the same way.
 
 `wrapper attach --turn-id T` prints the turn log's records and follows it until the exit record,
 for a worker that lost the stream (it was killed or restarted): the turn itself keeps running,
@@ -18,56 +26,172 @@ When the environment has CCD_API_URL and CCD_SESSION_TOKEN, the turn also gets t
 server (wrapper/mcp.py, tools to spawn and wait for child sessions): its config goes to
 <log-dir>/<turn-id>.mcp.json (0600, it holds the token) for `--mcp-config`, `mcp__ccd` is added
 to --allowedTools (so the tools need no approval), and the file is deleted when the turn ends.
-"""
-from __future__ import annotations
 
-import argparse
-import json
+This runs for every turn, so it imports only modules that cost next to nothing: no argparse,
+subprocess, threading, pathlib or json (json imports re), and _signal rather than signal (enum).
+"""
+import _signal
 import os
-import signal
-import subprocess
+import select
 import sys
-import threading
 import time
-from pathlib import Path
-from typing import Callable
+
+try:
+    from _json import encode_basestring_ascii as json_string
+except ImportError:  # a Python built without the C accelerator
+    from json.encoder import py_encode_basestring_ascii as json_string
 
 STDERR_TAIL = 4000
 ATTACH_POLL_SECONDS = 0.05
 LOG_KEEP_SECONDS = 7 * 86400  # a turn log matters only while its turn may still be re-attached
-DEFAULT_LOG_DIR = str(Path.home() / ".ccd" / "turns")
+PRUNE_EVERY_SECONDS = 3600  # pruning stats every log (~1 ms per 300): not on every turn
+DEFAULT_LOG_DIR = os.path.join(os.path.expanduser("~"), ".ccd", "turns")
 MCP_SERVER = "ccd"
 MCP_TOOLS_RULE = f"mcp__{MCP_SERVER}"  # a permission rule naming a server allows all of its tools
+READ_SIZE = 1 << 16
+STOP_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGKILL)
+# A worker that stops reading (frozen, not gone) would block every write: past this, stdout is given up on, so the
+# turn goes on in its log, where the worker that takes the turn over reads it.
+STDOUT_STALL_SECONDS = 60.0
+
+# Each option's placeholder in the usage line; a number of SECONDS is parsed as a float.
+OPTIONS = {"--turn-id": "ID", "--session-id": "ID", "--resume": "ID", "--model": "MODEL",
+           "--allowed-tools": "TOOLS", "--permission-mode": "MODE", "--append-system-prompt": "PROMPT",
+           "--timeout": "SECONDS", "--grace": "SECONDS", "--log-dir": "DIR", "--claude": "PATH"}
+COMMANDS = {"run": tuple(OPTIONS), "attach": ("--turn-id", "--log-dir"),
+            "cancel": ("--turn-id", "--grace", "--log-dir")}
+DEFAULTS = {"timeout": 3600.0, "grace": 5.0, "log_dir": DEFAULT_LOG_DIR, "claude": "claude"}
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The wrapper's command line; the prompt itself never travels in argv."""
-    parser = argparse.ArgumentParser(prog="wrapper")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one turn, prompt on stdin")
-    run.add_argument("--turn-id", required=True)
-    conv = run.add_mutually_exclusive_group(required=True)
-    conv.add_argument("--session-id", help="start a new conversation with this id")
-    conv.add_argument("--resume", help="continue the conversation with this id")
-    run.add_argument("--model")
-    run.add_argument("--allowed-tools", help="comma-separated tool names")
-    run.add_argument("--permission-mode")
-    run.add_argument("--append-system-prompt")
-    run.add_argument("--timeout", type=float, default=3600.0)
-    run.add_argument("--grace", type=float, default=5.0, help="seconds between stop signals")
-    run.add_argument("--log-dir", default=DEFAULT_LOG_DIR)
-    run.add_argument("--claude", default="claude")
-    attach = sub.add_parser("attach", help="print a turn's records so far and follow until it exits")
-    attach.add_argument("--turn-id", required=True)
-    attach.add_argument("--log-dir", default=DEFAULT_LOG_DIR)
-    cancel = sub.add_parser("cancel", help="stop a running turn: interrupt, terminate, kill")
-    cancel.add_argument("--turn-id", required=True)
-    cancel.add_argument("--grace", type=float, default=5.0, help="seconds between stop signals")
-    cancel.add_argument("--log-dir", default=DEFAULT_LOG_DIR)
-    return parser.parse_args(argv)
+class Args:
+    """Parsed options: one attribute per option of the command (dashes as underscores), None if not given."""
+
+    def __init__(self, command: str, **values) -> None:
+        self.command = command
+        for option in COMMANDS[command]:
+            name = option[2:].replace("-", "_")
+            setattr(self, name, DEFAULTS.get(name))
+        self.__dict__.update(values)
 
 
-def claude_command(args: argparse.Namespace, mcp_config: Path | None = None) -> list[str]:
+def usage(command: str | None) -> str:
+    if command is None:
+        return "usage: wrapper {run,attach,cancel} --turn-id ID [options]"
+    shown = {option: f"{option} {OPTIONS[option]}" for option in COMMANDS[command]}
+    words = [shown.pop("--turn-id")]
+    if command == "run":
+        words.append(f"({shown.pop('--session-id')} | {shown.pop('--resume')})")
+    return f"usage: wrapper {command} {' '.join(words + [f'[{word}]' for word in shown.values()])}"
+
+
+def usage_error(command: str | None, message: str) -> SystemExit:
+    """Prints the usage and what is wrong, as argparse would; exit status 2."""
+    sys.stderr.write(f"{usage(command)}\nwrapper{' ' + command if command else ''}: error: {message}\n")
+    return SystemExit(2)
+
+
+def parse_args(argv: list[str]) -> Args:
+    """The wrapper's command line (`--option value` or `--option=value`); the prompt never travels in argv."""
+    command = argv[0] if argv else None
+    if command in ("-h", "--help"):
+        sys.stdout.write(usage(None) + "\n")
+        raise SystemExit(0)
+    if command not in COMMANDS:
+        raise usage_error(None, f"choose a command: run, attach or cancel (not {command!r})" if command
+                          else "a command is required: run, attach or cancel")
+    options, values, rest = COMMANDS[command], {}, argv[1:]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in ("-h", "--help"):
+            sys.stdout.write(usage(command) + "\n")
+            raise SystemExit(0)
+        option, has_value, value = arg.partition("=")
+        if option not in options:
+            raise usage_error(command, f"unrecognized arguments: {arg}")
+        if not has_value:
+            if i + 1 == len(rest):
+                raise usage_error(command, f"argument {option}: expected one argument")
+            i += 1
+            value = rest[i]
+        i += 1
+        if OPTIONS[option] == "SECONDS":
+            try:
+                value = float(value)
+            except ValueError:
+                raise usage_error(command, f"argument {option}: invalid float value: {value!r}") from None
+        values[option[2:].replace("-", "_")] = value
+    if "turn_id" not in values:
+        raise usage_error(command, "the following arguments are required: --turn-id")
+    if command == "run":
+        if "session_id" in values and "resume" in values:
+            raise usage_error(command, "argument --resume: not allowed with argument --session-id")
+        if "session_id" not in values and "resume" not in values:
+            raise usage_error(command, "one of the arguments --session-id --resume is required")
+    return Args(command, **values)
+
+
+def to_json(value) -> str:
+    """JSON text, as json.dumps writes it, for the few kinds of value the wrapper writes."""
+    if isinstance(value, str):
+        return json_string(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json_string(key)}: {to_json(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(to_json, value)) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def write_text(path: str, text: str, mode: int = 0o666) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        write_all(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_within(fd: int, data: bytes, seconds: float) -> None:
+    """Writes all of `data` to a non-blocking fd; TimeoutError when the reader takes none of it for `seconds`."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+            continue
+        except BlockingIOError:
+            pass
+        if not select.select([], [fd], [], seconds)[1]:
+            raise TimeoutError(f"nothing read from fd {fd} for {seconds:.0f} s")
+
+
+def drain(fd: int) -> None:
+    """Reads a non-blocking pipe empty."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def claude_command(args: Args, mcp_config: str | None = None) -> list[str]:
     """The Claude Code command line for this turn; with `mcp_config`, the ccd tools are loaded and allowed."""
     cmd = [args.claude, "-p", "--output-format", "stream-json", "--verbose",
            "--include-partial-messages"]
@@ -75,7 +199,7 @@ def claude_command(args: argparse.Namespace, mcp_config: Path | None = None) -> 
     if args.model:
         cmd += ["--model", args.model]
     if mcp_config:
-        cmd += ["--mcp-config", str(mcp_config)]
+        cmd += ["--mcp-config", mcp_config]
     # --allowedTools approves, it does not restrict: the ccd tools are approved even when no list was given,
     # because in -p mode a tool nobody approved is refused.
     allowed = [rule for rule in [args.allowed_tools, MCP_TOOLS_RULE if mcp_config else None] if rule]
@@ -88,12 +212,18 @@ def claude_command(args: argparse.Namespace, mcp_config: Path | None = None) -> 
     return cmd
 
 
-def transcripts(session_id: str) -> list[Path]:
+def transcripts(session_id: str) -> list[str]:
     """Where Claude Code keeps the conversation with this id (~/.claude/projects/<cwd>/<id>.jsonl)."""
-    return list((Path.home() / ".claude" / "projects").glob(f"*/{session_id}.jsonl"))
+    projects = os.path.join(os.path.expanduser("~"), ".claude", "projects")
+    try:
+        names = os.listdir(projects)
+    except OSError:
+        return []
+    paths = (os.path.join(projects, name, f"{session_id}.jsonl") for name in names if not name.startswith("."))
+    return [path for path in paths if os.path.lexists(path)]
 
 
-def prepare_conversation(args: argparse.Namespace) -> None:
+def prepare_conversation(args: Args) -> None:
     """Makes the conversation ready to go on after a lost turn: its transcript's cut last line is
     dropped, and a new conversation whose id already has a transcript is resumed instead."""
     found = transcripts(args.resume or args.session_id)
@@ -108,11 +238,13 @@ def prepare_conversation(args: argparse.Namespace) -> None:
             # Killed before its first message was written: nothing to resume (Claude Code answers
             # "No conversation found"), so start the conversation afresh.
             for path in found:
-                path.unlink(missing_ok=True)
+                remove(path)
 
 
-def holds_a_message(path: Path) -> bool:
+def holds_a_message(path: str) -> bool:
     """Whether a transcript has at least one whole conversation entry (a user or assistant message)."""
+    import json  # only here, after a lost turn: json costs every turn ~5 ms (it imports re)
+
     try:
         with open(path, "rb") as transcript:
             for line in transcript:
@@ -127,7 +259,7 @@ def holds_a_message(path: Path) -> bool:
     return False
 
 
-def repair_transcript(path: Path) -> None:
+def repair_transcript(path: str) -> None:
     """Drops a last line cut short when Claude Code was killed mid-write (its container was killed),
     so the conversation resumes from its last whole entry."""
     try:
@@ -147,54 +279,29 @@ def repair_transcript(path: Path) -> None:
         pass
 
 
-def write_mcp_config(env: dict[str, str], path: Path) -> Path | None:
+def write_mcp_config(env, path: str) -> str | None:
     """Writes the ccd MCP server's config for Claude Code when the env can reach the API; its path, or None."""
     if not (env.get("CCD_API_URL") and env.get("CCD_SESSION_TOKEN")):
         return None
     server_env = {name: env.get(name, "") for name in ("CCD_API_URL", "CCD_SESSION_TOKEN", "CCD_SESSION_ID")}
-    server_env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)  # where `wrapper` imports from
+    # Where `wrapper` imports from.
+    server_env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     # alwaysLoad: Claude Code (2.1.330) otherwise defers MCP tools behind its ToolSearch tool, so the
     # model sees only their names; it also makes Claude Code wait for the server before the first request.
     config = {"mcpServers": {MCP_SERVER: {"type": "stdio", "command": sys.executable or "python3",
                                           "args": ["-S", "-m", "wrapper", "mcp"], "env": server_env,
                                           "alwaysLoad": True}}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # 0600 whatever the umask: the file holds the session's token.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        json.dump(config, out)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_text(path, to_json(config), 0o600)  # 0600 whatever the umask: the file holds the session's token
     return path
 
 
-class Recorder:
-    """Writes each record to stdout and to the turn log, flushed, so no line waits in a buffer."""
-
-    def __init__(self, log_path: Path) -> None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "w", encoding="utf-8")
-        self._stdout_ok = True
-
-    def write(self, tag: str, text: str) -> None:
-        record = f"{tag}\t{text}\n"
-        self._log.write(record)
-        self._log.flush()
-        if self._stdout_ok:
-            try:
-                sys.stdout.write(record)
-                sys.stdout.flush()
-            except (OSError, ValueError):  # the worker went away; the log is what a new one reads
-                self._stdout_ok = False
-
-    def close(self) -> None:
-        self._log.close()
-
-
-def stop_group(pgid: int, alive: Callable[[], bool], grace: float) -> None:
+def stop_group(pgid: int, alive, grace: float) -> None:
     """Ends a process group politely, then firmly: interrupt, terminate, kill, `grace` apart.
 
     The whole group, so the tools Claude Code started (a Bash command) go with it.
     """
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+    for sig in STOP_SIGNALS:
         if not alive():
             return
         try:
@@ -209,39 +316,41 @@ def stop_group(pgid: int, alive: Callable[[], bool], grace: float) -> None:
 def pid_alive(pid: int) -> bool:
     """True while `pid` runs; a zombie waiting for its parent counts as gone."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
     except (OSError, IndexError):
         return False
 
 
-def cancel_turn(args: argparse.Namespace) -> int:
+def cancel_turn(args: Args) -> int:
     """Stops a running turn of this container; 0 when it is gone (or was never running)."""
-    base = Path(args.log_dir) / args.turn_id
-    Path(f"{base}.cancel").touch()
+    base = os.path.join(args.log_dir, args.turn_id)
+    os.close(os.open(f"{base}.cancel", os.O_WRONLY | os.O_CREAT, 0o666))
     try:
-        pid = int(Path(f"{base}.pid").read_text())
+        with open(f"{base}.pid", "rb") as pid_file:
+            pid = int(pid_file.read())
     except (OSError, ValueError):
         return 0  # not started yet: the marker makes the wrapper stop as soon as it does
     stop_group(pid, lambda: pid_alive(pid), args.grace)
     return 0 if not pid_alive(pid) else 1
 
 
-def turn_running(base: Path) -> bool:
+def turn_running(base: str) -> bool:
     """True while the `wrapper run` of the turn at `base` is alive (checked by pid and command line,
     because after a container restart the recorded pid may belong to another process)."""
     try:
-        pid = int(Path(f"{base}.run.pid").read_text())
+        with open(f"{base}.run.pid", "rb") as pid_file:
+            pid = int(pid_file.read())
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
             args = cmdline.read().split(b"\0")
     except (OSError, ValueError):
         return False
-    return base.name.encode() in args and b"run" in args and pid_alive(pid)
+    return os.path.basename(base).encode() in args and b"run" in args and pid_alive(pid)
 
 
-def attach_turn(args: argparse.Namespace) -> int:
+def attach_turn(args: Args) -> int:
     """Prints the turn log's records and follows it; 0 after the exit record, 3 if the turn died without one."""
-    base = Path(args.log_dir) / args.turn_id
+    base = os.path.join(args.log_dir, args.turn_id)
     while True:
         try:
             # newline="\n": records end at \n only, exactly as the live stream splits them.
@@ -272,112 +381,329 @@ def attach_turn(args: argparse.Namespace) -> int:
                 time.sleep(ATTACH_POLL_SECONDS)
 
 
-def stop_leftover_turns(log_dir: Path, grace: float) -> None:
+def stop_leftover_turns(log_dir: str, grace: float) -> None:
     """Stops any other turn still running in this container (its worker was lost and it was given
     up on), so two turns never work on one conversation and workspace at once."""
-    for pid_file in log_dir.glob("*.run.pid"):
-        base = log_dir / pid_file.name[: -len(".run.pid")]
-        if turn_running(base):
-            cancel_turn(argparse.Namespace(log_dir=str(log_dir), turn_id=base.name, grace=grace))
+    for name in os.listdir(log_dir):
+        if name.endswith(".run.pid"):
+            turn_id = name[: -len(".run.pid")]
+            if turn_running(os.path.join(log_dir, turn_id)):
+                cancel_turn(Args("cancel", log_dir=log_dir, turn_id=turn_id, grace=grace))
 
 
-def prune_old_logs(log_dir: Path, keep_seconds: float = LOG_KEEP_SECONDS) -> None:
-    """Deletes turn logs nobody will re-attach to any more, so the home volume does not fill up."""
+def prune_due(log_dir: str) -> bool:
+    """Whether PRUNE_EVERY_SECONDS have passed since the last prune (a stamp file's time); if so, restamps."""
+    stamp = os.path.join(log_dir, ".pruned")
+    try:
+        if time.time() - os.stat(stamp).st_mtime < PRUNE_EVERY_SECONDS:
+            return False
+    except OSError:
+        pass
+    try:
+        write_text(stamp, "")
+    except OSError:
+        return False
+    return True
+
+
+def prune_old_logs(log_dir: str, keep_seconds: float = LOG_KEEP_SECONDS) -> None:
+    """Deletes turn logs nobody will re-attach to any more (and what a lost turn left beside them:
+    its stderr, its cancel marker), so the home volume does not fill up."""
     cutoff = time.time() - keep_seconds
-    for path in log_dir.glob("*.log"):
-        try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-        except OSError:
-            pass
+    try:
+        names = os.listdir(log_dir)
+    except OSError:
+        return
+    for name in names:
+        if name.endswith((".log", ".stderr", ".cancel")):
+            path = os.path.join(log_dir, name)
+            try:
+                if os.stat(path).st_mtime < cutoff:
+                    os.unlink(path)
+            except OSError:
+                pass
 
 
 def oom_kills() -> int | None:
     """How many processes the kernel killed for memory in this container so far (cgroup v2, else v1)."""
     for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
         try:
-            with open(path, encoding="ascii") as events:
+            with open(path, "rb") as events:  # bytes: a text encoding other than UTF-8 is one more import
                 for line in events:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
+                    key, _, value = line.partition(b" ")
+                    if key == b"oom_kill":
                         return int(value)
         except (OSError, ValueError):
             continue
     return None
 
 
-def run_turn(args: argparse.Namespace) -> int:
-    """Runs the turn and returns Claude Code's exit code; the MCP config lives only as long as the turn."""
-    base = Path(args.log_dir) / args.turn_id
-    base.parent.mkdir(parents=True, exist_ok=True)
-    stop_leftover_turns(base.parent, args.grace)
-    prepare_conversation(args)
-    prune_old_logs(base.parent)
-    Path(f"{base}.run.pid").write_text(str(os.getpid()))
-    mcp_config = write_mcp_config(dict(os.environ), Path(f"{base}.mcp.json"))
+def stderr_tail(path: str) -> str:
+    """The last STDERR_TAIL characters of a file (read from its end: it may be large)."""
     try:
-        return run_claude(args, base, mcp_config)
-    finally:
+        with open(path, "rb") as stderr:
+            size = stderr.seek(0, os.SEEK_END)
+            stderr.seek(max(0, size - 4 * STDERR_TAIL - 3))  # up to 4 bytes a character, 3 of a cut one
+            data = stderr.read()
+    except OSError:
+        return ""
+    return data.decode("utf-8", "replace")[-STDERR_TAIL:]
+
+
+class Turn:
+    """One `wrapper run`: Claude Code's process, the loop that feeds its stdin and records its lines,
+    the stop escalation, and the exit record.
+
+    One thread and a select loop: the deadline, the stop signals' times, a SIGTERM to the wrapper and
+    Claude Code's end all wake the same select (signals through a wake-up pipe), so nothing can keep
+    the wrapper waiting after Claude Code is gone, and there is no thread to start.
+    """
+
+    def __init__(self, args: Args) -> None:
+        self.args = args
+        self.base = os.path.join(args.log_dir, args.turn_id)
+        self.cleanup: list[str] = []  # files this turn made, deleted after its exit record
+        self.log_fd: int | None = None
+        self.stdout_ok = True
+        self.pid: int | None = None
+        self.code: int | None = None  # Claude Code's exit code, once it was reaped
+        self.lines = 0
+        self.pending = bytearray()  # a line not yet ended by \n
+        self.out_fd: int | None = None
+        self.wake_fd: int | None = None
+        self.in_fd: int | None = None
+        self.prompt = memoryview(b"")
+        self.timed_out = False
+        self.stop_asked = False  # by SIGTERM or SIGINT
+        self.stop_step: int | None = None  # index into STOP_SIGNALS of the next signal, while stopping
+        self.stop_at = 0.0
+        self.ooms_before: int | None = None
+        self.error: str | None = None
+
+    def prepare(self) -> None:
+        """Everything before Claude Code starts: other turns stopped, pid and log files, the conversation,
+        the MCP config; first of all the signals that stop the turn, so none is missed."""
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        self.wake_fd = wake_r
+        _signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for sig in (_signal.SIGTERM, _signal.SIGINT):
+            _signal.signal(sig, self.on_stop_signal)
+        # A handler (not the default, which ignores it) so that Claude Code's exit wakes the select.
+        _signal.signal(_signal.SIGCHLD, lambda _signum, _frame: None)
+        os.makedirs(self.args.log_dir, exist_ok=True)
+        stop_leftover_turns(self.args.log_dir, self.args.grace)
+        write_text(f"{self.base}.run.pid", str(os.getpid()))
+        self.cleanup.append(f"{self.base}.run.pid")
+        self.log_fd = os.open(f"{self.base}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        prepare_conversation(self.args)
+        mcp_config = write_mcp_config(os.environ, f"{self.base}.mcp.json")
         if mcp_config:
-            mcp_config.unlink(missing_ok=True)
-        Path(f"{base}.run.pid").unlink(missing_ok=True)
+            self.cleanup.append(mcp_config)
+        self.command = claude_command(self.args, mcp_config)
+
+    def on_stop_signal(self, _signum, _frame) -> None:
+        self.stop_asked = True
+
+    def run(self) -> None:
+        """Runs Claude Code on the prompt from stdin, recording its lines, until it is gone."""
+        self.prompt = memoryview(sys.stdin.buffer.read())
+        self.ooms_before = oom_kills()
+        stderr_path = f"{self.base}.stderr"
+        self.cleanup.append(stderr_path)
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        try:
+            # Its own session and process group, so a cancel or timeout can signal Claude Code and its tools
+            # at once; SIGPIPE and SIGXFSZ back to their defaults, which Python had set to ignore.
+            self.pid = os.posix_spawnp(self.command[0], self.command, os.environ, setsid=True,
+                                       setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ),
+                                       file_actions=[(os.POSIX_SPAWN_DUP2, in_r, 0),
+                                                     (os.POSIX_SPAWN_DUP2, out_w, 1),
+                                                     (os.POSIX_SPAWN_OPEN, 2, stderr_path,
+                                                      os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)])
+        except OSError as exc:
+            for fd in (in_r, in_w, out_r, out_w):
+                os.close(fd)
+            self.code, self.error = 127, str(exc)
+            return
+        os.close(in_r)
+        os.close(out_w)
+        self.in_fd, self.out_fd = in_w, out_r
+        os.set_blocking(in_w, False)  # a prompt larger than the pipe is fed as Claude Code reads it
+        os.set_blocking(1, False)  # see write_within
+        write_text(f"{self.base}.pid", str(self.pid))
+        self.cleanup.append(f"{self.base}.pid")
+        if os.path.exists(f"{self.base}.cancel"):  # cancelled before Claude Code started
+            self.stop()
+        self.pump()
+
+    def pump(self) -> None:
+        """Feeds the prompt and records lines until Claude Code's output has ended and it was reaped."""
+        deadline = time.monotonic() + self.args.timeout
+        if not self.prompt:
+            self.close_stdin()
+        while self.out_fd is not None or not self.reaped():
+            now = time.monotonic()
+            if self.stop_asked and self.stop_step is None:
+                self.stop()
+            if not self.timed_out and now >= deadline:
+                self.timed_out = True
+                if self.stop_step is None:
+                    self.stop()
+            if self.stop_step is not None and now >= self.stop_at:
+                self.next_stop_step(now)
+            wake_at = self.stop_at if self.stop_step is not None else None
+            if not self.timed_out:
+                wake_at = deadline if wake_at is None else min(wake_at, deadline)
+            wait = None if wake_at is None else max(0.0, wake_at - now)
+            readable = [self.wake_fd] if self.out_fd is None else [self.wake_fd, self.out_fd]
+            writable = [] if self.in_fd is None else [self.in_fd]
+            ready, can_write, _ = select.select(readable, writable, [], wait)
+            if self.wake_fd in ready:
+                drain(self.wake_fd)
+            if can_write:
+                self.feed()
+            if self.out_fd is not None and self.out_fd in ready:
+                self.read_output()
+
+    def reaped(self) -> bool:
+        """Whether Claude Code has ended (and its exit code is known); never waits."""
+        if self.code is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.code = os.waitstatus_to_exitcode(status)
+        return self.code is not None
+
+    def stop(self) -> None:
+        self.stop_step, self.stop_at = 0, 0.0
+
+    def next_stop_step(self, now: float) -> None:
+        """Sends the next stop signal to Claude Code's group; after the kill and one more grace period,
+        stops waiting for output that a process outside the group may be holding open."""
+        if self.stop_step < len(STOP_SIGNALS):
+            try:
+                os.killpg(self.pid, STOP_SIGNALS[self.stop_step])
+            except ProcessLookupError:
+                pass  # the group is gone; its output ends by itself
+            self.stop_step += 1
+            self.stop_at = now + self.args.grace
+        else:
+            self.stop_step = None
+            if self.out_fd is not None:
+                self.end_output()
+
+    def feed(self) -> None:
+        """Writes as much of the prompt as the pipe takes; a Claude Code that stopped reading gets no more."""
+        try:
+            self.prompt = self.prompt[os.write(self.in_fd, self.prompt):]
+        except BlockingIOError:
+            return
+        except OSError:  # BrokenPipeError: it exited (or closed stdin) before reading all of it
+            self.prompt = memoryview(b"")
+        if not self.prompt:
+            self.close_stdin()
+
+    def close_stdin(self) -> None:
+        if self.in_fd is not None:
+            os.close(self.in_fd)
+            self.in_fd = None
+
+    def read_output(self) -> None:
+        chunk = os.read(self.out_fd, READ_SIZE)
+        if not chunk:
+            self.end_output()
+            return
+        cut = chunk.rfind(b"\n")
+        if cut < 0:
+            self.pending += chunk
+            return
+        text = bytes(self.pending) + chunk[:cut] if self.pending else chunk[:cut]
+        self.pending = bytearray(chunk[cut + 1:])
+        self.record_lines(text.split(b"\n"))
+
+    def end_output(self) -> None:
+        """Claude Code's stdout ended (or is given up on): the last unended line, and no more prompt."""
+        if self.pending:
+            self.record_lines([bytes(self.pending)])
+            self.pending = bytearray()
+        os.close(self.out_fd)
+        self.out_fd = None
+        self.close_stdin()
+
+    def record_lines(self, lines: list[bytes]) -> None:
+        """Numbers the lines and writes them as one batch of records."""
+        records = []
+        for line in lines:
+            line = line.rstrip(b"\r\n")
+            if line:
+                self.lines += 1
+                records.append(b"%d\t%s\n" % (self.lines, line))
+        if records:
+            self.record(b"".join(records).decode("utf-8", "replace").encode())
+
+    def record(self, data: bytes) -> None:
+        """Writes records to the turn log, then to stdout, unbuffered.
+
+        A lost stdout (the worker went away) is ignored: the log is what a new worker reads. A failing
+        log (a full disk) is given up on, so that the worker still gets the turn.
+        """
+        if self.log_fd is not None:
+            try:
+                write_all(self.log_fd, data)
+            except OSError:
+                os.close(self.log_fd)
+                self.log_fd = None
+        if self.stdout_ok:
+            try:
+                write_within(1, data, STDOUT_STALL_SECONDS)
+            except OSError:  # TimeoutError too
+                self.stdout_ok = False
+
+    def fail(self, exc: BaseException) -> None:
+        """The wrapper itself failed: Claude Code is stopped, and the exit record will say why."""
+        self.error = f"wrapper: {type(exc).__name__}: {exc}"
+        if self.pid is not None and self.code is None:
+            try:
+                stop_group(self.pid, lambda: not self.reaped(), self.args.grace)
+            except Exception:  # the exit record matters more
+                pass
+        if not self.code:
+            self.code = 1
+
+    def finish(self) -> None:
+        """Writes the exit record, then deletes the turn's own files."""
+        stderr = stderr_tail(f"{self.base}.stderr") if self.pid is not None else ""
+        if self.error:
+            stderr = (stderr + ("\n" if stderr else "") + self.error)[-STDERR_TAIL:]
+        ooms_after = oom_kills() if self.ooms_before is not None else None
+        oom = ooms_after is not None and ooms_after > self.ooms_before
+        exit_record = {"code": self.code, "timed_out": self.timed_out,
+                       "cancelled": os.path.exists(f"{self.base}.cancel"), "oom_killed": oom,
+                       "lines": self.lines, "stderr": stderr}
+        self.record(f"exit\t{to_json(exit_record)}\n".encode())
+        if self.log_fd is not None:
+            os.close(self.log_fd)
+        for path in self.cleanup:
+            try:
+                remove(path)
+            except OSError:
+                pass
 
 
-def run_claude(args: argparse.Namespace, base: Path, mcp_config: Path | None) -> int:
-    """Runs Claude Code on the prompt from stdin, recording its lines; returns its exit code."""
-    prompt = sys.stdin.buffer.read()
-    ooms_before = oom_kills()
-    recorder = Recorder(Path(f"{base}.log"))
-    cancel_marker = Path(f"{base}.cancel")
+def run_turn(args: Args) -> int:
+    """Runs the turn and returns Claude Code's exit code; the exit record comes whatever happens."""
+    turn = Turn(args)
     try:
-        # Its own process group, so a cancel or timeout can signal Claude Code and its tools at once.
-        proc = subprocess.Popen(claude_command(args, mcp_config), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
-    except OSError as exc:
-        recorder.write("exit", json.dumps({"code": 127, "timed_out": False, "stderr": str(exc)}))
-        recorder.close()
-        return 127
-    Path(f"{base}.pid").write_text(str(proc.pid))
-
-    def stop(_signum=None, _frame=None) -> None:
-        threading.Thread(target=stop_group, args=(proc.pid, lambda: proc.poll() is None, args.grace),
-                         daemon=True).start()
-
-    if cancel_marker.exists():  # cancelled before Claude Code started
-        stop()
-    stderr_chunks: list[bytes] = []
-    drain = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)
-    drain.start()
-    timed_out = threading.Event()
-
-    def on_timeout() -> None:
-        timed_out.set()
-        stop()
-
-    timer = threading.Timer(args.timeout, on_timeout)
-    timer.start()
-    signal.signal(signal.SIGTERM, stop)
-    proc.stdin.write(prompt)
-    proc.stdin.close()
-    n = 0
-    for raw in proc.stdout:
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if not line:
-            continue
-        n += 1
-        recorder.write(str(n), line)
-    code = proc.wait()
-    timer.cancel()
-    drain.join(5)
-    stderr = b"".join(stderr_chunks).decode("utf-8", "replace")[-STDERR_TAIL:]
-    ooms_after = oom_kills()
-    oom = ooms_before is not None and ooms_after is not None and ooms_after > ooms_before
-    recorder.write("exit", json.dumps({"code": code, "timed_out": timed_out.is_set(),
-                                       "cancelled": cancel_marker.exists(), "oom_killed": oom,
-                                       "lines": n, "stderr": stderr}))
-    recorder.close()
-    Path(f"{base}.pid").unlink(missing_ok=True)
-    return code
+        turn.prepare()
+        turn.run()
+    except BaseException as exc:  # a bug, even a KeyboardInterrupt, still ends the turn with its record
+        turn.fail(exc)
+    turn.finish()
+    if prune_due(args.log_dir):
+        prune_old_logs(args.log_dir)  # after the exit record: the worker does not wait for this
+    return turn.code
 
 
 def main(argv: list[str]) -> int:
