@@ -38,6 +38,8 @@ class DockerRuntime:
         except docker.errors.DockerException as exc:
             raise Unavailable(f"cannot reach the Docker engine ({exc}); is dockerd running?") from None
         self.api = self.client.api
+        # A local socket needs no proxy or netrc: without this, requests reads the whole environment on every call.
+        self.api.trust_env = False
         self._proxy_url: str | None = None
         self._network_checked = False
         self._gateway: str | None = None

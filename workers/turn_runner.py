@@ -35,6 +35,12 @@ CANCEL_POLL_SECONDS = 1.0
 TOKEN_SLACK_SECONDS = 300
 
 
+# The in-container wrapper (from PYTHONPATH). -S: it is stdlib only, and site's start-up costs every turn a few ms;
+# -c rather than -m: runpy costs ~4 ms more; -P: nothing from the working directory (the agent's workspace) is
+# imported in its place.
+WRAPPER = ["python3", "-S", "-P", "-c", "import sys; from wrapper.__main__ import main; sys.exit(main(sys.argv[1:]))"]
+
+
 def turn_timeout(config: dict, ceiling: int) -> int:
     """The session's turn timeout, never above the service-wide ceiling."""
     asked = (config.get("timeouts") or {}).get("turn_seconds") or ceiling
@@ -44,9 +50,7 @@ def turn_timeout(config: dict, ceiling: int) -> int:
 def wrapper_argv(turn_id: str, session: dict, timeout: int, grace: int) -> list[str]:
     """The in-container command for a turn; the prompt goes on stdin, never here."""
     config = session["config"]
-    # -S: the wrapper is stdlib only, and skipping site's start-up is a few ms off every turn.
-    argv = ["python3", "-S", "-m", "wrapper", "run", "--turn-id", turn_id, "--timeout", str(timeout),
-            "--grace", str(grace)]
+    argv = WRAPPER + ["run", "--turn-id", turn_id, "--timeout", str(timeout), "--grace", str(grace)]
     flag = "--resume" if session["conversation_started"] else "--session-id"
     argv += [flag, session["claude_session_id"]]
     if config.get("model"):
@@ -268,8 +272,8 @@ class TurnRunner:
         log.info("turn %s: cancel requested, interrupting Claude Code", turn["id"])
         grace = self.ctx.settings.cancel_grace_seconds
         try:
-            code = self.ctx.runtime.run(container_id, ["python3", "-m", "wrapper", "cancel",
-                                                       "--turn-id", turn["id"], "--grace", str(grace)])
+            code = self.ctx.runtime.run(container_id, WRAPPER + ["cancel", "--turn-id", turn["id"],
+                                                                 "--grace", str(grace)])
             if code != 0:
                 log.warning("turn %s: Claude Code outlived the kill signal (exit %s)", turn["id"], code)
         except Exception as exc:  # the container may be gone already: then so is the turn
@@ -292,7 +296,7 @@ class TurnRunner:
                                                             settings.jwt_audience, settings.jwt_issuer))
         result: list[ExecResult] = []
         if turn["resumed"]:
-            argv, env, stdin = ["python3", "-m", "wrapper", "attach", "--turn-id", turn["id"]], {}, b""
+            argv, env, stdin = WRAPPER + ["attach", "--turn-id", turn["id"]], {}, b""
         else:
             argv = wrapper_argv(turn["id"], session, timeout, settings.cancel_grace_seconds)
             stdin = turn["prompt"].encode()
