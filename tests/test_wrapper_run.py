@@ -347,9 +347,9 @@ def test_a_stdout_nobody_reads_is_given_up_on_after_the_stall_bound():
     try:
         os.set_blocking(write_end, False)
         started = time.monotonic()
-        wrapper.write_within(write_end, b"x" * 10, 0.2)  # room in the pipe: written at once
+        wrapper.write_all(write_end, b"x" * 10, 0.2)  # room in the pipe: written at once
         with pytest.raises(TimeoutError):
-            wrapper.write_within(write_end, b"x" * (1 << 20), 0.2)  # more than a pipe holds, and nobody reads
+            wrapper.write_all(write_end, b"x" * (1 << 20), 0.2)  # more than a pipe holds, and nobody reads
         assert time.monotonic() - started < 5
         assert os.read(read_end, 10) == b"x" * 10
     finally:

@@ -156,14 +156,9 @@ def write_text(path: str, text: str, mode: int = 0o666) -> None:
         os.close(fd)
 
 
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def write_within(fd: int, data: bytes, seconds: float) -> None:
-    """Writes all of `data` to a non-blocking fd; TimeoutError when the reader takes none of it for `seconds`."""
+def write_all(fd: int, data: bytes, stall_seconds: float | None = None) -> None:
+    """Writes all of `data`; on a non-blocking fd, TimeoutError when the reader takes none of it for
+    `stall_seconds`."""
     view = memoryview(data)
     while view:
         try:
@@ -171,8 +166,8 @@ def write_within(fd: int, data: bytes, seconds: float) -> None:
             continue
         except BlockingIOError:
             pass
-        if not select.select([], [fd], [], seconds)[1]:
-            raise TimeoutError(f"nothing read from fd {fd} for {seconds:.0f} s")
+        if not select.select([], [fd], [], stall_seconds)[1]:
+            raise TimeoutError(f"nothing read from fd {fd} for {stall_seconds:.0f} s")
 
 
 def drain(fd: int) -> None:
@@ -532,7 +527,7 @@ class Turn:
         os.close(out_w)
         self.in_fd, self.out_fd = in_w, out_r
         os.set_blocking(in_w, False)  # a prompt larger than the pipe is fed as Claude Code reads it
-        os.set_blocking(1, False)  # see write_within
+        os.set_blocking(1, False)  # see write_all
         write_text(f"{self.base}.pid", str(self.pid))
         self.cleanup.append(f"{self.base}.pid")
         if os.path.exists(f"{self.base}.cancel"):  # cancelled before Claude Code started
@@ -657,7 +652,7 @@ class Turn:
                 self.log_fd = None
         if self.stdout_ok:
             try:
-                write_within(1, data, STDOUT_STALL_SECONDS)
+                write_all(1, data, STDOUT_STALL_SECONDS)
             except OSError:  # TimeoutError too
                 self.stdout_ok = False
 
