@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from workers.turn_runner import WRAPPER
 from wrapper import run as wrapper
 
 
@@ -128,7 +129,8 @@ def fake_claude(tmp_path: Path, body: str) -> Path:
 
 
 def wrapper_argv(tmp_path: Path, *flags: str, command: str = "run", turn_id: str = "t1") -> list[str]:
-    argv = [sys.executable, "-S", "-m", "wrapper", command, "--turn-id", turn_id, "--log-dir", str(tmp_path / "turns")]
+    # The worker's own command line (workers/turn_runner.WRAPPER), with this interpreter for the container's.
+    argv = [sys.executable, *WRAPPER[1:], command, "--turn-id", turn_id, "--log-dir", str(tmp_path / "turns")]
     if command == "run":
         argv += ["--session-id", "c1", "--claude", str(tmp_path / "claude")]
     return argv + list(flags)
@@ -312,8 +314,8 @@ def test_a_failing_wrapper_still_stops_claude_and_writes_the_exit_record(tmp_pat
             "w.Turn.record_lines = broken\n"
             "sys.exit(w.main(sys.argv[1:]))\n")
     argv = wrapper_argv(tmp_path, "--grace", "1")
-    done = subprocess.run([sys.executable, "-S", "-c", code, *argv[4:]], env=wrapper_env(tmp_path), input=b"hi",
-                          capture_output=True, timeout=10)
+    done = subprocess.run([sys.executable, "-S", "-c", code, *argv[len(WRAPPER):]], env=wrapper_env(tmp_path),
+                          input=b"hi", capture_output=True, timeout=10)
     exit_record = json.loads(records_of(done.stdout)[-1][1])
     assert exit_record["code"] == -2 and exit_record["stderr"].endswith("wrapper: RuntimeError: bug")
     assert not wrapper.pid_alive(int((tmp_path / "claude.pid").read_text()))
