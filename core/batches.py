@@ -152,7 +152,7 @@ def _stop_made_session(db: DbSession, session_id: uuid.UUID, plan: Dispatch) -> 
     row = db.get(Session, session_id, with_for_update=True)
     if row is None or row.status not in ("ready", "busy", "creating"):
         return
-    if turn_cmds.head_queued_turn(db, row.id) is not None:
+    if turn_cmds.next_turn_id(db, row.id) is not None:
         return
     session_cmds.request_stop(db, row)
     plan.stop_sessions.append((str(row.id), row.host_queue))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session as DbSession
 
 from core import trees, workspaces
@@ -114,47 +114,50 @@ def get_owned_turn(db: DbSession, owner: str, turn_id: str) -> Turn:
     return row
 
 
-def head_queued_turn(db: DbSession, session_id: uuid.UUID) -> Turn | None:
-    """The session's next turn to run, if it has one waiting and none running."""
-    running = db.scalar(select(func.count()).select_from(Turn)
-                        .where(Turn.session_id == session_id, Turn.status == "running"))
-    if running:
-        return None
-    return db.scalars(select(Turn).where(Turn.session_id == session_id, Turn.status == "queued")
-                      .order_by(Turn.seq).limit(1)).first()
+# What a worker needs to run a turn, read as plain rows rather than ORM objects: claiming is on every turn's path.
+TURN_COLUMNS = (Turn.id, Turn.seq, Turn.prompt, Turn.attempt, Turn.webhook, Turn.batch_id)
+SESSION_COLUMNS = (Session.id, Session.owner, Session.config, Session.claude_session_id,
+                   Session.conversation_started, Session.host_queue)
+OTHER = Turn.__table__.alias("other")  # another turn of the same session, in the queries below
 
 
-def claim_turn(db: DbSession, turn_id: str, holder: str, lease_seconds: float) -> tuple[Turn, bool] | None:
-    """Takes the lease on a turn; None when it is not ours to run.
+def next_turn_id(db: DbSession, session_id: uuid.UUID) -> uuid.UUID | None:
+    """The session's next turn to run: its first queued one, if none is running (one statement)."""
+    running = select(OTHER.c.id).where(OTHER.c.session_id == session_id, OTHER.c.status == "running")
+    return db.scalar(select(Turn.id).where(Turn.session_id == session_id, Turn.status == "queued", ~running.exists())
+                     .order_by(Turn.seq).limit(1))
+
+
+def claim_turn(db: DbSession, turn_id: str, holder: str, lease_seconds: float) -> tuple[dict, dict, bool] | None:
+    """Takes the lease on a turn: (turn, session, resumed), or None when it is not ours to run.
 
     A queued turn is taken if it is its session's next one (the session row lock serialises
     claims, so two deliveries of one task, or two turns of one session, never run at once).
-    A running turn whose lease expired is taken over, to re-attach to it: the second value says so.
+    A running turn whose lease expired is taken over, to re-attach to it: `resumed` says so.
     Each claim bumps `attempt`, which fences off the previous holder.
     """
-    turn = db.scalars(select(Turn).where(Turn.id == uuid.UUID(turn_id)).with_for_update()).first()
-    if turn is None:
+    turn_uuid = uuid.UUID(turn_id)
+    of_turn = select(Turn.session_id).where(Turn.id == turn_uuid).scalar_subquery()
+    session = db.execute(select(*SESSION_COLUMNS).where(Session.id == of_turn).with_for_update()).mappings().first()
+    if session is None:
         return None
     now = utcnow()
-    if turn.status == "running" and turn.lease_expires_at is not None and turn.lease_expires_at < now:
-        turn.attempt += 1
-        turn.lease_holder = holder
-        turn.lease_expires_at = now + timedelta(seconds=lease_seconds)
-        db.flush()
-        return turn, True
-    if turn.status != "queued":
-        return None
-    db.scalars(select(Session).where(Session.id == turn.session_id).with_for_update()).one()
-    head = head_queued_turn(db, turn.session_id)
-    if head is None or head.id != turn.id:
-        return None
-    turn.status = "running"
-    turn.attempt += 1
-    turn.lease_holder = holder
-    turn.lease_expires_at = now + timedelta(seconds=lease_seconds)
-    turn.started_at = now
-    db.flush()
-    return turn, False
+    lease = dict(attempt=Turn.attempt + 1, lease_holder=holder, lease_expires_at=now + timedelta(seconds=lease_seconds))
+    ahead = select(OTHER.c.id).where(OTHER.c.session_id == Turn.session_id, OTHER.c.id != Turn.id,
+                                     or_(OTHER.c.status == "running",
+                                         and_(OTHER.c.status == "queued", OTHER.c.seq < Turn.seq)))
+    turn = db.execute(update(Turn).where(Turn.id == turn_uuid, Turn.status == "queued", ~ahead.exists())
+                      .values(status="running", started_at=now, **lease).returning(*TURN_COLUMNS)).mappings().first()
+    resumed = turn is None
+    if resumed:
+        turn = db.execute(update(Turn).where(Turn.id == turn_uuid, Turn.status == "running", Turn.lease_expires_at < now)
+                          .values(**lease).returning(*TURN_COLUMNS)).mappings().first()
+        if turn is None:
+            return None
+    db.execute(update(Session).where(Session.id == session["id"]).values(
+        last_active_at=now,
+        status=case((Session.status.in_(("ready", "stopped", "creating")), "busy"), else_=Session.status)))
+    return dict(turn), dict(session), resumed
 
 
 def renew_lease(db: DbSession, turn_id: uuid.UUID, attempt: int, lease_seconds: float) -> bool:

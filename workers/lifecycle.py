@@ -11,7 +11,7 @@ from core.db import transaction
 from core.envelope import status_event
 from core.models import Session, Turn, utcnow
 from core.sessions import request_stop
-from core.turns import head_queued_turn
+from core.turns import next_turn_id
 from workers import snapshots
 from workers.context import WorkerContext
 from workers.pool import WarmPool, uses_pool
@@ -61,11 +61,11 @@ def start_session(ctx: WorkerContext, session_id: str) -> None:
             return
         row.status, row.container_id = "ready", container_id
         row.host_queue = ctx.settings.host_queue()
-        head = head_queued_turn(db, row.id)
+        head = next_turn_id(db, row.id)
     publish_status(ctx, session_id, "ready")
     log.info("session %s ready in container %s (%s)", session_id, container_id[:12], how)
     if head is not None:
-        ctx.sender.run_turn(str(head.id), ctx.settings.host_queue())
+        ctx.sender.run_turn(str(head), ctx.settings.host_queue())
     if ctx.settings.warm_pool_size and uses_pool(config):
         ctx.sender.fill_pool(ctx.settings.host_queue())  # replaces what was taken (or was missing), after ready
 

@@ -22,6 +22,10 @@ AGENT_USER = "agent"
 DEFAULT_LIMITS = {"memory_mb": 2048, "cpus": 1.0, "pids": 512}
 
 
+class NotRunning(Exception):
+    """The container to exec in is missing or not running (the engine said 404 or 409)."""
+
+
 @dataclass(frozen=True)
 class ExecResult:
     exit_code: int | None
@@ -273,8 +277,13 @@ class DockerRuntime:
 
         When the generator is exhausted, `result` holds the exit code and captured stderr.
         """
-        exec_id = self.api.exec_create(container_id, argv, stdin=stdin is not None, stdout=True, stderr=True,
-                                       environment=env, user=user, workdir="/workspace")["Id"]
+        try:
+            exec_id = self.api.exec_create(container_id, argv, stdin=stdin is not None, stdout=True, stderr=True,
+                                           environment=env, user=user, workdir="/workspace")["Id"]
+        except APIError as exc:
+            if exc.status_code in (404, 409):
+                raise NotRunning(f"container {container_id} is not running: {exc.explanation or exc}") from None
+            raise
         sock = self.api.exec_start(exec_id, socket=True)
         raw = getattr(sock, "_sock", sock)
         stderr = bytearray()

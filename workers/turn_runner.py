@@ -17,13 +17,13 @@ from core.db import transaction
 from core.logs import bind_log_ids
 from core.session_tokens import mint_session_token
 from core.models import Session, Turn, utcnow
-from core.turns import claim_turn, final_event_type, head_queued_turn, renew_lease
+from core.turns import claim_turn, final_event_type, next_turn_id, renew_lease
 from workers.context import WorkerContext
 from workers import metrics
 from workers.lifecycle import wake
 from workers.model_proxy import mint_model_credential
 from workers.publisher import SERVICE_DOWN, Publisher, retry_while_down
-from workers.runtime import ExecResult
+from workers.runtime import ExecResult, NotRunning
 from workers.turn_output import TurnOutput
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ def wrapper_argv(turn_id: str, session: dict, timeout: int, grace: int) -> list[
     if config.get("append_system_prompt"):
         argv += ["--append-system-prompt", config["append_system_prompt"]]
     return argv
+
+
+GONE_WHILE_LOST = "the session container stopped while its worker was lost; the turn's process went with it"
 
 
 class ContainerLost(Exception):
@@ -106,9 +109,15 @@ class TurnRunner:
         stop_watch = self._watch(turn, where, output)
         try:
             where["container"] = self._container(session, turn)
-            if turn.get("lost"):
-                return  # another worker took the turn over while the container started
-            self._execute(where["container"], session, turn, output, publisher, int(mark.get("number") or 0))
+            try:
+                self._execute(where["container"], session, turn, output, publisher, int(mark.get("number") or 0))
+            except NotRunning:  # stopped (idle, or the engine restarted) or removed: start it, then run the turn
+                if turn["resumed"]:
+                    raise ContainerLost(GONE_WHILE_LOST) from None
+                where["container"] = wake(self.ctx, session["id"], session["owner"], session["config"])
+                if turn.get("lost"):
+                    return  # another worker took the turn over while the container started
+                self._execute(where["container"], session, turn, output, publisher, int(mark.get("number") or 0))
         except ContainerLost as exc:
             failure = (str(exc), "container_lost")
         except SERVICE_DOWN:
@@ -148,16 +157,14 @@ class TurnRunner:
         self._start_next(str(row.session_id), host_queue)
 
     def _container(self, session: dict, turn: dict) -> str:
-        """The container to run in: started (and restored) if needed for a new turn; for a re-attach,
-        only the running container the turn was in (a restarted one has lost the turn's process)."""
-        container = self.ctx.runtime.find(session["id"])
+        """The container to run in. A new turn execs by the container's name, with no engine call first: most
+        find it running, and one that is not is started when the exec says so (see `_run_claimed`). A re-attach
+        runs only in the running container the turn was in (a restarted one has lost the turn's process)."""
         if not turn["resumed"]:
-            if container is not None and container.status == "running":
-                return container.id  # the usual case, in one engine call
-            return wake(self.ctx, session["id"], session["owner"], session["config"])
+            return self.ctx.runtime.container_name(session["id"])
+        container = self.ctx.runtime.find(session["id"])
         if container is None or container.status != "running":
-            raise ContainerLost("the session container stopped while its worker was lost; the turn's process "
-                                "went with it")
+            raise ContainerLost(GONE_WHILE_LOST)
         return container.id
 
     def _why_lost(self, session: dict, error: str, reason: str) -> tuple[str, str]:
@@ -185,21 +192,13 @@ class TurnRunner:
     def _claim(self, turn_id: str) -> tuple[dict, dict] | None:
         with transaction(self.ctx.db) as db:
             claim = claim_turn(db, turn_id, self.ctx.holder, self.ctx.settings.lease_seconds)
-            if claim is None:
-                return None
-            turn, resumed = claim
-            session = db.get(Session, turn.session_id)
-            if session.status in ("ready", "stopped", "creating"):
-                session.status = "busy"
-            session.last_active_at = utcnow()
-            return (
-                {"id": str(turn.id), "seq": turn.seq, "prompt": turn.prompt, "attempt": turn.attempt,
-                 "webhook": turn.webhook, "batch_id": turn.batch_id, "resumed": resumed},
-                {"id": str(session.id), "owner": session.owner, "config": dict(session.config),
-                 "claude_session_id": str(session.claude_session_id),
-                 "conversation_started": session.conversation_started,
-                 "host_queue": session.host_queue},
-            )
+        if claim is None:
+            return None
+        turn, session, resumed = claim
+        turn.update(id=str(turn["id"]), resumed=resumed)
+        session.update(id=str(session["id"]), claude_session_id=str(session["claude_session_id"]),
+                       config=dict(session["config"]))
+        return turn, session
 
     def _watch(self, turn: dict, where: dict, output: TurnOutput):
         """While the turn runs: renew its lease, and interrupt it when cancelled or over its output limit.
@@ -239,8 +238,8 @@ class TurnRunner:
                     log.warning("turn %s: output passed %d bytes, stopping it", turn["id"], output.max_bytes)
                     signalled = True
                 if signalled and not done.is_set() and where.get("container"):
-                    interrupted = True
-                    self._interrupt(where["container"], turn)
+                    # Not reached (e.g. its container is still starting): the next lease renewal looks again.
+                    interrupted = self._interrupt(where["container"], turn)
 
         # In a copy of this context, so that the watcher's lines carry the turn's ids too.
         thread = threading.Thread(target=contextvars.copy_context().run, args=(watch,), name=f"watch-{turn['id'][:8]}",
@@ -268,8 +267,9 @@ class TurnRunner:
                 return row is not None and row.cancel_requested_at is not None
         return retry_while_down(check, what=f"check turn {turn['id']} for a cancel")
 
-    def _interrupt(self, container_id: str, turn: dict) -> None:
-        """Stops Claude Code in the container: interrupt, then terminate, then kill."""
+    def _interrupt(self, container_id: str, turn: dict) -> bool:
+        """Stops Claude Code in the container: interrupt, then terminate, then kill. False if the container
+        could not be reached."""
         log.info("turn %s: cancel requested, interrupting Claude Code", turn["id"])
         grace = self.ctx.settings.cancel_grace_seconds
         try:
@@ -277,8 +277,10 @@ class TurnRunner:
                                                                  "--grace", str(grace)])
             if code != 0:
                 log.warning("turn %s: Claude Code outlived the kill signal (exit %s)", turn["id"], code)
-        except Exception as exc:  # the container may be gone already: then so is the turn
+            return True
+        except Exception as exc:  # the container may be gone already (then so is the turn), or not started yet
             log.warning("turn %s: could not interrupt: %s", turn["id"], exc)
+            return False
 
     def _execute(self, container_id: str, session: dict, turn: dict, output: TurnOutput, publisher: Publisher,
                  published: int) -> None:
@@ -374,8 +376,8 @@ class TurnRunner:
                 conversation_started=or_(Session.conversation_started, saw_init),
                 last_active_at=utcnow(),
                 status=case((Session.status == "busy", "ready"), else_=Session.status)))
-            head = head_queued_turn(db, session_id)
-            turn["next"] = str(head.id) if head is not None else None
+            head = next_turn_id(db, session_id)
+            turn["next"] = str(head) if head is not None else None
         return True
 
     def _after(self, turn: dict) -> None:
@@ -391,8 +393,8 @@ class TurnRunner:
         if not host_queue:
             return  # not started yet: its start sends the first queued turn
         with transaction(self.ctx.db) as db:
-            head = head_queued_turn(db, uuid.UUID(session_id))
-        self._send_next(str(head.id) if head is not None else None, host_queue)
+            head = next_turn_id(db, uuid.UUID(session_id))
+        self._send_next(str(head) if head is not None else None, host_queue)
 
     def _send_next(self, turn_id: str | None, host_queue: str | None) -> None:
         if turn_id and host_queue:
