@@ -88,6 +88,15 @@ def queue_positions(db: DbSession, session_ids: set[uuid.UUID]) -> dict[uuid.UUI
     return {turn_id: position for turn_id, position in rows}
 
 
+def turns_in_flight(db: DbSession, session_id: uuid.UUID) -> tuple[int, int]:
+    """How many of the session's turns are queued, and how many running (one statement)."""
+    t = Turn.__table__.c
+    queued, running = db.execute(select(func.count().filter(t.status == "queued"),
+                                        func.count().filter(t.status == "running"))
+                                 .where(t.session_id == session_id, t.status.in_(("queued", "running")))).one()
+    return queued, running
+
+
 def first_turn(db: DbSession, session_id: uuid.UUID) -> Turn | None:
     return db.scalars(select(Turn).where(Turn.session_id == session_id).order_by(Turn.seq).limit(1)).first()
 
@@ -114,18 +123,21 @@ def get_owned_turn(db: DbSession, owner: str, turn_id: str) -> Turn:
     return row
 
 
-# What a worker needs to run a turn, read as plain rows rather than ORM objects: claiming is on every turn's path.
-TURN_COLUMNS = (Turn.id, Turn.seq, Turn.prompt, Turn.attempt, Turn.webhook, Turn.batch_id)
-SESSION_COLUMNS = (Session.id, Session.owner, Session.config, Session.claude_session_id,
-                   Session.conversation_started, Session.host_queue)
-OTHER = Turn.__table__.alias("other")  # another turn of the same session, in the queries below
+# The worker's per-turn statements use the tables, not the mapped classes: an ORM-enabled UPDATE costs several
+# times the CPU of the plain one (it reconciles the session's identity map), and these run on every turn.
+TURNS, SESSIONS = Turn.__table__, Session.__table__
+OTHER = TURNS.alias("other")  # another turn of the same session
+# What a worker needs to run a turn.
+TURN_COLUMNS = (TURNS.c.id, TURNS.c.seq, TURNS.c.prompt, TURNS.c.attempt, TURNS.c.webhook, TURNS.c.batch_id)
+SESSION_COLUMNS = (SESSIONS.c.id, SESSIONS.c.owner, SESSIONS.c.config, SESSIONS.c.claude_session_id,
+                   SESSIONS.c.conversation_started, SESSIONS.c.host_queue)
 
 
 def next_turn_id(db: DbSession, session_id: uuid.UUID) -> uuid.UUID | None:
     """The session's next turn to run: its first queued one, if none is running (one statement)."""
     running = select(OTHER.c.id).where(OTHER.c.session_id == session_id, OTHER.c.status == "running")
-    return db.scalar(select(Turn.id).where(Turn.session_id == session_id, Turn.status == "queued", ~running.exists())
-                     .order_by(Turn.seq).limit(1))
+    return db.scalar(select(TURNS.c.id).where(TURNS.c.session_id == session_id, TURNS.c.status == "queued",
+                                              ~running.exists()).order_by(TURNS.c.seq).limit(1))
 
 
 def claim_turn(db: DbSession, turn_id: str, holder: str, lease_seconds: float) -> tuple[dict, dict, bool] | None:
@@ -136,34 +148,34 @@ def claim_turn(db: DbSession, turn_id: str, holder: str, lease_seconds: float) -
     A running turn whose lease expired is taken over, to re-attach to it: `resumed` says so.
     Each claim bumps `attempt`, which fences off the previous holder.
     """
-    turn_uuid = uuid.UUID(turn_id)
-    of_turn = select(Turn.session_id).where(Turn.id == turn_uuid).scalar_subquery()
-    session = db.execute(select(*SESSION_COLUMNS).where(Session.id == of_turn).with_for_update()).mappings().first()
+    turn_uuid, t = uuid.UUID(turn_id), TURNS.c
+    of_turn = select(t.session_id).where(t.id == turn_uuid).scalar_subquery()
+    session = db.execute(select(*SESSION_COLUMNS).where(SESSIONS.c.id == of_turn).with_for_update()).mappings().first()
     if session is None:
         return None
     now = utcnow()
-    lease = dict(attempt=Turn.attempt + 1, lease_holder=holder, lease_expires_at=now + timedelta(seconds=lease_seconds))
-    ahead = select(OTHER.c.id).where(OTHER.c.session_id == Turn.session_id, OTHER.c.id != Turn.id,
+    lease = dict(attempt=t.attempt + 1, lease_holder=holder, lease_expires_at=now + timedelta(seconds=lease_seconds))
+    ahead = select(OTHER.c.id).where(OTHER.c.session_id == t.session_id, OTHER.c.id != t.id,
                                      or_(OTHER.c.status == "running",
-                                         and_(OTHER.c.status == "queued", OTHER.c.seq < Turn.seq)))
-    turn = db.execute(update(Turn).where(Turn.id == turn_uuid, Turn.status == "queued", ~ahead.exists())
+                                         and_(OTHER.c.status == "queued", OTHER.c.seq < t.seq)))
+    turn = db.execute(update(TURNS).where(t.id == turn_uuid, t.status == "queued", ~ahead.exists())
                       .values(status="running", started_at=now, **lease).returning(*TURN_COLUMNS)).mappings().first()
     resumed = turn is None
     if resumed:
-        turn = db.execute(update(Turn).where(Turn.id == turn_uuid, Turn.status == "running", Turn.lease_expires_at < now)
+        turn = db.execute(update(TURNS).where(t.id == turn_uuid, t.status == "running", t.lease_expires_at < now)
                           .values(**lease).returning(*TURN_COLUMNS)).mappings().first()
         if turn is None:
             return None
-    db.execute(update(Session).where(Session.id == session["id"]).values(
-        last_active_at=now,
-        status=case((Session.status.in_(("ready", "stopped", "creating")), "busy"), else_=Session.status)))
+    s = SESSIONS.c
+    db.execute(update(SESSIONS).where(s.id == session["id"]).values(
+        last_active_at=now, status=case((s.status.in_(("ready", "stopped", "creating")), "busy"), else_=s.status)))
     return dict(turn), dict(session), resumed
 
 
 def renew_lease(db: DbSession, turn_id: uuid.UUID, attempt: int, lease_seconds: float) -> bool:
     """Extends our lease; False when the turn is no longer ours (fenced by attempt)."""
-    done = db.execute(update(Turn).where(Turn.id == turn_id, Turn.attempt == attempt,
-                                         Turn.status == "running")
+    t = TURNS.c
+    done = db.execute(update(TURNS).where(t.id == turn_id, t.attempt == attempt, t.status == "running")
                       .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds)))
     return done.rowcount == 1
 

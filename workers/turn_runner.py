@@ -17,7 +17,7 @@ from core.db import transaction
 from core.logs import bind_log_ids
 from core.session_tokens import mint_session_token
 from core.models import Session, Turn, utcnow
-from core.turns import claim_turn, final_event_type, next_turn_id, renew_lease
+from core.turns import SESSIONS, TURNS, claim_turn, final_event_type, next_turn_id, renew_lease
 from workers.context import WorkerContext
 from workers import metrics
 from workers.lifecycle import wake
@@ -362,20 +362,20 @@ class TurnRunner:
     def _record(self, session: dict, turn: dict, values: dict, usage: dict, cost: Decimal, saw_init: bool) -> bool:
         """Records the turn's outcome and adds it to the session's totals; also finds the session's next queued
         turn (`turn["next"]`), under the same row lock, which saves a transaction on every turn."""
-        session_id = uuid.UUID(session["id"])
+        session_id, t, s = uuid.UUID(session["id"]), TURNS.c, SESSIONS.c
         with transaction(self.ctx.db) as db:
-            done = db.execute(update(Turn).where(Turn.id == uuid.UUID(turn["id"]), Turn.attempt == turn["attempt"],
-                                                 Turn.status == "running").values(**values))
+            done = db.execute(update(TURNS).where(t.id == uuid.UUID(turn["id"]), t.attempt == turn["attempt"],
+                                                  t.status == "running").values(**values))
             if done.rowcount != 1:
                 return False
             # One statement (it locks the row as it updates it), not a locked read and an ORM flush.
-            db.execute(update(Session).where(Session.id == session_id).values(
-                input_tokens=Session.input_tokens + int(usage.get("input_tokens") or 0),
-                output_tokens=Session.output_tokens + int(usage.get("output_tokens") or 0),
-                cost_usd=Session.cost_usd + cost,
-                conversation_started=or_(Session.conversation_started, saw_init),
+            db.execute(update(SESSIONS).where(s.id == session_id).values(
+                input_tokens=s.input_tokens + int(usage.get("input_tokens") or 0),
+                output_tokens=s.output_tokens + int(usage.get("output_tokens") or 0),
+                cost_usd=s.cost_usd + cost,
+                conversation_started=or_(s.conversation_started, saw_init),
                 last_active_at=utcnow(),
-                status=case((Session.status == "busy", "ready"), else_=Session.status)))
+                status=case((s.status == "busy", "ready"), else_=s.status)))
             head = next_turn_id(db, session_id)
             turn["next"] = str(head) if head is not None else None
         return True
