@@ -6,7 +6,6 @@ import time
 import uuid
 
 from flask import Response, g, request
-from sqlalchemy import func, select
 
 from core import admission
 from core import sessions as session_cmds
@@ -26,11 +25,6 @@ from web.schemas import ChatRequest, PageQuery, TurnQuery
 
 # A final event is published just before the turn row is updated; allow the row that long.
 ROW_CATCH_UP_SECONDS = 2.0
-
-
-def has_turns_in_flight(db, session_id: uuid.UUID) -> bool:
-    return bool(db.scalar(select(func.count()).select_from(Turn).where(
-        Turn.session_id == session_id, Turn.status.in_(("queued", "running")))))
 
 
 @api.post("/sessions/<session_id>/chat")
@@ -58,9 +52,11 @@ def submit_chat(owner: str, session_id: str, spec: ChatRequest, idempotent: bool
         prior = claim_idempotency_key(db, what) if idempotent else None
         if prior is not None:
             turn = turn_cmds.get_owned_turn(db, owner, str(prior.resource_id))
+            position = turn_cmds.queue_positions(db, {turn.session_id}).get(turn.id)
         else:
             row = session_cmds.get_owned(db, owner, session_id, lock=True)
-            idle = not has_turns_in_flight(db, row.id)
+            queued, running = turn_cmds.turns_in_flight(db, row.id)
+            idle = not (queued or running)
             admission.admit_turn(db, owner, settings, session_idle=idle)
             turn = turn_cmds.queue_turn(db, row, spec.prompt, webhook=spec.webhook)
             # Published under the session lock, so turn.queued always precedes turn.started.
@@ -70,7 +66,8 @@ def submit_chat(owner: str, session_id: str, spec: ChatRequest, idempotent: bool
             # Behind another turn, the worker that ends that one sends this one (under the same session lock,
             # so it sees this turn): a task now would only be dropped as not the session's next.
             host_queue = row.host_queue if idle else None
-        body = turn_body(turn, turn_cmds.queue_positions(db, {turn.session_id}).get(turn.id))
+            position = queued + 1  # last in the session's queue
+        body = turn_body(turn, position)
     if host_queue:
         enqueue(ctx().sender.run_turn, body["id"], host_queue)
     return body
