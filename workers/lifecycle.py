@@ -4,14 +4,14 @@ from __future__ import annotations
 import logging
 import uuid
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from core import workspaces
 from core.db import transaction
 from core.envelope import status_event
 from core.models import Session, Turn, utcnow
 from core.sessions import request_stop
-from core.turns import next_turn_id
+from core.turns import SESSIONS, next_turn_id
 from workers import snapshots
 from workers.context import WorkerContext
 from workers.pool import WarmPool, uses_pool
@@ -31,11 +31,12 @@ def publish_status(ctx: WorkerContext, session_id: str, status: str, error: str 
 def start_session(ctx: WorkerContext, session_id: str) -> None:
     """Creates and starts the container here, restores its workspace, pins the session to this host,
     and starts its turns."""
-    with transaction(ctx.db) as db:
-        row = _locked(db, session_id)
-        if row is None or row.status != "creating":
-            return  # already started, or stopped/deleted before we got here
-        owner, config, persistent = row.owner, dict(row.config), workspaces.is_persistent(row.workspace)
+    sid, c = uuid.UUID(session_id), SESSIONS.c
+    with transaction(ctx.db) as db:  # plain statements, as on a turn's path: they are part of every cold start
+        row = db.execute(select(c.owner, c.config, c.workspace).where(c.id == sid, c.status == "creating")).first()
+    if row is None:
+        return  # already started, or stopped/deleted before we got here
+    owner, config, persistent = row.owner, dict(row.config), workspaces.is_persistent(row.workspace)
     try:
         container_id, how = start_container(ctx, session_id, owner, config)
         if persistent:  # an ephemeral workspace has no snapshot: no need to ask
@@ -44,24 +45,25 @@ def start_session(ctx: WorkerContext, session_id: str) -> None:
         log.error("session %s: container failed to start: %s", session_id, exc)
         ctx.runtime.stop(session_id)
         with transaction(ctx.db) as db:
-            row = _locked(db, session_id)
-            if row is not None and row.status == "creating":
-                row.status, row.error = "failed", f"container failed to start: {exc}"
-                workspaces.release(db, row)
+            failed = _locked(db, session_id)
+            if failed is not None and failed.status == "creating":
+                failed.status, failed.error = "failed", f"container failed to start: {exc}"
+                workspaces.release(db, failed)
         publish_status(ctx, session_id, "failed", f"container failed to start: {exc}")
         return
     with transaction(ctx.db) as db:
-        row = _locked(db, session_id)
-        if row is None or row.status != "creating":
-            # Deleted or stopped while we started it: leave no container running behind it.
-            if row is None or row.status == "deleted":
-                ctx.runtime.remove(session_id)
-            else:
-                ctx.runtime.stop(session_id)
-            return
-        row.status, row.container_id = "ready", container_id
-        row.host_queue = ctx.settings.host_queue()
-        head = next_turn_id(db, row.id)
+        ready = db.execute(update(SESSIONS).where(c.id == sid, c.status == "creating").values(
+            status="ready", container_id=container_id, host_queue=ctx.settings.host_queue()).returning(c.id)).first()
+        # A second statement, so that it sees a turn queued while the update above waited for the row's lock.
+        head = next_turn_id(db, sid) if ready else None
+        status = None if ready else db.scalar(select(c.status).where(c.id == sid))
+    if not ready:
+        # Deleted or stopped while we started it: leave no container running behind it.
+        if status in (None, "deleted"):
+            ctx.runtime.remove(session_id)
+        else:
+            ctx.runtime.stop(session_id)
+        return
     publish_status(ctx, session_id, "ready")
     log.info("session %s ready in container %s (%s)", session_id, container_id[:12], how)
     if head is not None:
