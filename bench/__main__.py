@@ -26,7 +26,7 @@ def plan(args) -> dict:
         "M1": lambda b: [m1_turn.measure(b, 5 if q else 40, "text"), m1_turn.measure(b, 3 if q else 20, "bash")],
         "M2": lambda b: [m2_dispatch.measure(b, 50 if q else 500)],
         "M3": lambda b: m3_events.measure(b, 1 if q else 5),
-        "M4": lambda b: m4_start.measure(b, 3 if q else 15),
+        "M4": lambda b: m4_start.measure(b, 3 if q else 25),
         "M5": lambda b: [m5_fanout.measure(b, 50 if q else args.clients, seconds=5 if q else 20)],
         "M7": lambda b: [m7_throughput.measure(b, 1 if q else 3, per_session=2 if q else 8)],
         "M6": lambda b: m6_intake.measure(b, 1 if q else 3),

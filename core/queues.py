@@ -73,8 +73,11 @@ class TaskSender:
         self.settings = settings
         self.celery = celery or make_celery(settings)
 
-    def start_session(self, session_id: str) -> None:
-        self.celery.send_task(START_SESSION, args=[session_id], queue=self.settings.placement_queue)
+    def start_session(self, session_id: str, spec: dict | None = None) -> None:
+        """Asks a worker to make the session's container; `spec` (see workers.lifecycle.start_session) saves it
+        reading the session first."""
+        self.celery.send_task(START_SESSION, args=[session_id] + ([spec] if spec else []),
+                              queue=self.settings.placement_queue)
 
     def run_turn(self, turn_id: str, host_queue: str) -> None:
         self.celery.send_task(RUN_TURN, args=[turn_id], queue=host_queue)

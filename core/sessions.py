@@ -6,6 +6,7 @@ import uuid
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session as DbSession
 
+from core import workspaces
 from core.errors import NotFound, WrongState
 from core.models import Session, Turn
 
@@ -31,6 +32,12 @@ def create_session(db: DbSession, owner: str, config: dict, workspace: dict,
     db.add(row)
     db.flush()
     return row
+
+
+def start_spec(row) -> dict:
+    """What a worker needs to make a session's container (from a Session, or a row with those columns); the
+    request that makes the session sends it with the start task, so the worker need not read it first."""
+    return {"owner": row.owner, "config": dict(row.config), "persistent": workspaces.is_persistent(row.workspace)}
 
 
 def get_owned(db: DbSession, owner: str, session_id: str, *, lock: bool = False) -> Session:

@@ -16,6 +16,7 @@ from dataclasses import replace
 import pytest
 
 from core.migrate import prepare_database
+from core.queues import TaskSender
 from tests import stack
 from tests.conftest import wait_for
 from tests.figures import report
@@ -141,6 +142,31 @@ def test_a_task_delivered_twice_runs_its_turn_once(faulty):
     assert duplicates >= 1, "the broker did not deliver the turn's task again; the test proves nothing"
     assert [e["type"] for e in turn_events(api, sid, turn_id)].count("turn.started") == 1
     assert prompts_sent(faulty["model"], prompt) == 1
+
+
+def test_a_late_copy_of_a_start_task_leaves_a_ready_session_running_and_a_deleted_one_without_a_container(
+        faulty, docker_client):
+    """A start task carries what to make, so the worker makes the container before it reads the session: a copy
+    that comes after the session was started, or deleted, must undo only what it did itself."""
+    api, worker, prefix = faulty["api"], faulty["worker"], faulty["prefix"]
+    sender, spec = TaskSender(faulty["settings"]), {"owner": "faults", "config": {}, "persistent": False}
+    ready, deleted = ready_session(api), ready_session(api)
+    running = docker_client.containers.get(f"{prefix}-session-{ready}")
+    api.call("DELETE", f"/api/v1/sessions/{deleted}", 202)
+    api.session_status(deleted, "deleted")
+    assert not docker_client.containers.list(all=True, filters={"name": f"{prefix}-session-{deleted}"})
+
+    sender.start_session(ready, spec)
+    sender.start_session(deleted, spec)
+    for sid, status in ((ready, "ready"), (deleted, "deleted")):
+        wait_for(lambda sid=sid, status=status: f"session {sid} is {status}, not being made"
+                 in worker.log_path.read_text(), 60, what=f"the late start of the {status} session to be dropped")
+
+    running.reload()
+    assert running.status == "running" and api.call("GET", f"/api/v1/sessions/{ready}", 200)["status"] == "ready"
+    assert api.finished_turn(api.chat(ready, "SAY: still here")["id"])["status"] == "succeeded"
+    assert not docker_client.containers.list(all=True, filters={"name": f"{prefix}-session-{deleted}"})
+    assert not [v for v in docker_client.volumes.list(filters={"name": f"{prefix}-{deleted}"})]
 
 
 def test_worker_lost_for_good_fails_the_turn_and_the_session_takes_turns_again(faulty):

@@ -125,12 +125,13 @@ def _query_error(err: QueryError):
 def enqueue(send: Callable[..., None], *args) -> None:
     """Sends a task for work already committed. When the broker is down the request still
     succeeds: the row is the promise, and the reaper sends the task once the broker is back."""
+    shown = f"{send.__name__}({', '.join(repr(a) for a in args if not isinstance(a, dict))})"  # ids, not a config
     try:
         send(*args)
     except (BrokerDown, redis.RedisError) as exc:
-        log.warning("could not enqueue %s%s (%s); the reaper will retry", send.__name__, args, exc)
+        log.warning("could not enqueue %s (%s); the reaper will retry", shown, exc)
     except Exception:  # committed work must not turn into an error answer; the reaper catches up
-        log.exception("follow-up %s%s failed after commit; the reaper will retry", send.__name__, args)
+        log.exception("follow-up %s failed after commit; the reaper will retry", shown)
 
 
 def page(items: list, total: int, q: PageQuery) -> dict:

@@ -10,7 +10,7 @@ from core import workspaces
 from core.db import transaction
 from core.envelope import status_event
 from core.models import Session, Turn, utcnow
-from core.sessions import request_stop
+from core.sessions import request_stop, start_spec
 from core.turns import SESSIONS, next_turn_id
 from workers import snapshots
 from workers.context import WorkerContext
@@ -28,27 +28,35 @@ def publish_status(ctx: WorkerContext, session_id: str, status: str, error: str 
     ctx.events.publish(status_event(session_id, status, error, reason))
 
 
-def start_session(ctx: WorkerContext, session_id: str) -> None:
+def start_session(ctx: WorkerContext, session_id: str, spec: dict | None = None) -> None:
     """Creates and starts the container here, restores its workspace, pins the session to this host,
-    and starts its turns."""
+    and starts its turns.
+
+    `spec` is what to make ({"owner", "config", "persistent"}), sent with the task by the request that made the
+    session: then the container is made at once, and whether the session is still to be made is checked after
+    (see `_abandon`). Without it (a start re-sent by the reaper or a batch), it is read from the row first.
+    """
     sid, c = uuid.UUID(session_id), SESSIONS.c
-    with transaction(ctx.db) as db:  # plain statements, as on a turn's path: they are part of every cold start
-        row = db.execute(select(c.owner, c.config, c.workspace).where(c.id == sid, c.status == "creating")).first()
-    if row is None:
-        return  # already started, or stopped/deleted before we got here
-    owner, config, persistent = row.owner, dict(row.config), workspaces.is_persistent(row.workspace)
+    if spec is None:
+        spec = _creating(ctx, sid)
+        if spec is None:
+            return  # already started, or stopped/deleted before we got here
+    owner, config = spec["owner"], spec["config"]
     try:
         container_id, how = start_container(ctx, session_id, owner, config)
-        if persistent:  # an ephemeral workspace has no snapshot: no need to ask
+        if spec["persistent"]:  # an ephemeral workspace has no snapshot: no need to ask
+            if _creating(ctx, sid) is None:  # never over a workspace that is in use
+                return _abandon(ctx, session_id, how)
             snapshots.restore(ctx, session_id, container_id, fresh=True)
     except Exception as exc:
         log.error("session %s: container failed to start: %s", session_id, exc)
-        ctx.runtime.stop(session_id)
         with transaction(ctx.db) as db:
             failed = _locked(db, session_id)
-            if failed is not None and failed.status == "creating":
-                failed.status, failed.error = "failed", f"container failed to start: {exc}"
-                workspaces.release(db, failed)
+            if failed is None or failed.status != "creating":
+                return  # a late copy of this task: the session's container is not this one's to stop
+            failed.status, failed.error = "failed", f"container failed to start: {exc}"
+            workspaces.release(db, failed)
+        ctx.runtime.stop(session_id)
         publish_status(ctx, session_id, "failed", f"container failed to start: {exc}")
         return
     with transaction(ctx.db) as db:
@@ -56,20 +64,34 @@ def start_session(ctx: WorkerContext, session_id: str) -> None:
             status="ready", container_id=container_id, host_queue=ctx.settings.host_queue()).returning(c.id)).first()
         # A second statement, so that it sees a turn queued while the update above waited for the row's lock.
         head = next_turn_id(db, sid) if ready else None
-        status = None if ready else db.scalar(select(c.status).where(c.id == sid))
     if not ready:
-        # Deleted or stopped while we started it: leave no container running behind it.
-        if status in (None, "deleted"):
-            ctx.runtime.remove(session_id)
-        else:
-            ctx.runtime.stop(session_id)
-        return
+        return _abandon(ctx, session_id, how)
     publish_status(ctx, session_id, "ready")
     log.info("session %s ready in container %s (%s)", session_id, container_id[:12], how)
     if head is not None:
         ctx.sender.run_turn(str(head), ctx.settings.host_queue())
     if ctx.settings.warm_pool_size and uses_pool(config):
         ctx.sender.fill_pool(ctx.settings.host_queue())  # replaces what was taken (or was missing), after ready
+
+
+def _creating(ctx: WorkerContext, sid: uuid.UUID) -> dict | None:
+    """What to make for a session still to be made (plain statements: this is on every cold start's path)."""
+    c = SESSIONS.c
+    with transaction(ctx.db) as db:
+        row = db.execute(select(c.owner, c.config, c.workspace).where(c.id == sid, c.status == "creating")).first()
+    return start_spec(row) if row is not None else None
+
+
+def _abandon(ctx: WorkerContext, session_id: str, how: str) -> None:
+    """The session stopped being made while its container started (deleted, stopped), or an earlier copy of this
+    task made it ready: leaves nothing running that should not be, and touches a ready session's container not."""
+    with transaction(ctx.db) as db:
+        status = db.scalar(select(SESSIONS.c.status).where(SESSIONS.c.id == uuid.UUID(session_id)))
+    if status in (None, "deleted"):
+        ctx.runtime.remove(session_id)
+    elif status not in ("ready", "busy"):
+        ctx.runtime.stop(session_id)
+    log.info("session %s is %s, not being made: this start (%s) was dropped", session_id, status or "gone", how)
 
 
 def start_container(ctx: WorkerContext, session_id: str, owner: str, config: dict) -> tuple[str, str]:

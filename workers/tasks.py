@@ -20,9 +20,9 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
     """Binds every task name to its work. Each task is safe to receive twice."""
 
     @app.task(name=queues.START_SESSION)
-    def start_session(session_id: str) -> None:
+    def start_session(session_id: str, spec: dict | None = None) -> None:
         with traced(session_id=session_id):
-            lifecycle.start_session(ctx, session_id)
+            lifecycle.start_session(ctx, session_id, spec)
 
     @app.task(name=queues.RUN_TURN)
     def run_turn(turn_id: str) -> None:

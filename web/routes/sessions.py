@@ -30,8 +30,8 @@ def create_session():
         row = session_cmds.create_session(db, g.owner, spec.config.model_dump(), spec.workspace.stored())
         workspaces.hold(db, row)
         remember_idempotency_key(db, "session", row.id, 201)
-        body = session_body(row)
-    enqueue(ctx().sender.start_session, body["id"])
+        body, spec = session_body(row), session_cmds.start_spec(row)
+    enqueue(ctx().sender.start_session, body["id"], spec)
     return body, 201, {"Location": body["links"]["self"]}
 
 
@@ -66,9 +66,9 @@ def spawn(session_id: str):
             turn = turn_cmds.queue_turn(db, child, spec.prompt)
             turn.queued_event_id = ctx().events.publish(turn_cmds.queued_event(turn))
         remember_idempotency_key(db, "session", child.id, 201)
-        body = session_body(child)
+        body, spec = session_body(child), session_cmds.start_spec(child)
         body["turn"] = first_turn_body(db, child.id)
-    enqueue(ctx().sender.start_session, body["id"])
+    enqueue(ctx().sender.start_session, body["id"], spec)
     return body, 201, {"Location": body["links"]["self"]}
 
 
