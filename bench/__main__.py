@@ -23,7 +23,7 @@ def plan(args) -> dict:
     """What each benchmark runs, full or --quick (a smoke run: every code path, few samples)."""
     q = args.quick
     return {
-        "M1": lambda b: [m1_turn.measure(b, 5 if q else 40, "text"), m1_turn.measure(b, 3 if q else 20, "bash")],
+        "M1": lambda b: [m1_turn.measure(b, 5 if q else 40, "text"), m1_turn.measure(b, 3 if q else 40, "bash")],
         "M2": lambda b: [m2_dispatch.measure(b, 50 if q else 500)],
         "M3": lambda b: m3_events.measure(b, 1 if q else 5),
         "M4": lambda b: m4_start.measure(b, 3 if q else 25),

@@ -84,7 +84,7 @@ def _creating(ctx: WorkerContext, sid: uuid.UUID) -> dict | None:
 
 def _abandon(ctx: WorkerContext, session_id: str, how: str) -> None:
     """The session stopped being made while its container started (deleted, stopped), or an earlier copy of this
-    task made it ready: leaves nothing running that should not be, and touches a ready session's container not."""
+    task made it ready: leaves nothing running that should not be, and never touches a ready session's container."""
     with transaction(ctx.db) as db:
         status = db.scalar(select(SESSIONS.c.status).where(SESSIONS.c.id == uuid.UUID(session_id)))
     if status in (None, "deleted"):
