@@ -14,10 +14,12 @@ import pytest
 
 from workers.turn_runner import WRAPPER
 from wrapper import run as wrapper
+from wrapper.attach import attach_turn
+from wrapper.common import parse_args, pid_alive
 
 
 def attach(tmp_path, turn_id: str, capsys) -> tuple[int, str]:
-    code = wrapper.attach_turn(wrapper.parse_args(["attach", "--turn-id", turn_id, "--log-dir", str(tmp_path)]))
+    code = attach_turn(parse_args(["attach", "--turn-id", turn_id, "--log-dir", str(tmp_path)]))
     return code, capsys.readouterr().out
 
 
@@ -79,18 +81,18 @@ def test_logs_are_pruned_at_most_once_an_hour(tmp_path):
 
 def test_a_conversation_with_a_transcript_is_resumed_not_started_again(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    args = wrapper.parse_args(["run", "--turn-id", "t", "--session-id", "abc"])
+    args = parse_args(["run", "--turn-id", "t", "--session-id", "abc"])
     wrapper.prepare_conversation(args)
     assert wrapper.claude_command(args)[6:8] == ["--session-id", "abc"]
     (tmp_path / ".claude" / "projects" / "-workspace").mkdir(parents=True)
     stub = tmp_path / ".claude" / "projects" / "-workspace" / "abc.jsonl"
     # Killed before its first message: no conversation to resume, so it starts again (and the stub goes).
     stub.write_text('{"type": "queue-operation", "operation": "enqueue"}\n{"type": "user", "mess')
-    args = wrapper.parse_args(["run", "--turn-id", "t", "--session-id", "abc"])
+    args = parse_args(["run", "--turn-id", "t", "--session-id", "abc"])
     wrapper.prepare_conversation(args)
     assert wrapper.claude_command(args)[6:8] == ["--session-id", "abc"] and not stub.exists()
     stub.write_text('{"type": "user", "message": {"role": "user", "content": "hi"}}\n')
-    args = wrapper.parse_args(["run", "--turn-id", "t", "--session-id", "abc"])
+    args = parse_args(["run", "--turn-id", "t", "--session-id", "abc"])
     wrapper.prepare_conversation(args)
     assert wrapper.claude_command(args)[6:8] == ["--resume", "abc"]
 
@@ -109,7 +111,7 @@ def test_a_transcript_cut_mid_line_is_repaired_before_resuming(tmp_path, monkeyp
     whole.write_text('{"a": 1}\n{"b": 2}\n')
     cut.write_text('{"a": 1}\n{"b": 2}\n{"c": ')
     for session_id in ("whole", "cut"):
-        wrapper.prepare_conversation(wrapper.parse_args(["run", "--turn-id", "t", "--resume", session_id]))
+        wrapper.prepare_conversation(parse_args(["run", "--turn-id", "t", "--resume", session_id]))
     assert whole.read_text() == '{"a": 1}\n{"b": 2}\n'
     assert cut.read_text() == '{"a": 1}\n{"b": 2}\n'
 
@@ -310,15 +312,16 @@ def test_a_failing_wrapper_still_stops_claude_and_writes_the_exit_record(tmp_pat
     fake_claude(tmp_path, "echo $$ > \"$0.pid\"\ncat >/dev/null\necho '{\"type\": \"system\"}'\nexec sleep 30\n")
     # A bug in the wrapper, the moment it reads Claude Code's output.
     code = ("import sys, wrapper.run as w\n"
+            "from wrapper.__main__ import main\n"
             "def broken(self, lines): raise RuntimeError('bug')\n"
             "w.Turn.record_lines = broken\n"
-            "sys.exit(w.main(sys.argv[1:]))\n")
+            "sys.exit(main(sys.argv[1:]))\n")
     argv = wrapper_argv(tmp_path, "--grace", "1")
     done = subprocess.run([sys.executable, "-S", "-c", code, *argv[len(WRAPPER):]], env=wrapper_env(tmp_path),
                           input=b"hi", capture_output=True, timeout=10)
     exit_record = json.loads(records_of(done.stdout)[-1][1])
     assert exit_record["code"] == -2 and exit_record["stderr"].endswith("wrapper: RuntimeError: bug")
-    assert not wrapper.pid_alive(int((tmp_path / "claude.pid").read_text()))
+    assert not pid_alive(int((tmp_path / "claude.pid").read_text()))
 
 
 def test_run_refuses_a_bad_command_line_as_argparse_would(capsys):
@@ -331,10 +334,10 @@ def test_run_refuses_a_bad_command_line_as_argparse_would(capsys):
                           (["attach", "--turn-id", "t", "--grace", "1"], "unrecognized arguments: --grace"),
                           (["start"], "choose a command"), ([], "a command is required")]:
         with pytest.raises(SystemExit) as stopped:
-            wrapper.parse_args(argv)
+            parse_args(argv)
         err = capsys.readouterr().err
         assert stopped.value.code == 2 and err.startswith("usage: wrapper") and message in err, (argv, err)
-    args = wrapper.parse_args(["run", "--turn-id=t", "--resume", "r", "--timeout", "7"])
+    args = parse_args(["run", "--turn-id=t", "--resume", "r", "--timeout", "7"])
     assert (args.turn_id, args.resume, args.session_id, args.timeout, args.grace) == ("t", "r", None, 7.0, 5.0)
 
 

@@ -4,14 +4,30 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    """`mcp` serves the ccd MCP server on stdio; `run`, `attach` and `cancel` belong to wrapper.run."""
+    """`mcp` serves the ccd MCP server on stdio; `run` (wrapper/run.py), `attach` (wrapper/attach.py) and
+    `cancel` (wrapper/cancel.py) share one command line (wrapper/common.py). A command's module is imported
+    only when it runs (run.py uses cancel.py's stop helpers too), so `attach` costs `wrapper run` nothing."""
     if argv[:1] == ["mcp"]:
         from wrapper.mcp import main as serve_mcp
 
         return serve_mcp(argv[1:])
-    from wrapper.run import main as run_main
+    import os
 
-    return run_main(argv)
+    from wrapper.common import parse_args
+
+    args = parse_args(argv)
+    os.umask(0o077)
+    if args.command == "attach":
+        from wrapper.attach import attach_turn
+
+        return attach_turn(args)
+    if args.command == "cancel":
+        from wrapper.cancel import cancel_turn
+
+        return cancel_turn(args)
+    from wrapper.run import run_turn
+
+    return run_turn(args)
 
 
 if __name__ == "__main__":

@@ -4,23 +4,16 @@ Output protocol (read by workers/turn_runner.py), one record per line:
     <n>\t<line Claude Code printed>      n = 1, 2, 3 ... in the order printed
     exit\t{"code": .., "timed_out": .., "cancelled": .., "oom_killed": .., "lines": .., "stderr": ..}   always last
 The same records go to <log-dir>/<turn-id>.log, so a worker that lost the stream can re-read them
-(for a week: older logs are deleted by a later turn, which looks at most once an hour).
+with `wrapper attach` (wrapper/attach.py) for a week: older logs are deleted by a later turn, which
+looks at most once an hour. The turn's other files are listed in wrapper/common.py.
 Empty lines are skipped, line ends (\r\n) stripped, invalid UTF-8 replaced; "stderr" is the tail of
 what Claude Code wrote there (kept in <turn-id>.stderr while it runs). Each record is written as
 soon as its line is read. Should the wrapper itself fail, the exit record still comes, its error
 at the end of "stderr".
 
 A turn past --timeout is stopped: interrupt, terminate, kill, --grace seconds apart, to Claude
-Code's process group (so its tools go too); SIGTERM or SIGINT to the wrapper stops it the same way.
-
-`wrapper attach --turn-id T` prints the turn log's records and follows it until the exit record,
-for a worker that lost the stream (it was killed or restarted): the turn itself keeps running,
-because a lost reader costs the wrapper nothing (stdout errors are ignored, the log goes on).
-It exits 3 when the turn's process is gone without an exit record (the container restarted).
-
-`wrapper cancel --turn-id T` stops a running turn from a second `docker exec`: it leaves a
-marker (so the exit record says cancelled), then interrupts Claude Code's process group,
-escalating to terminate and kill.
+Code's process group (so its tools go too); SIGTERM or SIGINT to the wrapper stops it the same way,
+and `wrapper cancel` (wrapper/cancel.py) from a second `docker exec`.
 
 When the environment has CCD_API_URL and CCD_SESSION_TOKEN, the turn also gets the "ccd" MCP
 server (wrapper/mcp.py, tools to spawn and wait for child sessions): its config goes to
@@ -29,6 +22,7 @@ to --allowedTools (so the tools need no approval), and the file is deleted when 
 
 This runs for every turn, so it imports only modules that cost next to nothing: no argparse,
 subprocess, threading, pathlib or json (json imports re), and _signal rather than signal (enum).
+The same goes for wrapper/common.py, the one module of its own it imports on every turn.
 """
 import _signal
 import os
@@ -41,94 +35,17 @@ try:
 except ImportError:  # a Python built without the C accelerator
     from json.encoder import py_encode_basestring_ascii as json_string
 
+from wrapper.common import STOP_SIGNALS, Args, stop_group, turn_base, turn_running
+
 STDERR_TAIL = 4000
-ATTACH_POLL_SECONDS = 0.05
 LOG_KEEP_SECONDS = 7 * 86400  # a turn log matters only while its turn may still be re-attached
 PRUNE_EVERY_SECONDS = 3600  # pruning stats every log (~1 ms per 300): not on every turn
-DEFAULT_LOG_DIR = os.path.join(os.path.expanduser("~"), ".ccd", "turns")
 MCP_SERVER = "ccd"
 MCP_TOOLS_RULE = f"mcp__{MCP_SERVER}"  # a permission rule naming a server allows all of its tools
 READ_SIZE = 1 << 16
-STOP_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGKILL)
 # A worker that stops reading (frozen, not gone) would block every write: past this, stdout is given up on, so the
 # turn goes on in its log, where the worker that takes the turn over reads it.
 STDOUT_STALL_SECONDS = 60.0
-
-# Each option's placeholder in the usage line; a number of SECONDS is parsed as a float.
-OPTIONS = {"--turn-id": "ID", "--session-id": "ID", "--resume": "ID", "--model": "MODEL",
-           "--allowed-tools": "TOOLS", "--permission-mode": "MODE", "--append-system-prompt": "PROMPT",
-           "--timeout": "SECONDS", "--grace": "SECONDS", "--log-dir": "DIR", "--claude": "PATH"}
-COMMANDS = {"run": tuple(OPTIONS), "attach": ("--turn-id", "--log-dir"),
-            "cancel": ("--turn-id", "--grace", "--log-dir")}
-DEFAULTS = {"timeout": 3600.0, "grace": 5.0, "log_dir": DEFAULT_LOG_DIR, "claude": "claude"}
-
-
-class Args:
-    """Parsed options: one attribute per option of the command (dashes as underscores), None if not given."""
-
-    def __init__(self, command: str, **values) -> None:
-        self.command = command
-        for option in COMMANDS[command]:
-            name = option[2:].replace("-", "_")
-            setattr(self, name, DEFAULTS.get(name))
-        self.__dict__.update(values)
-
-
-def usage(command: str | None) -> str:
-    if command is None:
-        return "usage: wrapper {run,attach,cancel} --turn-id ID [options]"
-    shown = {option: f"{option} {OPTIONS[option]}" for option in COMMANDS[command]}
-    words = [shown.pop("--turn-id")]
-    if command == "run":
-        words.append(f"({shown.pop('--session-id')} | {shown.pop('--resume')})")
-    return f"usage: wrapper {command} {' '.join(words + [f'[{word}]' for word in shown.values()])}"
-
-
-def usage_error(command: str | None, message: str) -> SystemExit:
-    """Prints the usage and what is wrong, as argparse would; exit status 2."""
-    sys.stderr.write(f"{usage(command)}\nwrapper{' ' + command if command else ''}: error: {message}\n")
-    return SystemExit(2)
-
-
-def parse_args(argv: list[str]) -> Args:
-    """The wrapper's command line (`--option value` or `--option=value`); the prompt never travels in argv."""
-    command = argv[0] if argv else None
-    if command in ("-h", "--help"):
-        sys.stdout.write(usage(None) + "\n")
-        raise SystemExit(0)
-    if command not in COMMANDS:
-        raise usage_error(None, f"choose a command: run, attach or cancel (not {command!r})" if command
-                          else "a command is required: run, attach or cancel")
-    options, values, rest = COMMANDS[command], {}, argv[1:]
-    i = 0
-    while i < len(rest):
-        arg = rest[i]
-        if arg in ("-h", "--help"):
-            sys.stdout.write(usage(command) + "\n")
-            raise SystemExit(0)
-        option, has_value, value = arg.partition("=")
-        if option not in options:
-            raise usage_error(command, f"unrecognized arguments: {arg}")
-        if not has_value:
-            if i + 1 == len(rest):
-                raise usage_error(command, f"argument {option}: expected one argument")
-            i += 1
-            value = rest[i]
-        i += 1
-        if OPTIONS[option] == "SECONDS":
-            try:
-                value = float(value)
-            except ValueError:
-                raise usage_error(command, f"argument {option}: invalid float value: {value!r}") from None
-        values[option[2:].replace("-", "_")] = value
-    if "turn_id" not in values:
-        raise usage_error(command, "the following arguments are required: --turn-id")
-    if command == "run":
-        if "session_id" in values and "resume" in values:
-            raise usage_error(command, "argument --resume: not allowed with argument --session-id")
-        if "session_id" not in values and "resume" not in values:
-            raise usage_error(command, "one of the arguments --session-id --resume is required")
-    return Args(command, **values)
 
 
 def to_json(value) -> str:
@@ -291,98 +208,15 @@ def write_mcp_config(env, path: str) -> str | None:
     return path
 
 
-def stop_group(pgid: int, alive, grace: float) -> None:
-    """Ends a process group politely, then firmly: interrupt, terminate, kill, `grace` apart.
-
-    The whole group, so the tools Claude Code started (a Bash command) go with it.
-    """
-    for sig in STOP_SIGNALS:
-        if not alive():
-            return
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` runs; a zombie waiting for its parent counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
-
-
-def cancel_turn(args: Args) -> int:
-    """Stops a running turn of this container; 0 when it is gone (or was never running)."""
-    base = os.path.join(args.log_dir, args.turn_id)
-    os.close(os.open(f"{base}.cancel", os.O_WRONLY | os.O_CREAT, 0o666))
-    try:
-        with open(f"{base}.pid", "rb") as pid_file:
-            pid = int(pid_file.read())
-    except (OSError, ValueError):
-        return 0  # not started yet: the marker makes the wrapper stop as soon as it does
-    stop_group(pid, lambda: pid_alive(pid), args.grace)
-    return 0 if not pid_alive(pid) else 1
-
-
-def turn_running(base: str) -> bool:
-    """True while the `wrapper run` of the turn at `base` is alive (checked by pid and command line,
-    because after a container restart the recorded pid may belong to another process)."""
-    try:
-        with open(f"{base}.run.pid", "rb") as pid_file:
-            pid = int(pid_file.read())
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            args = cmdline.read().split(b"\0")
-    except (OSError, ValueError):
-        return False
-    return os.path.basename(base).encode() in args and b"run" in args and pid_alive(pid)
-
-
-def attach_turn(args: Args) -> int:
-    """Prints the turn log's records and follows it; 0 after the exit record, 3 if the turn died without one."""
-    base = os.path.join(args.log_dir, args.turn_id)
-    while True:
-        try:
-            # newline="\n": records end at \n only, exactly as the live stream splits them.
-            log = open(f"{base}.log", encoding="utf-8", newline="\n")
-            break
-        except OSError:
-            if not turn_running(base):
-                return 3
-            time.sleep(ATTACH_POLL_SECONDS)  # `wrapper run` is starting and has not opened its log yet
-    partial, gone = "", False
-    with log:
-        while True:
-            line = log.readline()
-            if line:
-                partial += line
-                if not partial.endswith("\n"):
-                    continue  # the writer is mid-line
-                sys.stdout.write(partial)
-                sys.stdout.flush()
-                if partial.startswith("exit\t"):
-                    return 0
-                partial = ""
-                continue
-            if gone:
-                return 3  # read to the end after the process was seen gone: no exit record is coming
-            gone = not turn_running(base)
-            if not gone:
-                time.sleep(ATTACH_POLL_SECONDS)
-
-
 def stop_leftover_turns(log_dir: str, grace: float) -> None:
     """Stops any other turn still running in this container (its worker was lost and it was given
     up on), so two turns never work on one conversation and workspace at once."""
     for name in os.listdir(log_dir):
         if name.endswith(".run.pid"):
             turn_id = name[: -len(".run.pid")]
-            if turn_running(os.path.join(log_dir, turn_id)):
+            if turn_running(turn_base(log_dir, turn_id)):
+                from wrapper.cancel import cancel_turn  # only here: a left-over turn is rare
+
                 cancel_turn(Args("cancel", log_dir=log_dir, turn_id=turn_id, grace=grace))
 
 
@@ -456,7 +290,7 @@ class Turn:
 
     def __init__(self, args: Args) -> None:
         self.args = args
-        self.base = os.path.join(args.log_dir, args.turn_id)
+        self.base = turn_base(args.log_dir, args.turn_id)
         self.cleanup: list[str] = []  # files this turn made, deleted after its exit record
         self.log_fd: int | None = None
         self.stdout_ok = True
@@ -699,10 +533,3 @@ def run_turn(args: Args) -> int:
     if prune_due(args.log_dir):
         prune_old_logs(args.log_dir)  # after the exit record: the worker does not wait for this
     return turn.code
-
-
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    os.umask(0o077)
-    commands = {"run": run_turn, "attach": attach_turn, "cancel": cancel_turn}
-    return commands[args.command](args)
