@@ -6,7 +6,8 @@ import sys
 def main(argv: list[str]) -> int:
     """`mcp` serves the ccd MCP server on stdio; `run` (wrapper/run.py), `attach` (wrapper/attach.py) and
     `cancel` (wrapper/cancel.py) share one command line (wrapper/common.py). A command's module is imported
-    only when it runs (run.py uses cancel.py's stop helpers too), so `attach` costs `wrapper run` nothing."""
+    only when it runs (run.py loads cancel.py only to stop a turn left over from a lost worker), so `attach`
+    costs `wrapper run` nothing."""
     if argv[:1] == ["mcp"]:
         from wrapper.mcp import main as serve_mcp
 
