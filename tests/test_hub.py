@@ -2,6 +2,7 @@
 exactly once; a slow client is dropped with a reason and resumes; SSE and NDJSON followers still work."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import socket
 import struct
 import threading
 import time
+from typing import Iterator
 
 import pytest
 import redis
@@ -92,16 +94,22 @@ def stored_ids(client: redis.Redis, prefix: str, sid: str, after: str | None = N
     return [i for i, _ in client.xrange(f"{prefix}:events:{sid}", min=f"({after}" if after else "-")]
 
 
+def stored_turn_ids(log: EventLog, sid: str, turn_id: str) -> list[str]:
+    return [i for i, f in log.redis.xrange(log.key(sid)) if json.loads(f["e"])["turn_id"] == turn_id]
+
+
 def through(ids: list[str], last: str) -> list[str]:
     """`ids` up to and including `last` (a status event may come after it)."""
     return ids[:ids.index(last) + 1]
 
 
-def publish(log: EventLog, sid: str, count: int, pad: int = 0, pause: float = 0.0) -> list[str]:
+def publish(log: EventLog, sid: str, count: int, pad: int = 0, pause: float = 0.0,
+            turn_id: str | None = None) -> list[str]:
     """Publishes `count` events straight into the session's stream (as a worker does) and returns their ids."""
     ids = []
     for n in range(count):
-        event = Event(session_id=sid, type="claude.stream_event", data={"n": n, "t": time.time(), "pad": "x" * pad})
+        event = Event(session_id=sid, type="claude.stream_event", data={"n": n, "t": time.time(), "pad": "x" * pad},
+                      turn_id=turn_id)
         ids.append(log.publish(event))
         if pause:
             time.sleep(pause)
@@ -219,15 +227,23 @@ def read_until_close(ws: websocket.WebSocket) -> tuple[list[dict], int, str]:
             frames.append(json.loads(data))
 
 
-@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
-def test_a_slow_client_is_dropped_with_a_reason_never_slows_others_and_resumes(stack_env, api, log, worker_class):
+@contextlib.contextmanager
+def small_buffer_web(stack_env, api: Api, worker_class: str, name: str) -> Iterator[Api]:
+    """A web tier of its own whose followers buffer only 50 events, and an Api on it."""
     port = stack.free_port()
     # A small buffer makes the drop quick; long pings keep the silent client's socket from timing out first.
     env = {**stack_env["env"], "CCD_PORT": str(port), "CCD_STREAM_BUFFER_EVENTS": "50", "CCD_WS_PING_SECONDS": "120",
            "WEB_WORKER_CLASS": worker_class}
-    web = stack.start_web(env, port, name=f"web-hub-slow-{worker_class}")
+    web = stack.start_web(env, port, name=f"{name}-{worker_class}")
     try:
-        local = Api(f"http://127.0.0.1:{port}", api.token)
+        yield Api(f"http://127.0.0.1:{port}", api.token)
+    finally:
+        web.stop()
+
+
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+def test_a_slow_client_is_dropped_with_a_reason_never_slows_others_and_resumes(stack_env, api, log, worker_class):
+    with small_buffer_web(stack_env, api, worker_class, "web-hub-slow") as local:
         sid = local.session()
         slow = websocket.create_connection(local.ws_url(sid), timeout=60,
                                            sockopt=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
@@ -254,8 +270,6 @@ def test_a_slow_client_is_dropped_with_a_reason_never_slows_others_and_resumes(s
         resumed = Follower(local.ws_url(sid, since=last), until=ids[-1])
         resumed.start()
         assert [f["id"] for f in frames] + resumed.ids() == expected  # the rest, exactly once
-    finally:
-        web.stop()
 
 
 def test_sse_and_ndjson_followers_still_work(stack_env, api, log):
@@ -278,8 +292,141 @@ def test_sse_and_ndjson_followers_still_work(stack_env, api, log):
         lines = [json.loads(line) for line in resp.iter_lines() if line]
     assert lines[0]["type"] == "turn.queued" and lines[-1]["type"] == "turn.completed"
     assert lines[-1]["data"]["result"] == "streamed by the hub"
-    turn_ids = [i for i, f in log.redis.xrange(log.key(sid)) if json.loads(f["e"])["turn_id"] == lines[0]["turn_id"]]
-    assert [line["id"] for line in lines] == turn_ids
+    assert [line["id"] for line in lines] == stored_turn_ids(log, sid, lines[0]["turn_id"])
+
+
+class LineFollower(threading.Thread):
+    """An HTTP client of a streamed body (SSE or NDJSON) that records its event frames until the one whose
+    data has n == `last_n` (a published event's number: NDJSON sends no heartbeats to look again on)."""
+
+    def __init__(self, resp: requests.Response, frame_of, last_n: int) -> None:
+        super().__init__(daemon=True)
+        assert resp.status_code == 200, resp.text
+        self.resp, self.frame_of, self.last_n = resp, frame_of, last_n
+        self.frames: list[dict] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            for line in self.resp.iter_lines(decode_unicode=True):
+                frame = self.frame_of(line)
+                if frame is not None:
+                    self.frames.append(frame)
+                    if frame["data"].get("n") == self.last_n:
+                        return
+        finally:
+            self.resp.close()
+            self.done.set()
+
+    def ids(self, timeout: float = 60) -> list[str]:
+        assert self.done.wait(timeout), f"follower stopped short: {len(self.frames)} frames"
+        return [f["id"] for f in self.frames]
+
+
+def sse_frame_of(line: str) -> dict | None:
+    return json.loads(line[len("data: "):]) if line.startswith("data: ") else None
+
+
+def ndjson_frame_of(line: str) -> dict | None:
+    return json.loads(line) if line else None
+
+
+def silent_request(base: str, method: str, path: str, headers: dict, body: dict | None = None) -> socket.socket:
+    """Sends a request from a socket with a small receive buffer, and reads nothing yet: a client far slower
+    than the events. HTTP/1.0, so the body comes as it is (not chunked) and ends when the server closes."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: it sets the window offered
+    sock.connect((host, int(port)))
+    payload = b"" if body is None else json.dumps(body).encode()
+    head = [f"{method} {path} HTTP/1.0", f"Host: {host}:{port}", "Content-Type: application/json",
+            f"Content-Length: {len(payload)}"] + [f"{k}: {v}" for k, v in headers.items()]
+    sock.sendall("\r\n".join(head).encode() + b"\r\n\r\n" + payload)
+    return sock
+
+
+def read_to_end(sock: socket.socket) -> list[str]:
+    """The body's non-empty lines, once the silent client reads again: all it was sent, up to the server's close."""
+    sock.settimeout(60)
+    chunks = []
+    while chunk := sock.recv(1 << 16):
+        chunks.append(chunk)
+    sock.close()
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"200", head
+    return [line for line in body.decode().splitlines() if line]
+
+
+def events_after(api: Api, sid: str, since: str) -> list[dict]:
+    """Every stored event after `since`, a page at a time (how a dropped NDJSON client gets the rest)."""
+    items = []
+    while True:
+        page = api.call("GET", f"/api/v1/sessions/{sid}/events?since={since}&limit=1000", 200)
+        items += page["items"]
+        if not page["has_more"]:
+            return items
+        since = page["next_since"]
+
+
+SLOW_REASON = "slow client: more than 50 events behind; resume with since={}"
+
+
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+def test_a_slow_sse_follower_ends_with_a_comment_naming_where_to_resume(stack_env, api, log, worker_class):
+    with small_buffer_web(stack_env, api, worker_class, "web-hub-slow-sse") as local:
+        sid = local.session()
+        path, headers = f"/api/v1/sessions/{sid}/events", {**local.headers, "Accept": "text/event-stream"}
+        slow = silent_request(local.base, "GET", path, headers)
+        fast = LineFollower(requests.get(local.base + path, headers=headers, stream=True, timeout=60),
+                            sse_frame_of, 399)
+        fast.start()
+        time.sleep(1.0)
+        ids = publish(log, sid, 400, pad=20_000, pause=0.001)  # 8 MB: more than the kernel buffers hold
+        expected = through(stored_ids(log.redis, log.prefix, sid), ids[-1])
+        assert fast.ids() == expected
+
+        lines = read_to_end(slow)
+        frames = [f for f in map(sse_frame_of, lines) if f]
+        last = frames[-1]["id"]
+        assert lines[-1] == ": " + SLOW_REASON.format(last)  # EventSource ignores it, and resumes from `last` too
+        # Counted once the writer gets past its blocked write: only then does it learn it was dropped.
+        assert metric(local.base, "ccd_stream_dropped_total", transport="sse") == 1
+        assert [f["id"] for f in frames] == expected[:len(frames)] and len(frames) < len(expected)
+
+        resumed = LineFollower(requests.get(f"{local.base}{path}?since={last}", headers=headers, stream=True,
+                                            timeout=60), sse_frame_of, 399)
+        resumed.start()
+        assert [f["id"] for f in frames] + resumed.ids() == expected  # the rest, exactly once
+
+
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+def test_a_slow_ndjson_chat_stream_ends_with_a_line_naming_where_to_resume(stack_env, api, log, worker_class):
+    with small_buffer_web(stack_env, api, worker_class, "web-hub-slow-ndjson") as local:
+        sid = local.session()
+        # Both ask for the same turn (one Idempotency-Key); it runs slowly, so neither stream ends meanwhile.
+        path, body = f"/api/v1/sessions/{sid}/chat", {"prompt": "SLOW: 60", "stream": True}
+        headers = {**local.headers, "Idempotency-Key": secrets.token_hex(8)}
+        slow = silent_request(local.base, "POST", path, headers, body)
+        resp = requests.post(local.base + path, headers=headers, json=body, stream=True, timeout=60)
+        turn = resp.headers["X-Turn-Id"]
+        fast = LineFollower(resp, ndjson_frame_of, 399)
+        fast.start()
+        time.sleep(1.0)
+        try:
+            ids = publish(log, sid, 400, pad=20_000, pause=0.001, turn_id=turn)
+            expected = through(stored_turn_ids(log, sid, turn), ids[-1])
+            assert fast.ids() == expected
+
+            lines = [json.loads(line) for line in read_to_end(slow)]
+            got = [line["id"] for line in lines[:-1]]
+            assert lines[-1] == {"error": {"code": "slow_client", "message": SLOW_REASON.format(got[-1]),
+                                           "resume_since": got[-1]}}
+            assert got == expected[:len(got)] and len(got) < len(expected)
+            assert metric(local.base, "ccd_stream_dropped_total", transport="ndjson") == 1
+            rest = [e["id"] for e in events_after(local, sid, got[-1]) if e["turn_id"] == turn]
+            assert got + through(rest, ids[-1]) == expected  # the rest, exactly once
+        finally:
+            requests.post(f"{local.base}/api/v1/turns/{turn}/cancel", headers=local.headers, timeout=30)
 
 
 def test_feeds_joining_at_random_points_while_events_flow_each_get_their_exact_tail(settings):
