@@ -95,6 +95,8 @@ class TaskSender:
         too) through one pooled producer, SEND_BATCH per Redis pipeline instead of a round trip each, and
         without send_task's per-call routing. A failed flush raises with delivery uncertain: the reaper
         re-sends what never arrived (a task may then come twice, which tasks allow)."""
+        if not tasks:
+            return  # the reaper's usual sweep: nothing to send, no producer to take
         declared: set[str] = set()
         with self.celery.producer_or_acquire() as producer:
             for start in range(0, len(tasks), SEND_BATCH):

@@ -62,10 +62,9 @@ def reap(ctx: WorkerContext, stale_after: timedelta = STALE_AFTER) -> dict[str, 
         idempotency.purge(db, now - timedelta(seconds=ctx.settings.idempotency_ttl_seconds))
     if ended:
         ctx.events.publish_many(ended)
-    for turn_id, host_queue in stale + reattach:
-        ctx.sender.run_turn(turn_id, host_queue)
-    for session_id in unstarted:
-        ctx.sender.start_session(session_id)
+    # Pipelined: after a broker outage thousands may be waiting, and one round trip each would hold the sweep up.
+    ctx.sender.run_turns(stale + reattach)
+    ctx.sender.start_sessions(unstarted)
     for host_queue in hosts:
         ctx.sender.check_containers(host_queue)
     for turn_id in webhooks:
