@@ -73,6 +73,7 @@ class Settings:
     metrics_token: str = ""
     warm_pool_size: int = 2
     stream_buffer_events: int = 1000
+    stream_send_timeout_seconds: int = 30
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -117,7 +118,7 @@ class Settings:
                      "idempotency_ttl_seconds", "webhook_max_attempts", "ws_ping_seconds", "max_children",
                      "idle_check_seconds", "max_upload_bytes", "files_timeout_seconds",
                      "lease_seconds", "worker_lost_seconds", "reap_seconds", "max_event_bytes", "max_turn_output_bytes", "max_prompt_chars",
-                     "model_proxy_port", "tmp_mb", "stream_buffer_events"):
+                     "model_proxy_port", "tmp_mb", "stream_buffer_events", "stream_send_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
         if self.warm_pool_size < 0:
@@ -198,4 +199,5 @@ ENV_NAMES = {
     "metrics_token": "CCD_METRICS_TOKEN",
     "warm_pool_size": "CCD_WARM_POOL_SIZE",
     "stream_buffer_events": "CCD_STREAM_BUFFER_EVENTS",
+    "stream_send_timeout_seconds": "CCD_STREAM_SEND_TIMEOUT_SECONDS",
 }

@@ -228,12 +228,12 @@ def read_until_close(ws: websocket.WebSocket) -> tuple[list[dict], int, str]:
 
 
 @contextlib.contextmanager
-def small_buffer_web(stack_env, api: Api, worker_class: str, name: str) -> Iterator[Api]:
+def small_buffer_web(stack_env, api: Api, worker_class: str, name: str, **extra: str) -> Iterator[Api]:
     """A web tier of its own whose followers buffer only 50 events, and an Api on it."""
     port = stack.free_port()
     # A small buffer makes the drop quick; long pings keep the silent client's socket from timing out first.
     env = {**stack_env["env"], "CCD_PORT": str(port), "CCD_STREAM_BUFFER_EVENTS": "50", "CCD_WS_PING_SECONDS": "120",
-           "WEB_WORKER_CLASS": worker_class}
+           "WEB_WORKER_CLASS": worker_class, **extra}
     web = stack.start_web(env, port, name=f"{name}-{worker_class}")
     try:
         yield Api(f"http://127.0.0.1:{port}", api.token)
@@ -470,3 +470,21 @@ def test_feeds_joining_at_random_points_while_events_flow_each_get_their_exact_t
         else:
             assert got == after, (n, len(got), len(after))
     log.redis.delete(log.key(sid))
+
+
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+def test_an_sse_follower_that_takes_nothing_is_disconnected_after_the_send_timeout(stack_env, api, log, worker_class):
+    """gunicorn writes SSE bodies itself, with no time limit: without the stall watch, this client would keep its
+    connection (and a gthread thread) until it read again."""
+    with small_buffer_web(stack_env, api, worker_class, "web-hub-stalled-sse",
+                          CCD_STREAM_SEND_TIMEOUT_SECONDS="2") as local:
+        sid = local.session()
+        path, headers = f"/api/v1/sessions/{sid}/events", {**local.headers, "Accept": "text/event-stream"}
+        stalled = silent_request(local.base, "GET", path, headers)
+        time.sleep(1.0)
+        publish(log, sid, 400, pad=20_000, pause=0.001)  # 8 MB: the server's writes block on the silent client
+        wait_for(lambda: metric(local.base, "ccd_stream_dropped_total", transport="sse") == 1, 30,
+                 what="the stalled SSE client to be cut off while it reads nothing")
+        lines = read_to_end(stalled)  # what it was sent, then the end: no reading again was needed
+        frames = [f for f in map(sse_frame_of, lines[:-1]) if f]  # the last line may be cut mid-write
+        assert frames and [f["id"] for f in frames] == stored_ids(log.redis, log.prefix, sid)[:len(frames)]

@@ -41,16 +41,15 @@ from web.schemas import ChatRequest
 log = logging.getLogger(__name__)
 sock = Sock()
 SLOW_CLIENT_CLOSE = 4008  # a private close code (4000-4999): the client fell too far behind; resume with since=
-SEND_TIMEOUT_SECONDS = 30.0  # a client that takes no data for this long is cut off
 CHUNK_BYTES = 64 * 1024
 
 
 class Socket:
     """One client's connection: every write (events, replies, and the library's pings, pongs and close)
-    goes through one lock and whole, within SEND_TIMEOUT_SECONDS; events are framed once per event."""
+    goes through one lock and whole, within CCD_STREAM_SEND_TIMEOUT_SECONDS; events are framed once per event."""
 
-    def __init__(self, ws) -> None:
-        self.ws, self.lock, self.raw = ws, threading.Lock(), ws.sock
+    def __init__(self, ws, send_timeout: float) -> None:
+        self.ws, self.lock, self.raw, self.send_timeout = ws, threading.Lock(), ws.sock, send_timeout
         # simple_websocket writes with a bare send(): partial writes and its pings could split our frames.
         ws.sock = GuardedSocket(self)
         proto = getattr(getattr(ws.ws, "connection", None), "_proto", None)
@@ -79,7 +78,7 @@ class Socket:
     def write(self, frames: list[bytes]) -> None:
         with self.lock:
             for chunk in chunks(frames):
-                send_within(self.raw, chunk, SEND_TIMEOUT_SECONDS)
+                send_within(self.raw, chunk, self.send_timeout)
 
     def close(self, code: int, message: str) -> None:
         """Closes with a code and reason; a client that takes nothing more is cut off instead."""
@@ -211,7 +210,7 @@ def serve_commands(app, socket: Socket, owner: str, session_id: str) -> None:
 @sock.route("/sessions/<session_id>/stream", bp=api, endpoint="stream")
 def stream(ws, session_id: str) -> None:
     """Sends every event after `since` exactly once, in order; auth ran in api.before_request."""
-    client = Socket(ws)
+    client = Socket(ws, ctx().settings.stream_send_timeout_seconds)
     # In a copy of this context: the commands' log lines (and the turns they send) carry the request's ids.
     commands = threading.Thread(target=contextvars.copy_context().run, name=f"ws-commands-{session_id[:8]}",
                                 daemon=True, args=(serve_commands, current_app._get_current_object(), client,

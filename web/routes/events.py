@@ -15,6 +15,7 @@ from core.events import is_stream_id
 from core.models import Session
 from web.api import api, query
 from web.context import ctx, unit_of_work
+from web import stalls
 from web.follow import gap_event, sse_stream, tail
 from web.schemas import EventsQuery
 
@@ -79,7 +80,7 @@ def events(session_id: str):
     if live:
         alive = session_alive(sid)
 
-        return Response(sse_stream(tail(log, sid, since, alive)), 200,
+        return Response(sse_body(tail(log, sid, since, alive)), 200,
                         {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, mimetype="text/event-stream")
     items = []
     trimmed = log.gap_after(sid, since or "0-0")
@@ -92,6 +93,11 @@ def events(session_id: str):
     return {"items": [e.frame() for e in items], "next_since": cursor, "has_more": more}
 
 
+def sse_body(events):
+    """An SSE response body that ends when the client takes no data for CCD_STREAM_SEND_TIMEOUT_SECONDS."""
+    return stalls.bounded(sse_stream(events), request.environ, ctx().settings.stream_send_timeout_seconds, "sse")
+
+
 def tree_events(session_id: str, since: str | None, live: bool, limit: int):
     """The ?tree=true variant: ids are tree cursors, and each event names its own session."""
     positions = tree_cursor.decode_cursor(since)
@@ -100,7 +106,7 @@ def tree_events(session_id: str, since: str | None, live: bool, limit: int):
     members = tree_members(sid)
     log = ctx().events
     if live:
-        return Response(sse_stream(tree_cursor.tail(log, members, positions)), 200,
+        return Response(sse_body(tree_cursor.tail(log, members, positions)), 200,
                         {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, mimetype="text/event-stream")
     batch = tree_cursor.read(log, members() or [], positions, limit + 1)
     items = batch[:limit]

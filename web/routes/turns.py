@@ -17,6 +17,7 @@ from core.webhooks import check_url
 from web.api import (api, claim_idempotency_key, enqueue, json_body, page, query,
                      remember_idempotency_key)
 from web.context import ctx, unit_of_work
+from web import stalls
 from web.follow import FINAL_TYPES, SSE_HEARTBEAT, sse_frame, turn_events
 from web.hub import SlowClient, frame_json
 from web.metrics import STREAM_DROPPED, LagMeter
@@ -147,7 +148,9 @@ def stream_turn(body: dict) -> Response:
 
     headers = {"Location": body["links"]["self"], "X-Turn-Id": body["id"], "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
-    return Response(frames(), 200, headers, mimetype="text/event-stream" if sse else "application/x-ndjson")
+    body = stalls.bounded(frames(), request.environ, ctx().settings.stream_send_timeout_seconds,
+                          "sse" if sse else "ndjson")
+    return Response(body, 200, headers, mimetype="text/event-stream" if sse else "application/x-ndjson")
 
 
 @api.get("/sessions/<session_id>/turns")
