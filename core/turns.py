@@ -14,6 +14,16 @@ from core.models import FINISHED_TURN_STATUSES, Session, Turn, utcnow
 from core.sessions import CHAT_STATES, parse_uuid
 
 
+# Statements on every turn's path (the chat's count, the worker's claim and record) use the tables, not the mapped
+# classes: an ORM-enabled UPDATE costs several times the CPU of the plain one (it reconciles the identity map).
+TURNS, SESSIONS = Turn.__table__, Session.__table__
+OTHER = TURNS.alias("other")  # another turn of the same session
+# What a worker needs to run a turn.
+TURN_COLUMNS = (TURNS.c.id, TURNS.c.seq, TURNS.c.prompt, TURNS.c.attempt, TURNS.c.webhook, TURNS.c.batch_id)
+SESSION_COLUMNS = (SESSIONS.c.id, SESSIONS.c.owner, SESSIONS.c.config, SESSIONS.c.claude_session_id,
+                   SESSIONS.c.conversation_started, SESSIONS.c.host_queue)
+
+
 def submit_turn(db: DbSession, session: Session, prompt: str) -> Turn:
     """Queues a prompt; `session` must be locked so seq stays gap-free and ordered."""
     if session.status not in CHAT_STATES:
@@ -90,7 +100,7 @@ def queue_positions(db: DbSession, session_ids: set[uuid.UUID]) -> dict[uuid.UUI
 
 def turns_in_flight(db: DbSession, session_id: uuid.UUID) -> tuple[int, int]:
     """How many of the session's turns are queued, and how many running (one statement)."""
-    t = Turn.__table__.c
+    t = TURNS.c
     queued, running = db.execute(select(func.count().filter(t.status == "queued"),
                                         func.count().filter(t.status == "running"))
                                  .where(t.session_id == session_id, t.status.in_(("queued", "running")))).one()
@@ -121,16 +131,6 @@ def get_owned_turn(db: DbSession, owner: str, turn_id: str) -> Turn:
     if row is None:
         raise NotFound(f"no turn with id {turn_id}")
     return row
-
-
-# The worker's per-turn statements use the tables, not the mapped classes: an ORM-enabled UPDATE costs several
-# times the CPU of the plain one (it reconciles the session's identity map), and these run on every turn.
-TURNS, SESSIONS = Turn.__table__, Session.__table__
-OTHER = TURNS.alias("other")  # another turn of the same session
-# What a worker needs to run a turn.
-TURN_COLUMNS = (TURNS.c.id, TURNS.c.seq, TURNS.c.prompt, TURNS.c.attempt, TURNS.c.webhook, TURNS.c.batch_id)
-SESSION_COLUMNS = (SESSIONS.c.id, SESSIONS.c.owner, SESSIONS.c.config, SESSIONS.c.claude_session_id,
-                   SESSIONS.c.conversation_started, SESSIONS.c.host_queue)
 
 
 def next_turn_id(db: DbSession, session_id: uuid.UUID) -> uuid.UUID | None:

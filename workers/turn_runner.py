@@ -108,16 +108,16 @@ class TurnRunner:
         # Watching starts before the container does: a long start or restore must not cost the lease.
         stop_watch = self._watch(turn, where, output)
         try:
-            where["container"] = self._container(session, turn)
+            where["container"], published = self._container(session, turn), int(mark.get("number") or 0)
             try:
-                self._execute(where["container"], session, turn, output, publisher, int(mark.get("number") or 0))
+                self._execute(where["container"], session, turn, output, publisher, published)
             except NotRunning:  # stopped (idle, or the engine restarted) or removed: start it, then run the turn
                 if turn["resumed"]:
                     raise ContainerLost(GONE_WHILE_LOST) from None
                 where["container"] = wake(self.ctx, session["id"], session["owner"], session["config"])
                 if turn.get("lost"):
                     return  # another worker took the turn over while the container started
-                self._execute(where["container"], session, turn, output, publisher, int(mark.get("number") or 0))
+                self._execute(where["container"], session, turn, output, publisher, published)
         except ContainerLost as exc:
             failure = (str(exc), "container_lost")
         except SERVICE_DOWN:
