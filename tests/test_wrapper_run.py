@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.turn_runner import WRAPPER
+from workers.runtime import WRAPPER
 from wrapper import run as wrapper
 from wrapper.attach import attach_turn
 from wrapper.common import parse_args, pid_alive
@@ -131,7 +131,7 @@ def fake_claude(tmp_path: Path, body: str) -> Path:
 
 
 def wrapper_argv(tmp_path: Path, *flags: str, command: str = "run", turn_id: str = "t1") -> list[str]:
-    # The worker's own command line (workers/turn_runner.WRAPPER), with this interpreter for the container's.
+    # The worker's own command line (workers/runtime.WRAPPER), with this interpreter for the container's.
     argv = [sys.executable, *WRAPPER[1:], command, "--turn-id", turn_id, "--log-dir", str(tmp_path / "turns")]
     if command == "run":
         argv += ["--session-id", "c1", "--claude", str(tmp_path / "claude")]

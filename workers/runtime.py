@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import socket
+import struct
+import time
 import uuid
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 import docker
 from docker.errors import APIError, NotFound
-from docker.types import Mount
+from docker.types import LogConfig, Mount
 from docker.utils.socket import STDOUT, frames_iter
 
 from core.errors import Unavailable
@@ -20,6 +23,12 @@ log = logging.getLogger(__name__)
 
 AGENT_USER = "agent"
 DEFAULT_LIMITS = {"memory_mb": 2048, "cpus": 1.0, "pids": 512}
+# The in-container wrapper (from PYTHONPATH). -S: it is stdlib only, and site's start-up costs every turn a few ms;
+# -c rather than -m: runpy costs ~4 ms more; -P: nothing from the working directory (the agent's workspace) is
+# imported in its place. wrapper/serve.py starts runs with the same line.
+WRAPPER = ["python3", "-S", "-P", "-c", "import sys; from wrapper.__main__ import main; sys.exit(main(sys.argv[1:]))"]
+# How long a container's turn agent (wrapper/serve.py) may take to accept a turn before the worker gives up on it.
+AGENT_ANSWER_SECONDS = 30.0
 
 
 class NotRunning(Exception):
@@ -194,29 +203,33 @@ class DockerRuntime:
             self._network_checked = True
         mounts = [Mount(target, volumes[key], type="volume", labels=labels)
                   for key, target in (("workspace", "/workspace"), ("home", "/home/agent"))]
+        host = self.api.create_host_config(
+            init=True,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            # Only the volumes and a size-limited /tmp are writable (exec allowed there, as on /workspace:
+            # tools unpack and run helpers in /tmp; nosuid, so nothing there can gain privileges).
+            read_only=True,
+            tmpfs={"/tmp": f"rw,nosuid,nodev,exec,size={self.settings.tmp_mb}m,mode=1777"},
+            mem_limit=f"{int(limits['memory_mb'])}m",
+            memswap_limit=f"{int(limits['memory_mb'])}m",  # no swap: a memory hog is killed, not slowed
+            nano_cpus=int(float(limits["cpus"]) * 1e9),
+            pids_limit=int(limits["pids"]),
+            mounts=mounts,
+            network_mode=self.settings.session_network,
+            # What the turn agent prints is turns' output, read live by the worker and kept in the turn logs:
+            # a log driver would only spend the engine's CPU and disk on a copy.
+            log_config=LogConfig(type=LogConfig.types.NONE),
+        )
+        # The turn agent (wrapper/serve.py), reached on its stdin: a turn is an attach, not an exec.
+        config = self.api.create_container_config(
+            self.settings.image, WRAPPER + ["serve"], hostname="session", user=AGENT_USER,
+            working_dir="/workspace", labels=labels, stdin_open=True, host_config=host)
+        # docker-py sets StdinOnce with stdin_open (as `docker run -i` does): the first attach to end would then
+        # close the agent's stdin for good.
+        config["StdinOnce"] = False
         try:
-            return self.client.containers.create(
-                self.settings.image,
-                command=["sleep", "infinity"],
-                name=name,
-                hostname="session",
-                user=AGENT_USER,
-                working_dir="/workspace",
-                init=True,
-                cap_drop=["ALL"],
-                security_opt=["no-new-privileges"],
-                # Only the volumes and a size-limited /tmp are writable (exec allowed there, as on /workspace:
-                # tools unpack and run helpers in /tmp; nosuid, so nothing there can gain privileges).
-                read_only=True,
-                tmpfs={"/tmp": f"rw,nosuid,nodev,exec,size={self.settings.tmp_mb}m,mode=1777"},
-                mem_limit=f"{int(limits['memory_mb'])}m",
-                memswap_limit=f"{int(limits['memory_mb'])}m",  # no swap: a memory hog is killed, not slowed
-                nano_cpus=int(float(limits["cpus"]) * 1e9),
-                pids_limit=int(limits["pids"]),
-                labels=labels,
-                mounts=mounts,
-                network=self.settings.session_network,
-            )
+            return self.client.containers.get(self.api.create_container_from_config(config, name)["Id"])
         except APIError as exc:
             if exc.status_code == 404 and "image" in str(exc).lower():
                 raise Unavailable(f"session image {self.settings.image} is missing; run `make image`") from None
@@ -292,11 +305,7 @@ class DockerRuntime:
                 while chunk := stdin.read(1 << 20):
                     raw.sendall(chunk)
                 raw.shutdown(socket.SHUT_WR)  # EOF on the process's stdin
-            for stream, chunk in frames_iter(sock, tty=False):
-                if stream == STDOUT:
-                    yield chunk
-                else:
-                    stderr.extend(chunk[-8192:])
+            yield from self._stdout_of(sock, stderr)
         finally:
             sock.close()
         code = self.api.exec_inspect(exec_id).get("ExitCode")
@@ -313,24 +322,101 @@ class DockerRuntime:
 
     def exec_lines(self, container_id: str, argv: list[str], env: dict[str, str], stdin: bytes,
                    result: list[ExecResult], max_line: int = 0) -> Iterator[tuple[str, int]]:
-        """Runs argv in the container with `stdin` as input; yields (line, size) as lines arrive.
+        """Runs argv in the container with `stdin` as input; yields (line, size) as lines arrive (see
+        `split_lines`). When the generator is exhausted, `result` holds the exit code and captured stderr."""
+        yield from split_lines(self._exec_stdout(container_id, argv, io.BytesIO(stdin), env, AGENT_USER, result),
+                               max_line)
 
-        With `max_line`, a longer line is cut to that many bytes (size says how long it was), so
-        a flood without newlines cannot fill the worker's memory. When the generator is
-        exhausted, `result` holds the exit code and captured stderr.
-        """
-        pending, size = bytearray(), 0
-        for chunk in self._exec_stdout(container_id, argv, io.BytesIO(stdin), env, AGENT_USER, result):
-            start = 0
-            while start <= len(chunk):
-                newline = chunk.find(b"\n", start)
-                piece = chunk[start:] if newline < 0 else chunk[start:newline]
-                size += len(piece)
-                room = max_line - len(pending) if max_line else len(piece)
-                pending += piece[:max(0, room)]
-                if newline < 0:
-                    break
-                yield pending.decode("utf-8", "replace"), size
-                pending, size, start = bytearray(), 0, newline + 1
-        if size:
+    def turn_lines(self, container: str, args: list[str], env: dict[str, str], prompt: bytes,
+                   result: list[ExecResult], max_line: int = 0) -> Iterator[tuple[str, int]]:
+        """Runs `wrapper <args>` for a turn, as `exec_lines` does: through the container's turn agent
+        (wrapper/serve.py) when it has one, else (a container made before there was one) as an exec.
+        NotRunning when the container is missing or stopped: an attach to a stopped container would wait."""
+        try:
+            attrs = self.api.inspect_container(container)
+        except NotFound:
+            raise NotRunning(f"container {container} is missing") from None
+        if not (attrs.get("State") or {}).get("Running"):
+            raise NotRunning(f"container {container} is not running")
+        if not (attrs.get("Config") or {}).get("OpenStdin"):
+            yield from self.exec_lines(container, WRAPPER + args, env, prompt, result, max_line)
+            return
+        yield from self._agent_lines(container, args, env, prompt, result, max_line)
+
+    def _agent_lines(self, container: str, args: list[str], env: dict[str, str], prompt: bytes,
+                     result: list[ExecResult], max_line: int) -> Iterator[tuple[str, int]]:
+        """Asks the container's turn agent for a run and yields its lines (the agent's markers, and anything
+        before this run's start, left out)."""
+        nonce = uuid.uuid4().hex
+        request = {"nonce": nonce, "expires": time.time() + AGENT_ANSWER_SECONDS, "args": args, "env": env,
+                   "prompt": prompt.decode("utf-8", "replace")}
+        sock = self.api.attach_socket(container, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+        raw = getattr(sock, "_sock", sock)
+        stderr, code, state = bytearray(), None, "asked"
+        try:
+            raw.settimeout(AGENT_ANSWER_SECONDS)  # until it answers; a turn's own length is the wrapper's to limit
+            raw.sendall(json.dumps(request).encode() + b"\n")
+            for line, size in split_lines(self._stdout_of(sock, stderr, read_frames(raw)), max_line):
+                kind, _, rest = line.partition("\t")
+                if kind in ("accepted", "start", "end", "stale") and rest.partition("\t")[0] == nonce:
+                    if kind == "accepted":
+                        raw.settimeout(None)
+                    elif kind == "start":
+                        state = "started"
+                    elif kind == "end":
+                        code = int(rest.partition("\t")[2] or 0)
+                        break
+                    else:
+                        raise RuntimeError("the container's turn agent had the turn only after its worker gave up")
+                elif state == "started" and kind not in ("accepted", "start", "end", "stale"):
+                    yield line, size
+        except TimeoutError:
+            raise RuntimeError(f"the container's turn agent did not answer within {AGENT_ANSWER_SECONDS:.0f} s; "
+                               "the container may be overloaded") from None
+        finally:
+            sock.close()
+        result.append(ExecResult(code, stderr.decode("utf-8", "replace")[-4000:]))
+
+    @staticmethod
+    def _stdout_of(sock, stderr: bytearray, frames: Iterator[tuple[int, bytes]] | None = None) -> Iterator[bytes]:
+        """An attached or exec'd stream's stdout chunks; the tail of its stderr goes to `stderr`."""
+        for stream, chunk in frames or frames_iter(sock, tty=False):
+            if stream == STDOUT:
+                yield chunk
+            else:
+                stderr.extend(chunk[-8192:])
+                del stderr[:-8192]
+
+
+def read_frames(raw: socket.socket) -> Iterator[tuple[int, bytes]]:
+    """The (stream, data) frames of a multiplexed attach or exec stream. Unlike docker-py's frames_iter, which
+    polls before each read with no time limit, this keeps to the socket's timeout."""
+    buffer = bytearray()
+    while chunk := raw.recv(1 << 16):
+        buffer += chunk
+        while len(buffer) >= 8:
+            stream, length = struct.unpack_from(">BxxxL", buffer)
+            if len(buffer) < 8 + length:
+                break
+            yield stream, bytes(buffer[8:8 + length])
+            del buffer[:8 + length]
+
+
+def split_lines(chunks: Iterator[bytes], max_line: int = 0) -> Iterator[tuple[str, int]]:
+    """Lines of a byte stream as (line, size), as they arrive. With `max_line`, a longer line is cut to that many
+    bytes (size says how long it was), so a flood without newlines cannot fill the worker's memory."""
+    pending, size = bytearray(), 0
+    for chunk in chunks:
+        start = 0
+        while start <= len(chunk):
+            newline = chunk.find(b"\n", start)
+            piece = chunk[start:] if newline < 0 else chunk[start:newline]
+            size += len(piece)
+            room = max_line - len(pending) if max_line else len(piece)
+            pending += piece[:max(0, room)]
+            if newline < 0:
+                break
             yield pending.decode("utf-8", "replace"), size
+            pending, size, start = bytearray(), 0, newline + 1
+    if size:
+        yield pending.decode("utf-8", "replace"), size

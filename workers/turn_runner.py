@@ -23,7 +23,7 @@ from workers import metrics
 from workers.lifecycle import wake
 from workers.model_proxy import mint_model_credential
 from workers.publisher import SERVICE_DOWN, Publisher, retry_while_down
-from workers.runtime import ExecResult, NotRunning
+from workers.runtime import WRAPPER, ExecResult, NotRunning
 from workers.turn_output import TurnOutput
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,6 @@ CANCEL_POLL_SECONDS = 1.0
 TOKEN_SLACK_SECONDS = 300
 
 
-# The in-container wrapper (from PYTHONPATH). -S: it is stdlib only, and site's start-up costs every turn a few ms;
-# -c rather than -m: runpy costs ~4 ms more; -P: nothing from the working directory (the agent's workspace) is
-# imported in its place.
-WRAPPER = ["python3", "-S", "-P", "-c", "import sys; from wrapper.__main__ import main; sys.exit(main(sys.argv[1:]))"]
-
-
 def turn_timeout(config: dict, ceiling: int) -> int:
     """The session's turn timeout, never above the service-wide ceiling."""
     asked = (config.get("timeouts") or {}).get("turn_seconds") or ceiling
@@ -48,9 +42,9 @@ def turn_timeout(config: dict, ceiling: int) -> int:
 
 
 def wrapper_argv(turn_id: str, session: dict, timeout: int, grace: int) -> list[str]:
-    """The in-container command for a turn; the prompt goes on stdin, never here."""
+    """The wrapper's arguments for a turn (after WRAPPER); the prompt goes on stdin, never here."""
     config = session["config"]
-    argv = WRAPPER + ["run", "--turn-id", turn_id, "--timeout", str(timeout), "--grace", str(grace)]
+    argv = ["run", "--turn-id", turn_id, "--timeout", str(timeout), "--grace", str(grace)]
     flag = "--resume" if session["conversation_started"] else "--session-id"
     argv += [flag, session["claude_session_id"]]
     if config.get("model"):
@@ -298,13 +292,15 @@ class TurnRunner:
                                                             timeout + TOKEN_SLACK_SECONDS,
                                                             settings.jwt_audience, settings.jwt_issuer))
         result: list[ExecResult] = []
-        if turn["resumed"]:
-            argv, env, stdin = WRAPPER + ["attach", "--turn-id", turn["id"]], {}, b""
-        else:
-            argv = wrapper_argv(turn["id"], session, timeout, settings.cancel_grace_seconds)
-            stdin = turn["prompt"].encode()
         cap = settings.max_turn_output_bytes + 64  # one line can at most end the turn: no need to hold more
-        records = self.ctx.runtime.exec_lines(container_id, argv, env, stdin, result, max_line=cap)
+        if turn["resumed"]:  # follows the turn's log: an exec, since the container's agent serves only runs
+            records = self.ctx.runtime.exec_lines(container_id, WRAPPER + ["attach", "--turn-id", turn["id"]], {},
+                                                  b"", result, max_line=cap)
+        else:
+            records = self.ctx.runtime.turn_lines(container_id,
+                                                  wrapper_argv(turn["id"], session, timeout,
+                                                               settings.cancel_grace_seconds),
+                                                  env, turn["prompt"].encode(), result, max_line=cap)
         try:
             for record, size in records:
                 line = output.take(record, size, cut=size > cap)

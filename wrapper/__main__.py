@@ -1,4 +1,4 @@
-"""Entry point inside the session container: `python3 -m wrapper run|attach|cancel|mcp ...` (the worker calls
+"""Entry point inside the session container: `python3 -m wrapper run|attach|cancel|mcp|serve ...` (the worker calls
 `main` through `python3 -c`, which skips runpy's start-up: see workers/turn_runner.py)."""
 import sys
 
@@ -12,6 +12,10 @@ def main(argv: list[str]) -> int:
         from wrapper.mcp import main as serve_mcp
 
         return serve_mcp(argv[1:])
+    if argv[:1] == ["serve"]:  # the container's main process: starts turns the worker asks for (wrapper/serve.py)
+        from wrapper.serve import serve
+
+        return serve()
     import os
 
     from wrapper.common import parse_args
