@@ -1,5 +1,5 @@
 """The baseline the service is measured against: a Claude Code turn run directly with `docker exec … claude -p`
-in a session's container, through the Docker API as the worker itself execs (no CLI start-up in the figure)."""
+in a session's container, through the Docker API (`exec_create`/`exec_start`, no CLI start-up in the figure)."""
 from __future__ import annotations
 
 import time

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import redis
@@ -181,4 +182,41 @@ def test_model_endpoint_failure_fails_the_turn_and_the_session_stays_usable(stac
     assert [f["type"] for f in finals] == ["turn.failed", "turn.completed"]
     assert "500" in finals[0]["data"]["error"]
     assert api.call("GET", f"/api/v1/sessions/{sid}", 200)["status"] == "ready"
+    api.call("DELETE", f"/api/v1/sessions/{sid}", 202)
+
+
+def exec_events(docker_client, container_id: str, since: float, until: float) -> list[dict]:
+    """The `docker exec`s started in the container between the two times (from the engine's event log)."""
+    return list(docker_client.events(since=since, until=until, decode=True,
+                                     filters={"container": container_id, "event": "exec_start"}))
+
+
+def test_a_turn_is_handed_to_the_containers_turn_agent_without_a_docker_exec(stack_env, api, docker_client, settings):
+    sid = api.session()["id"]
+    api.session_status(sid, "ready")
+    container = container_of(docker_client, settings, sid)
+    assert container.attrs["Config"]["Cmd"][-1] == "serve" and container.attrs["Config"]["OpenStdin"]
+    since = time.time() - 1
+    turn = api.finished_turn(api.chat(sid, "RUN: echo agent-ran")["id"])
+    assert turn["status"] == "succeeded" and turn["result"].strip() == "BASH-RESULT: agent-ran", turn
+    assert exec_events(docker_client, container.id, since, time.time() + 1) == []
+    api.call("DELETE", f"/api/v1/sessions/{sid}", 202)
+
+
+def test_a_container_made_before_the_turn_agent_still_runs_turns_by_exec(stack_env, api, docker_client, settings):
+    """A session whose container was made by an earlier version (`sleep infinity`, no stdin) keeps working."""
+    sid = api.session()["id"]
+    api.session_status(sid, "ready")
+    current = container_of(docker_client, settings, sid)
+    attrs, mounts = current.attrs, current.attrs["Mounts"]
+    current.remove(force=True)
+    old = docker_client.containers.create(
+        settings.image, ["sleep", "infinity"], name=attrs["Name"].lstrip("/"), user="agent", init=True,
+        working_dir="/workspace", labels=attrs["Config"]["Labels"], network=settings.session_network,
+        volumes={m["Name"]: {"bind": m["Destination"], "mode": "rw"} for m in mounts})
+    old.start()
+    since = time.time() - 1
+    turn = api.finished_turn(api.chat(sid, "SAY: by exec")["id"])
+    assert turn["status"] == "succeeded" and turn["result"] == "by exec", turn
+    assert exec_events(docker_client, old.id, since, time.time() + 1), "the turn ran without an exec?"
     api.call("DELETE", f"/api/v1/sessions/{sid}", 202)
