@@ -332,12 +332,9 @@ class DockerRuntime:
         """Runs `wrapper <args>` for a turn, as `exec_lines` does: through the container's turn agent
         (wrapper/serve.py) when it has one, else (a container made before there was one) as an exec.
         NotRunning when the container is missing or stopped: an attach to a stopped container would wait."""
-        try:
-            attrs = self.api.inspect_container(container)
-        except NotFound:
-            raise NotRunning(f"container {container} is missing") from None
-        if not (attrs.get("State") or {}).get("Running"):
-            raise NotRunning(f"container {container} is not running")
+        attrs = self._running(container)
+        if not attrs:
+            raise NotRunning(f"container {container} is missing or not running")
         if not (attrs.get("Config") or {}).get("OpenStdin"):
             yield from self.exec_lines(container, WRAPPER + args, env, prompt, result, max_line)
             return
@@ -350,9 +347,14 @@ class DockerRuntime:
         nonce = uuid.uuid4().hex
         request = {"nonce": nonce, "expires": time.time() + AGENT_ANSWER_SECONDS, "args": args, "env": env,
                    "prompt": prompt.decode("utf-8", "replace")}
-        sock = self.api.attach_socket(container, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+        try:
+            sock = self.api.attach_socket(container, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+        except APIError as exc:
+            if exc.status_code in (404, 409):  # removed or stopped since the look above
+                raise NotRunning(f"container {container} is not running: {exc.explanation or exc}") from None
+            raise
         raw = getattr(sock, "_sock", sock)
-        stderr, code, state = bytearray(), None, "asked"
+        stderr, code, started = bytearray(), None, False
         try:
             raw.settimeout(AGENT_ANSWER_SECONDS)  # until it answers; a turn's own length is the wrapper's to limit
             raw.sendall(json.dumps(request).encode() + b"\n")
@@ -362,20 +364,30 @@ class DockerRuntime:
                     if kind == "accepted":
                         raw.settimeout(None)
                     elif kind == "start":
-                        state = "started"
+                        started = True
                     elif kind == "end":
                         code = int(rest.partition("\t")[2] or 0)
                         break
                     else:
                         raise RuntimeError("the container's turn agent had the turn only after its worker gave up")
-                elif state == "started" and kind not in ("accepted", "start", "end", "stale"):
+                elif started and kind not in ("accepted", "start", "end", "stale"):
                     yield line, size
         except TimeoutError:
+            if not self._running(container):  # it stopped as it was asked: the request is stale now, start it again
+                raise NotRunning(f"container {container} stopped before its turn agent answered") from None
             raise RuntimeError(f"the container's turn agent did not answer within {AGENT_ANSWER_SECONDS:.0f} s; "
                                "the container may be overloaded") from None
         finally:
             sock.close()
         result.append(ExecResult(code, stderr.decode("utf-8", "replace")[-4000:]))
+
+    def _running(self, container: str) -> dict | None:
+        """The container's inspect, if it is running."""
+        try:
+            attrs = self.api.inspect_container(container)
+        except NotFound:
+            return None
+        return attrs if (attrs.get("State") or {}).get("Running") else None
 
     @staticmethod
     def _stdout_of(sock, stderr: bytearray, frames: Iterator[tuple[int, bytes]] | None = None) -> Iterator[bytes]:
