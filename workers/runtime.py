@@ -260,7 +260,20 @@ class DockerRuntime:
             container.remove(force=True)
         except NotFound:
             pass  # removed meanwhile (a concurrent check or delete); its volumes may still be there
+        except APIError as exc:
+            if exc.status_code != 409:
+                raise
+            self._wait_removed(container.id)  # being removed by a concurrent check or delete: its volumes free after
         self.remove_volumes(mounted)
+
+    def _wait_removed(self, container_id: str, seconds: float = 10.0) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                self.api.inspect_container(container_id)
+            except NotFound:
+                return
+            time.sleep(0.1)
 
     def remove_volumes(self, names) -> None:
         """Removes these volumes; missing ones are fine."""
