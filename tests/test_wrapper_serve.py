@@ -21,7 +21,8 @@ class Agent:
 
     def __init__(self, tmp_path) -> None:
         self.tmp_path = tmp_path
-        self.proc = subprocess.Popen([sys.executable, *WRAPPER[1:], "serve"], env=wrapper_env(tmp_path),
+        # In tmp_path, as a container's agent runs in /workspace: what a stand-in Claude Code makes stays there.
+        self.proc = subprocess.Popen([sys.executable, *WRAPPER[1:], "serve"], env=wrapper_env(tmp_path), cwd=tmp_path,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.pending = b""
 
@@ -82,11 +83,12 @@ def test_serve_runs_a_requested_turn_between_its_start_and_end_markers(tmp_path,
 
 
 def test_a_request_past_its_expiry_is_answered_stale_and_runs_nothing(tmp_path, agent):
-    fake_claude(tmp_path, "touch ran\n")
-    nonce = agent.ask("t1", expires_in=-1)
+    fake_claude(tmp_path, 'cat >/dev/null; touch "ran-$CCD_PROBE"\n')
+    nonce = agent.ask("t1", expires_in=-1, CCD_PROBE="t1")
     assert agent.lines_until("stale") == [f"stale\t{nonce}"]
-    later = agent.ask("t2")  # and it serves on
+    later = agent.ask("t2", CCD_PROBE="t2")  # and it serves on
     assert agent.lines_until(f"end\t{later}")[-1] == f"end\t{later}\t0"
+    assert (tmp_path / "ran-t2").exists() and not (tmp_path / "ran-t1").exists()
     assert not (tmp_path / "turns" / "t1.log").exists()
 
 
