@@ -29,6 +29,8 @@ DEFAULT_LIMITS = {"memory_mb": 2048, "cpus": 1.0, "pids": 512}
 WRAPPER = ["python3", "-S", "-P", "-c", "import sys; from wrapper.__main__ import main; sys.exit(main(sys.argv[1:]))"]
 # How long a container's turn agent (wrapper/serve.py) may take to accept a turn before the worker gives up on it.
 AGENT_ANSWER_SECONDS = 30.0
+# The agent's own lines around a run's records: "<marker>\t<nonce>[\t<exit code>]" (see wrapper/serve.py).
+AGENT_MARKERS = ("accepted", "start", "end", "stale")
 
 
 class NotRunning(Exception):
@@ -318,7 +320,7 @@ class DockerRuntime:
                 while chunk := stdin.read(1 << 20):
                     raw.sendall(chunk)
                 raw.shutdown(socket.SHUT_WR)  # EOF on the process's stdin
-            yield from self._stdout_of(sock, stderr)
+            yield from stdout_of(frames_iter(sock, tty=False), stderr)
         finally:
             sock.close()
         code = self.api.exec_inspect(exec_id).get("ExitCode")
@@ -371,20 +373,24 @@ class DockerRuntime:
         try:
             raw.settimeout(AGENT_ANSWER_SECONDS)  # until it answers; a turn's own length is the wrapper's to limit
             raw.sendall(json.dumps(request).encode() + b"\n")
-            for line, size in split_lines(self._stdout_of(sock, stderr, read_frames(raw)), max_line):
+            for line, size in split_lines(stdout_of(read_frames(raw), stderr), max_line):
                 kind, _, rest = line.partition("\t")
-                if kind in ("accepted", "start", "end", "stale") and rest.partition("\t")[0] == nonce:
-                    if kind == "accepted":
-                        raw.settimeout(None)
-                    elif kind == "start":
-                        started = True
-                    elif kind == "end":
-                        code = int(rest.partition("\t")[2] or 0)
-                        break
-                    else:
-                        raise RuntimeError("the container's turn agent had the turn only after its worker gave up")
-                elif started and kind not in ("accepted", "start", "end", "stale"):
-                    yield line, size
+                if kind not in AGENT_MARKERS:
+                    if started:  # a record of this run (anything before its start is another's)
+                        yield line, size
+                    continue
+                of, _, value = rest.partition("\t")
+                if of != nonce:
+                    continue
+                if kind == "accepted":
+                    raw.settimeout(None)
+                elif kind == "start":
+                    started = True
+                elif kind == "end":
+                    code = int(value or 0)
+                    break
+                else:
+                    raise RuntimeError("the container's turn agent had the turn only after its worker gave up")
         except TimeoutError:
             if not self._running(container):  # it stopped as it was asked: the request is stale now, start it again
                 raise NotRunning(f"container {container} stopped before its turn agent answered") from None
@@ -402,15 +408,17 @@ class DockerRuntime:
             return None
         return attrs if (attrs.get("State") or {}).get("Running") else None
 
-    @staticmethod
-    def _stdout_of(sock, stderr: bytearray, frames: Iterator[tuple[int, bytes]] | None = None) -> Iterator[bytes]:
-        """An attached or exec'd stream's stdout chunks; the tail of its stderr goes to `stderr`."""
-        for stream, chunk in frames or frames_iter(sock, tty=False):
-            if stream == STDOUT:
-                yield chunk
-            else:
-                stderr.extend(chunk[-8192:])
-                del stderr[:-8192]
+
+
+def stdout_of(frames: Iterator[tuple[int, bytes]], stderr: bytearray) -> Iterator[bytes]:
+    """An attached or exec'd stream's stdout chunks, from its (stream, data) frames; the tail of its stderr goes
+    to `stderr`."""
+    for stream, chunk in frames:
+        if stream == STDOUT:
+            yield chunk
+        else:
+            stderr.extend(chunk[-8192:])
+            del stderr[:-8192]
 
 
 def read_frames(raw: socket.socket) -> Iterator[tuple[int, bytes]]:

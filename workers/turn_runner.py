@@ -151,9 +151,9 @@ class TurnRunner:
         self._start_next(str(row.session_id), host_queue)
 
     def _container(self, session: dict, turn: dict) -> str:
-        """The container to run in. A new turn execs by the container's name, with no engine call first: most
-        find it running, and one that is not is started when the exec says so (see `_run_claimed`). A re-attach
-        runs only in the running container the turn was in (a restarted one has lost the turn's process)."""
+        """The container to run in. A new turn goes by the container's name, with no lookup here: most find it
+        running, and one that is not is started when the runtime says so (NotRunning, see `_run_claimed`). A
+        re-attach runs only in the running container the turn was in (a restarted one has lost the turn's process)."""
         if not turn["resumed"]:
             return self.ctx.runtime.container_name(session["id"])
         container = self.ctx.runtime.find(session["id"])
@@ -282,15 +282,6 @@ class TurnRunner:
         `published`, the last wrapper line number already in the stream (batched: see Publisher)."""
         settings = self.ctx.settings
         timeout = turn_timeout(session["config"], settings.container_timeout_default)
-        # The model through cc-docker's proxy, with a credential for this session only: the real key stays out.
-        env = {"ANTHROPIC_BASE_URL": self.ctx.runtime.model_proxy_url(),
-               "ANTHROPIC_API_KEY": mint_model_credential(settings.jwt_secret, session["id"],
-                                                          timeout + TOKEN_SLACK_SECONDS)}
-        if settings.session_api_url:  # the agent's spawn tools call the API with a token for its subtree only
-            env.update(CCD_API_URL=self.ctx.runtime.session_api_url(), CCD_SESSION_ID=session["id"],
-                       CCD_SESSION_TOKEN=mint_session_token(settings.jwt_secret, session["owner"], session["id"],
-                                                            timeout + TOKEN_SLACK_SECONDS,
-                                                            settings.jwt_audience, settings.jwt_issuer))
         result: list[ExecResult] = []
         cap = settings.max_turn_output_bytes + 64  # one line can at most end the turn: no need to hold more
         if turn["resumed"]:  # follows the turn's log: an exec, since the container's agent serves only runs
@@ -300,7 +291,8 @@ class TurnRunner:
             records = self.ctx.runtime.turn_lines(container_id,
                                                   wrapper_argv(turn["id"], session, timeout,
                                                                settings.cancel_grace_seconds),
-                                                  env, turn["prompt"].encode(), result, max_line=cap)
+                                                  self._run_env(session, timeout), turn["prompt"].encode(), result,
+                                                  max_line=cap)
         try:
             for record, size in records:
                 line = output.take(record, size, cut=size > cap)
@@ -317,6 +309,20 @@ class TurnRunner:
         if output.exit is None and result:
             log.warning("turn %s: wrapper ended without an exit record (exit code %s): %s",
                         turn["id"], result[0].exit_code, result[0].stderr[-500:])
+
+    def _run_env(self, session: dict, timeout: int) -> dict[str, str]:
+        """A new run's environment: the model through cc-docker's proxy, with a credential for this session only
+        (the real key stays out), and with the spawn tools on, a token for the agent's own subtree."""
+        settings = self.ctx.settings
+        env = {"ANTHROPIC_BASE_URL": self.ctx.runtime.model_proxy_url(),
+               "ANTHROPIC_API_KEY": mint_model_credential(settings.jwt_secret, session["id"],
+                                                          timeout + TOKEN_SLACK_SECONDS)}
+        if settings.session_api_url:
+            env.update(CCD_API_URL=self.ctx.runtime.session_api_url(), CCD_SESSION_ID=session["id"],
+                       CCD_SESSION_TOKEN=mint_session_token(settings.jwt_secret, session["owner"], session["id"],
+                                                            timeout + TOKEN_SLACK_SECONDS,
+                                                            settings.jwt_audience, settings.jwt_issuer))
+        return env
 
     def _finish(self, session: dict, turn: dict, output: TurnOutput, ending: tuple[str, str | None, str | None],
                 mark: dict[str, str], publisher: Publisher) -> bool:

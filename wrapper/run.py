@@ -87,6 +87,17 @@ def write_all(fd: int, data: bytes, stall_seconds: float | None = None) -> None:
             raise TimeoutError(f"nothing read from fd {fd} for {stall_seconds:.0f} s")
 
 
+def wake_on_signals() -> int:
+    """A pipe that every handled signal writes to, a child's exit (SIGCHLD) included; its read end, for a select
+    loop to wait on beside its other fds. SIGCHLD gets a handler, since its default is to be ignored."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    _signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    _signal.signal(_signal.SIGCHLD, lambda _signum, _frame: None)
+    return wake_r
+
+
 def drain(fd: int) -> None:
     """Reads a non-blocking pipe empty."""
     try:
@@ -312,15 +323,9 @@ class Turn:
     def prepare(self) -> None:
         """Everything before Claude Code starts: other turns stopped, pid and log files, the conversation,
         the MCP config; first of all the signals that stop the turn, so none is missed."""
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
-        self.wake_fd = wake_r
-        _signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self.wake_fd = wake_on_signals()
         for sig in (_signal.SIGTERM, _signal.SIGINT):
             _signal.signal(sig, self.on_stop_signal)
-        # A handler (not the default, which ignores it) so that Claude Code's exit wakes the select.
-        _signal.signal(_signal.SIGCHLD, lambda _signum, _frame: None)
         os.makedirs(self.args.log_dir, exist_ok=True)
         stop_leftover_turns(self.args.log_dir, self.args.grace)
         write_text(f"{self.base}.run.pid", str(os.getpid()))

@@ -24,7 +24,7 @@ import select
 import sys
 import time
 
-from wrapper.run import drain, write_all
+from wrapper.run import drain, wake_on_signals, write_all
 
 # The interpreter line the worker also uses for `attach` and `cancel` (workers/runtime.py: WRAPPER).
 RUN = ["-S", "-P", "-c", "import sys; from wrapper.__main__ import main; sys.exit(main(sys.argv[1:]))"]
@@ -130,11 +130,7 @@ def serve() -> int:
     """Serves requests until the container stops (SIGTERM from Docker's init ends this at once), or until its
     stdin is closed and no run goes on: the container then stops, and the worker's next turn starts it again
     with a stdin that works (staying up would leave every later turn waiting for an answer that cannot come)."""
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
-    _signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    _signal.signal(_signal.SIGCHLD, lambda _signum, _frame: None)  # so that a run's end wakes the select
+    wake_r = wake_on_signals()  # a run's end wakes the select
     server, pending, reading = Server(), bytearray(), True
     while reading or server.running is not None or server.waiting is not None:
         ready = select.select([wake_r, 0] if reading else [wake_r], [], [], server.timeout())[0]
