@@ -7,7 +7,7 @@ import uuid
 
 from core.events import parse_stream_id
 from bench.stats import Figure, summary
-from workers.runtime import DEFAULT_LIMITS
+from core.limits import DEFAULT_LIMITS
 
 # Limits other than the defaults: such a session never takes a pool container, so it shows the cold path.
 COLD_CONFIG = {"limits": {"memory_mb": DEFAULT_LIMITS["memory_mb"] - 1}}

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session as DbSession
 from core import sessions as session_cmds
 from core import trees, workspaces
 from core import turns as turn_cmds
-from core.admission import live_sessions, turn_counts
+from core.admission import Room, lock_owner, turn_counts
 from core.cancels import CancelSignals
 from core.db import transaction
 from core.envelope import Event, status_event
@@ -174,16 +174,20 @@ def release(db: DbSession, events: EventLog, batch_id: uuid.UUID, settings: Sett
     room = min(batch.concurrency - in_flight,
                settings.owner_max_running_turns - owner_turns["running"] - owner_turns["queued"])
     if room > 0:
-        session_room = settings.owner_max_sessions - live_sessions(db, batch.owner)
+        lock_owner(db, batch.owner)  # before the sessions' locks below, as every admission takes them
+        owner_room = Room.of(db, batch.owner, settings)
         pending = db.execute(select(BatchItem.index, BatchItem.prompt, BatchItem.session_id, BatchItem.config)
                              .where(BatchItem.batch_id == batch_id, BatchItem.status == "pending")
                              .order_by(BatchItem.index).limit(room)).all()
+        restarts = stopped_configs(db, {item.session_id for item in pending if item.config is None})
         chosen = []
         for item in pending:
-            if item.config is not None:
-                if session_room <= 0:
+            # A new session, or a stopped one its turn starts again (counted once), must fit the owner's limits.
+            config = item.config if item.config is not None else restarts.pop(item.session_id, None)
+            if config is not None:
+                if owner_room.refusal(config):
                     break  # waits for a session of the owner's to stop
-                session_room -= 1
+                owner_room.take(config)
             chosen.append(item)
         if chosen:
             _release_items(db, events, batch, chosen, plan)
@@ -191,6 +195,14 @@ def release(db: DbSession, events: EventLog, batch_id: uuid.UUID, settings: Sett
             BatchItem.batch_id == batch_id, BatchItem.status.in_(("pending", "released")))):
         batch.status, batch.finished_at = "completed", utcnow()
         plan.finished_batches.append(str(batch_id))
+
+
+def stopped_configs(db: DbSession, ids: set[uuid.UUID]) -> dict[uuid.UUID, dict]:
+    """The configs of those of these sessions that are stopped (a turn for one starts it again)."""
+    if not ids:
+        return {}
+    return dict(db.execute(select(Session.id, Session.config)
+                           .where(Session.id.in_(ids), Session.status == "stopped")).all())
 
 
 @dataclass(frozen=True)

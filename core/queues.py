@@ -25,7 +25,7 @@ SEND_BATCH = 100
 
 def celery_config(settings: Settings) -> dict:
     """Celery settings for long turns: ack late, prefetch one, no results, long visibility."""
-    visibility = settings.visibility_timeout_seconds or settings.container_timeout_default * 2 + 600
+    visibility = settings.visibility_timeout_seconds or settings.turn_ceiling * 2 + 600
     return {
         "broker_url": settings.redis_url,
         "broker_connection_retry_on_startup": True,

@@ -1,12 +1,14 @@
 """Settings: the environment, read once into a frozen object that every process passes around."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass, field, fields
 from typing import Mapping
 
 from core.errors import ConfigError
+from core.limits import DEFAULT_LIMITS, host_cpus, host_memory_mb
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/ccd"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -48,6 +50,15 @@ class Settings:
     owner_max_sessions: int = 100
     owner_max_running_turns: int = 20
     owner_max_queued_turns: int = 1000
+    owner_max_memory_mb: int = 0  # 0: CCD_OWNER_MAX_SESSIONS default sessions' worth
+    owner_max_cpus: float = 0.0
+    owner_max_pending_items: int = 100_000
+    max_memory_mb: int = field(default_factory=host_memory_mb)
+    max_cpus: float = field(default_factory=host_cpus)
+    max_pids: int = 4096
+    max_turn_seconds: int = 0  # 0: CONTAINER_TIMEOUT_DEFAULT
+    max_idle_seconds: int = 86400
+    nofile: int = 4096
     idempotency_ttl_seconds: int = 86400
     webhook_secret: str = field(default="", repr=False)
     webhook_allow_private: bool = False
@@ -90,6 +101,13 @@ class Settings:
                     values[f.name] = int(raw)
                 except ValueError:
                     raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+            elif f.type in ("float", float):
+                try:
+                    values[f.name] = float(raw)
+                except ValueError:
+                    raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+                if not math.isfinite(values[f.name]):
+                    raise ConfigError(f"{name} must be a finite number, got {raw!r}")
             elif f.type in ("bool", bool):
                 if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
                     raise ConfigError(f"{name} must be true or false, got {raw!r}")
@@ -118,9 +136,19 @@ class Settings:
                      "idempotency_ttl_seconds", "webhook_max_attempts", "ws_ping_seconds", "max_children",
                      "idle_check_seconds", "max_upload_bytes", "files_timeout_seconds",
                      "lease_seconds", "worker_lost_seconds", "reap_seconds", "max_event_bytes", "max_turn_output_bytes", "max_prompt_chars",
-                     "model_proxy_port", "tmp_mb", "stream_buffer_events", "stream_send_timeout_seconds"):
+                     "model_proxy_port", "tmp_mb", "stream_buffer_events", "stream_send_timeout_seconds",
+                     "owner_max_pending_items", "max_idle_seconds", "nofile"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
+        for name in ("owner_max_memory_mb", "owner_max_cpus", "max_turn_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{ENV_NAMES[name]} must be 0 (the default) or more, got {getattr(self, name)}")
+        for name, default in (("max_memory_mb", "memory_mb"), ("max_cpus", "cpus"), ("max_pids", "pids")):
+            if getattr(self, name) < DEFAULT_LIMITS[default]:  # else a session that asks for nothing is refused
+                raise ConfigError(f"{ENV_NAMES[name]} must be at least {DEFAULT_LIMITS[default]}, a session's "
+                                  f"default limits.{default}; got {getattr(self, name)}")
+        if self.nofile < 256:
+            raise ConfigError(f"CCD_NOFILE must be at least 256 (Claude Code and its tools need files), got {self.nofile}")
         if self.warm_pool_size < 0:
             raise ConfigError(f"CCD_WARM_POOL_SIZE must be 0 (off) or more, got {self.warm_pool_size}")
         if not 0 <= self.worker_metrics_port <= 65535:
@@ -130,6 +158,21 @@ class Settings:
                               "clients may retry a request a day later")
         if not self.key_prefix.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"CCD_KEY_PREFIX may hold letters, digits, - and _ only, got {self.key_prefix!r}")
+
+    @property
+    def turn_ceiling(self) -> int:
+        """The longest turn a session may ask for (CCD_MAX_TURN_SECONDS, else CONTAINER_TIMEOUT_DEFAULT)."""
+        return self.max_turn_seconds or self.container_timeout_default
+
+    @property
+    def owner_memory_quota(self) -> int:
+        """MB of memory limits one owner's live sessions may hold together."""
+        return self.owner_max_memory_mb or self.owner_max_sessions * DEFAULT_LIMITS["memory_mb"]
+
+    @property
+    def owner_cpu_quota(self) -> float:
+        """CPUs one owner's live sessions may hold together."""
+        return self.owner_max_cpus or self.owner_max_sessions * DEFAULT_LIMITS["cpus"]
 
     @property
     def placement_queue(self) -> str:
@@ -174,6 +217,15 @@ ENV_NAMES = {
     "owner_max_sessions": "CCD_OWNER_MAX_SESSIONS",
     "owner_max_running_turns": "CCD_OWNER_MAX_RUNNING_TURNS",
     "owner_max_queued_turns": "CCD_OWNER_MAX_QUEUED_TURNS",
+    "owner_max_memory_mb": "CCD_OWNER_MAX_MEMORY_MB",
+    "owner_max_cpus": "CCD_OWNER_MAX_CPUS",
+    "owner_max_pending_items": "CCD_OWNER_MAX_PENDING_ITEMS",
+    "max_memory_mb": "CCD_MAX_MEMORY_MB",
+    "max_cpus": "CCD_MAX_CPUS",
+    "max_pids": "CCD_MAX_PIDS",
+    "max_turn_seconds": "CCD_MAX_TURN_SECONDS",
+    "max_idle_seconds": "CCD_MAX_IDLE_SECONDS",
+    "nofile": "CCD_NOFILE",
     "idempotency_ttl_seconds": "CCD_IDEMPOTENCY_TTL_SECONDS",
     "webhook_secret": "CCD_WEBHOOK_SECRET",
     "webhook_allow_private": "CCD_WEBHOOK_ALLOW_PRIVATE",

@@ -21,17 +21,21 @@ LIMITS = {"CCD_MAX_BODY_BYTES": 4096, "CCD_MAX_PROMPT_CHARS": 1000, "CCD_MAX_BAT
 TIMEOUT = 30
 
 
-@pytest.fixture(scope="module")
-def server(api_settings, tmp_path_factory):
-    """gunicorn serving the app with the small LIMITS; no worker consumes its queues."""
+def limited_web(api_settings, storage_dir, limits: dict, name: str, processes: int = 1) -> tuple[str, stack.Process]:
+    """gunicorn serving the app with these settings over the run's; no worker consumes its queues."""
     port = stack.free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CCD_", "JWT_"))},
            "JWT_SECRET": api_settings.jwt_secret, "DATABASE_URL": api_settings.database_url,
            "REDIS_URL": api_settings.redis_url, "CCD_KEY_PREFIX": api_settings.key_prefix,
-           "CCD_STORAGE_DIR": str(tmp_path_factory.mktemp("limits-storage")), "CCD_PORT": str(port),
-           **{k: str(v) for k, v in LIMITS.items()}}
-    web = stack.start_web(env, port, name="web-limits")
-    yield f"127.0.0.1:{port}"
+           "CCD_STORAGE_DIR": str(storage_dir), "CCD_PORT": str(port), **{k: str(v) for k, v in limits.items()}}
+    return f"127.0.0.1:{port}", stack.start_web(env, port, name=name, processes=processes)
+
+
+@pytest.fixture(scope="module")
+def server(api_settings, tmp_path_factory):
+    """gunicorn serving the app with the small LIMITS."""
+    host, web = limited_web(api_settings, tmp_path_factory.mktemp("limits-storage"), LIMITS, "web-limits")
+    yield host
     web.stop()
 
 

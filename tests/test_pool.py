@@ -12,13 +12,14 @@ import redis
 from sqlalchemy import update
 
 from core.db import make_engine, make_session_factory, transaction
+from core.limits import DEFAULT_LIMITS
 from core.models import Session
 from tests.conftest import wait_for
 from tests.test_e2e import Api
 from workers import containers
 from workers.context import WorkerContext
 from workers.pool import WarmPool
-from workers.runtime import DEFAULT_LIMITS, DockerRuntime
+from workers.runtime import DockerRuntime
 
 pytestmark = pytest.mark.docker
 COLD = {"limits": {"memory_mb": 1024, "cpus": 0.5, "pids": 256}}

@@ -29,10 +29,32 @@ def test_environment_values_override_defaults_and_are_typed():
     ("CONTAINER_TIMEOUT_DEFAULT", "0", "CONTAINER_TIMEOUT_DEFAULT must be positive"),
     ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be"),
     ("CCD_KEY_PREFIX", "a:b", "CCD_KEY_PREFIX may hold"),
+    ("CCD_MAX_CPUS", "many", "CCD_MAX_CPUS must be a number"),
+    ("CCD_MAX_CPUS", "inf", "CCD_MAX_CPUS must be a finite number"),
+    ("CCD_MAX_CPUS", "0.5", "CCD_MAX_CPUS must be at least 1.0"),
+    ("CCD_MAX_MEMORY_MB", "1024", "CCD_MAX_MEMORY_MB must be at least 2048"),
+    ("CCD_MAX_PIDS", "100", "CCD_MAX_PIDS must be at least 512"),
+    ("CCD_OWNER_MAX_CPUS", "-1", "CCD_OWNER_MAX_CPUS must be 0"),
+    ("CCD_NOFILE", "16", "CCD_NOFILE must be at least 256"),
 ])
 def test_bad_values_name_the_variable(name, value, message):
     with pytest.raises(ConfigError, match=message):
         Settings.from_env({"JWT_SECRET": "s", name: value})
+
+
+def test_ceilings_and_quotas_default_to_the_host_and_to_todays_limits():
+    import os
+
+    s = Settings.from_env({"JWT_SECRET": "s"})
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    assert s.max_memory_mb == max(memory, 2048) and s.max_cpus == max(float(os.cpu_count()), 1.0)
+    assert (s.max_pids, s.max_idle_seconds, s.nofile, s.owner_max_pending_items) == (4096, 86400, 4096, 100_000)
+    # The turn ceiling is CONTAINER_TIMEOUT_DEFAULT unless set; owner quotas are CCD_OWNER_MAX_SESSIONS
+    # default sessions' worth unless set.
+    assert s.turn_ceiling == 3600 and (s.owner_memory_quota, s.owner_cpu_quota) == (100 * 2048, 100.0)
+    s = Settings.from_env({"JWT_SECRET": "s", "CCD_MAX_TURN_SECONDS": "7200", "CCD_MAX_CPUS": "1.5",
+                           "CCD_OWNER_MAX_SESSIONS": "3", "CCD_OWNER_MAX_CPUS": "2.5"})
+    assert (s.turn_ceiling, s.max_cpus, s.owner_memory_quota, s.owner_cpu_quota) == (7200, 1.5, 3 * 2048, 2.5)
 
 
 def test_queues_are_named_from_prefix_and_host():

@@ -8,6 +8,7 @@ from flask import current_app, has_app_context
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.errors import TooLarge
+from core.limits import DEFAULT_LIMITS
 
 PERMISSION_MODES = Literal["default", "acceptEdits", "bypassPermissions", "plan", "dontAsk"]
 
@@ -34,17 +35,18 @@ class Strict(BaseModel):
 
 
 class Limits(Strict):
-    memory_mb: int = Field(2048, ge=128, le=65536)
-    cpus: float = Field(1.0, gt=0, le=64)
-    pids: int = Field(512, ge=32, le=32768)
+    # The upper bounds are the operator's ceilings (core/limits.py): a 422 naming the ceiling, not a 400.
+    memory_mb: int = Field(DEFAULT_LIMITS["memory_mb"], ge=128, description="at most CCD_MAX_MEMORY_MB")
+    cpus: float = Field(DEFAULT_LIMITS["cpus"], gt=0, allow_inf_nan=False, description="at most CCD_MAX_CPUS")
+    pids: int = Field(DEFAULT_LIMITS["pids"], ge=32, description="at most CCD_MAX_PIDS")
 
 
 class Timeouts(Strict):
-    turn_seconds: int | None = Field(None, ge=1, le=86400,
-                                     description="capped by CONTAINER_TIMEOUT_DEFAULT")
-    idle_seconds: int | None = Field(None, ge=1, le=30 * 86400,
+    turn_seconds: int | None = Field(None, ge=1, description="at most CCD_MAX_TURN_SECONDS "
+                                                             "(default CONTAINER_TIMEOUT_DEFAULT)")
+    idle_seconds: int | None = Field(None, ge=1,
                                      description="stop the container after this long without a turn "
-                                                 "(default CONTAINER_TIMEOUT_DEFAULT)")
+                                                 "(default CONTAINER_TIMEOUT_DEFAULT, at most CCD_MAX_IDLE_SECONDS)")
 
 
 class SessionConfig(Strict):

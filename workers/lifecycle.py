@@ -161,9 +161,12 @@ def delete_session(ctx: WorkerContext, session_id: str) -> None:
 
 def stop_idle_sessions(ctx: WorkerContext) -> int:
     """Stops sessions that had no turn for their idle timeout (config.timeouts.idle_seconds, else
-    CONTAINER_TIMEOUT_DEFAULT); the next chat starts them again. Returns how many it stopped."""
-    idle_seconds = func.coalesce(Session.config["timeouts"]["idle_seconds"].as_integer(),
-                                 ctx.settings.container_timeout_default)
+    CONTAINER_TIMEOUT_DEFAULT; never above CCD_MAX_IDLE_SECONDS); the next chat starts them again.
+    Returns how many it stopped."""
+    ceiling = ctx.settings.max_idle_seconds
+    # as_float: a huge value in an old row cannot overflow the cast and stop the check for everyone
+    idle_seconds = func.least(func.coalesce(Session.config["timeouts"]["idle_seconds"].as_float(),
+                                            ctx.settings.container_timeout_default), ceiling)
     busy = select(Turn.id).where(Turn.session_id == Session.id, Turn.status.in_(("queued", "running")))
     stopped = []
     with transaction(ctx.db) as db:

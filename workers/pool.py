@@ -16,7 +16,8 @@ from redis.exceptions import LockError
 
 from core.settings import Settings
 from workers.context import WorkerContext
-from workers.runtime import DEFAULT_LIMITS, DockerRuntime
+from core.limits import DEFAULT_LIMITS
+from workers.runtime import DockerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,9 @@ class WarmPool:
 
     def config_key(self) -> str:
         """What makes two pool containers interchangeable: the image (by id, so a rebuilt image retires the old
-        ones), the network, the /tmp size and the limits."""
+        ones), the network, the /tmp size, the limits and the open-files limit."""
         image = self.runtime.api.inspect_image(self.settings.image)["Id"]
-        spec = [image, self.settings.session_network, self.settings.tmp_mb, DEFAULT_LIMITS]
+        spec = [image, self.settings.session_network, self.settings.tmp_mb, DEFAULT_LIMITS, self.settings.nofile]
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def ready(self) -> int:

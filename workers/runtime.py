@@ -13,16 +13,16 @@ from typing import BinaryIO, Iterator
 
 import docker
 from docker.errors import APIError, NotFound
-from docker.types import LogConfig, Mount
+from docker.types import LogConfig, Mount, Ulimit
 from docker.utils.socket import STDOUT, frames_iter
 
 from core.errors import Unavailable
+from core.limits import session_limits
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 AGENT_USER = "agent"
-DEFAULT_LIMITS = {"memory_mb": 2048, "cpus": 1.0, "pids": 512}
 # The in-container wrapper (from PYTHONPATH). -S: it is stdlib only, and site's start-up costs every turn a few ms;
 # -c rather than -m: runpy costs ~4 ms more; -P: nothing from the working directory (the agent's workspace) is
 # imported in its place. wrapper/serve.py starts runs with the same line.
@@ -185,7 +185,7 @@ class DockerRuntime:
         return container.id, how
 
     def _create(self, session_id: str, owner: str, config: dict):
-        limits = {**DEFAULT_LIMITS, **(config.get("limits") or {})}
+        limits = session_limits(config, self.settings)
         labels = {"ccd.session": session_id, "ccd.owner": owner, "ccd.prefix": self.settings.key_prefix}
         try:
             return self.create_container(self.container_name(session_id), labels, self.volume_names(session_id),
@@ -217,6 +217,8 @@ class DockerRuntime:
             memswap_limit=f"{int(limits['memory_mb'])}m",  # no swap: a memory hog is killed, not slowed
             nano_cpus=int(float(limits["cpus"]) * 1e9),
             pids_limit=int(limits["pids"]),
+            # Open files and sockets: one container opening thousands cannot run the host's table down.
+            ulimits=[Ulimit(name="nofile", soft=self.settings.nofile, hard=self.settings.nofile)],
             mounts=mounts,
             network_mode=self.settings.session_network,
             # What the turn agent prints is turns' output, read live by the worker and kept in the turn logs:

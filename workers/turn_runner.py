@@ -16,6 +16,7 @@ from core import batches
 from core.db import transaction
 from core.logs import bind_log_ids
 from core.session_tokens import mint_session_token
+from core.settings import Settings
 from core.models import Session, Turn, utcnow
 from core.turns import SESSIONS, TURNS, claim_turn, final_event_type, next_turn_id, renew_lease
 from workers.context import WorkerContext
@@ -35,10 +36,10 @@ CANCEL_POLL_SECONDS = 1.0
 TOKEN_SLACK_SECONDS = 300
 
 
-def turn_timeout(config: dict, ceiling: int) -> int:
-    """The session's turn timeout, never above the service-wide ceiling."""
-    asked = (config.get("timeouts") or {}).get("turn_seconds") or ceiling
-    return max(1, min(int(asked), ceiling))
+def turn_timeout(config: dict, settings: Settings) -> int:
+    """The session's turn timeout (CONTAINER_TIMEOUT_DEFAULT when it asks for none), never above the ceiling."""
+    asked = (config.get("timeouts") or {}).get("turn_seconds") or settings.container_timeout_default
+    return max(1, min(int(asked), settings.turn_ceiling))
 
 
 def wrapper_argv(turn_id: str, session: dict, timeout: int, grace: int) -> list[str]:
@@ -281,7 +282,7 @@ class TurnRunner:
         """Runs the turn's wrapper (or, re-attaching, follows its log) and publishes each line past
         `published`, the last wrapper line number already in the stream (batched: see Publisher)."""
         settings = self.ctx.settings
-        timeout = turn_timeout(session["config"], settings.container_timeout_default)
+        timeout = turn_timeout(session["config"], settings)
         result: list[ExecResult] = []
         cap = settings.max_turn_output_bytes + 64  # one line can at most end the turn: no need to hold more
         if turn["resumed"]:  # follows the turn's log: an exec, since the container's agent serves only runs

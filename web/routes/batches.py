@@ -9,11 +9,13 @@ from flask import Response, g, make_response, request
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
+from core import admission, limits
 from core import batches as batch_cmds
 from core.db import transaction
 from core.errors import TooLarge, ValidationFailed
 from core.models import Batch
 from core.resources import batch_body
+from core.settings import Settings
 from core.webhooks import check_url
 from web.api import (api, body_bytes, claim_idempotency_key, enqueue, json_data, page, query,
                      remember_idempotency_key)
@@ -50,7 +52,7 @@ def read_submission() -> tuple[list, BatchOptions]:
     return spec.items, BatchOptions(concurrency=spec.concurrency, webhook=spec.webhook)
 
 
-def validate_items(raw: list) -> list[dict]:
+def validate_items(raw: list, settings: Settings) -> list[dict]:
     """Every item checked before anything is stored; the first bad one rejects the batch."""
     if not raw:
         raise ValidationFailed("a batch needs at least one item", field="items")
@@ -69,8 +71,11 @@ def validate_items(raw: list) -> list[dict]:
         except PromptTooLong as exc:
             exc.field = f"items[{index}].prompt"
             raise
+        config = spec.config.model_dump() if spec.config else None
+        if config is not None:
+            limits.check_ceilings(config, settings, prefix=f"items[{index}].config.")
         items.append({"prompt": spec.prompt, "custom_id": spec.custom_id, "session_id": spec.session_id,
-                      "config": spec.config.model_dump() if spec.config else None})
+                      "config": config})
     return items
 
 
@@ -86,7 +91,7 @@ class InvalidItem(ValidationFailed):
 def create_batch():
     """Stores every item (all validated first), answers 202 at once, and starts the first ones."""
     raw, options = read_submission()
-    items = validate_items(raw)
+    items = validate_items(raw, ctx().settings)
     if options.webhook:
         check_url(options.webhook, ctx().settings.webhook_allow_private)
     with unit_of_work() as db:
@@ -95,6 +100,7 @@ def create_batch():
             row = batch_cmds.get_owned(db, g.owner, str(prior.resource_id))
             return batch_body(row, batch_cmds.counts(db, row.id)), prior.status_code
         batch_cmds.check_sessions(db, g.owner, items)
+        admission.admit_pending_items(db, g.owner, ctx().settings, len(items))
         row = batch_cmds.create_batch(db, g.owner, items, options.concurrency, options.webhook)
         remember_idempotency_key(db, "batch", row.id, 202)
         batch_id = row.id

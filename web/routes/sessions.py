@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import g
 from pydantic import ValidationError
 
-from core import admission, trees, workspaces
+from core import admission, limits, trees, workspaces
 from core import sessions as session_cmds
 from core import turns as turn_cmds
 from core.envelope import status_event
@@ -21,13 +21,15 @@ from web.schemas import ChildrenQuery, CreateSession, SessionConfig, SessionList
 def create_session():
     """Records a new session and asks a worker to start its container."""
     spec = json_body(CreateSession)
+    config = spec.config.model_dump()
+    limits.check_ceilings(config, ctx().settings)
     with unit_of_work() as db:
         prior = claim_idempotency_key(db)
         if prior is not None:
             body = session_body(session_cmds.get_owned(db, g.owner, str(prior.resource_id)))
             return body, prior.status_code, {"Location": body["links"]["self"]}
-        admission.admit_session(db, g.owner, ctx().settings)
-        row = session_cmds.create_session(db, g.owner, spec.config.model_dump(), spec.workspace.stored())
+        admission.admit_session(db, g.owner, ctx().settings, config)
+        row = session_cmds.create_session(db, g.owner, config, spec.workspace.stored())
         workspaces.hold(db, row)
         remember_idempotency_key(db, "session", row.id, 201)
         body, spec = session_body(row), session_cmds.start_spec(row)
@@ -51,14 +53,16 @@ def spawn(session_id: str):
             body = session_body(child)
             body["turn"] = first_turn_body(db, child.id)
             return body, prior.status_code, {"Location": body["links"]["self"]}
+        admission.lock_owner(db, g.owner)  # before the parent's row lock, the order every admission keeps
         parent = session_cmds.get_owned(db, g.owner, session_id, lock=True)
         if g.get("token_scope"):
             check_agent_spawn(parent.config, overrides, spec.workspace.stored())
-        admission.admit_session(db, g.owner, settings)
+        config = SessionConfig.model_validate(trees.child_config(parent.config, overrides)).model_dump()
+        limits.check_ceilings(config, settings)
+        admission.admit_session(db, g.owner, settings, config)
         if spec.prompt is not None:
             trees.check_budget(db, parent)
             admission.admit_turn(db, g.owner, settings, session_idle=True)
-        config = SessionConfig.model_validate(trees.child_config(parent.config, overrides)).model_dump()
         child = trees.spawn_child(db, parent, settings, config, spec.workspace.stored())
         workspaces.hold(db, child)
         turn = None

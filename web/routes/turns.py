@@ -56,6 +56,8 @@ def submit_chat(owner: str, session_id: str, spec: ChatRequest, idempotent: bool
             position = turn_cmds.queue_positions(db, {turn.session_id}).get(turn.id)
         else:
             row = session_cmds.get_owned(db, owner, session_id, lock=True)
+            if row.status == "stopped":  # this turn starts it again: it must fit the owner's limits
+                admission.admit_restart(db, row, settings)
             queued, running = turn_cmds.turns_in_flight(db, row.id)
             idle = not (queued or running)
             admission.admit_turn(db, owner, settings, session_idle=idle)
