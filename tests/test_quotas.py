@@ -136,3 +136,17 @@ def test_an_owner_over_its_pending_batch_items_gets_a_429(api):
     if room:
         fits = api("POST", "/batches", json={"concurrency": 1, "items": over[:room]})
         assert fits.status_code == 202, fits.text
+
+
+def test_the_worker_keeps_a_session_accepted_before_a_ceiling_was_lowered_under_it(api_settings):
+    from dataclasses import replace
+
+    from core.limits import session_limits
+    from workers.turn_runner import turn_timeout
+
+    lowered = replace(api_settings, max_memory_mb=3000, max_cpus=1.5, max_pids=600, container_timeout_default=300,
+                      max_turn_seconds=900)
+    old = {"limits": {"memory_mb": 8192, "cpus": 4.0, "pids": 2048}, "timeouts": {"turn_seconds": 5000}}
+    assert session_limits(old, lowered) == {"memory_mb": 3000, "cpus": 1.5, "pids": 600}
+    assert session_limits({}, lowered) == {"memory_mb": 2048, "cpus": 1.0, "pids": 512}
+    assert turn_timeout(old, lowered) == 900 and turn_timeout({}, lowered) == 300
