@@ -106,17 +106,32 @@ def test_creates_racing_for_the_last_room_cannot_both_take_it(api):
     assert api("GET", "/sessions").json()["total"] == 3
 
 
-def test_a_stopped_session_cannot_restart_past_the_quota(api, api_settings):
-    stopped = create(api, limits={"memory_mb": 4096}).json()["id"]
-    engine = create_engine(api_settings.database_url)  # as a worker leaves it once its container has stopped
+def stopped_session(api: Api, api_settings, **config) -> str:
+    """A session in `stopped`, as a worker leaves it once its container has stopped (no worker runs here)."""
+    sid = create(api, **config).json()["id"]
+    engine = create_engine(api_settings.database_url)
     with engine.begin() as conn:
-        conn.execute(text("UPDATE sessions SET status = 'stopped' WHERE id = :id"), {"id": stopped})
+        conn.execute(text("UPDATE sessions SET status = 'stopped' WHERE id = :id"), {"id": sid})
     engine.dispose()
+    return sid
+
+
+def test_a_stopped_session_cannot_restart_past_the_quota(api, api_settings):
+    stopped = stopped_session(api, api_settings, limits={"memory_mb": 4096})
     assert create(api, limits={"memory_mb": 4096}).status_code == 201  # the stopped one holds nothing
     resp = api("POST", f"/sessions/{stopped}/chat", json={"prompt": "wake up"})
     err = error_of(resp, 429, "memory_quota")
     assert int(resp.headers["Retry-After"]) > 0, err
     assert api("GET", f"/sessions/{stopped}/turns").json()["total"] == 0  # nothing was queued
+
+
+def test_a_batch_item_for_a_stopped_session_waits_while_its_restart_would_pass_the_quota(api, api_settings):
+    stopped = stopped_session(api, api_settings, limits={"memory_mb": 4096})
+    assert create(api, limits={"memory_mb": 4096}).status_code == 201
+    resp = api("POST", "/batches", json={"items": [{"prompt": "wake up", "session_id": stopped}]})
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["counts"]["pending"] == 1, resp.json()  # not refused: it waits for room
+    assert api("GET", f"/sessions/{stopped}").json()["status"] == "stopped"
 
 
 def test_an_owner_over_its_pending_batch_items_gets_a_429(api):
