@@ -27,7 +27,7 @@ def helper_argv(settings, request: dict) -> list[str]:
         return FILES + ["untar", str(settings.unpacked_limit), str(settings.max_archive_members)]
     if op == "get":
         return FILES + ["get", request["path"], str(settings.max_download_bytes)]
-    return FILES + ["archive", str(settings.max_download_bytes)]
+    return FILES + ["archive", str(settings.max_download_bytes), str(settings.unpacked_limit)]
 
 
 def serve(ctx: WorkerContext, request: dict) -> None:

@@ -7,7 +7,8 @@ wrote runs in its place:
     files put PATH                    stdin becomes the file (parents made, replaced atomically)
     files untar MAX_BYTES MAX_MEMBERS stdin (tar: plain, gzip, bzip2 or xz) unpacked into the workspace;
                                       a JSON summary on stdout
-    files archive LIMIT               the workspace as tar.gz on stdout, at most LIMIT bytes of it
+    files archive LIMIT MAX_BYTES     the workspace as tar.gz on stdout, at most LIMIT bytes of it and of
+                                      files adding up to at most MAX_BYTES
 Paths are walked one component at a time without following symlinks, so neither `..`, an
 absolute path nor a symlink can lead outside the workspace. Exit codes: 2 not found, 3 not a
 regular file, 4 path refused, 5 bad archive, 6 archive over its caps, 7 download over its limit;
@@ -96,12 +97,24 @@ def get(path: str, out, limit: int) -> None:
         shutil.copyfileobj(source, Capped(out, limit, download_too_large), CHUNK)
 
 
-def archive(out, limit: int) -> None:
-    """The whole workspace as tar.gz (symlinks stored as links, never followed), at most `limit` bytes of it."""
+def archive(out, limit: int, max_unpacked: int) -> None:
+    """The whole workspace as tar.gz (symlinks stored as links, never followed), at most `limit` bytes of it, and
+    of files that add up to at most `max_unpacked` bytes (as an upload may): a sparse file of a terabyte is refused
+    on its size, not read."""
+    left = max_unpacked
+
+    def within(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        nonlocal left
+        left -= info.size
+        if left < 0:
+            raise Refused(DOWNLOAD_TOO_LARGE, f"the workspace holds more than CCD_MAX_UNPACKED_BYTES "
+                                              f"({max_unpacked} bytes); fetch smaller parts with the file API")
+        return info
+
     # gzip level 6, as `tar -z` writes it: level 9 costs far more time for little.
     with gzip.GzipFile(fileobj=Capped(out, limit, download_too_large), mode="wb", compresslevel=6) as packed:
         with tarfile.open(fileobj=packed, mode="w|") as tar:
-            tar.add(ROOT, arcname=".")
+            tar.add(ROOT, arcname=".", filter=within)
 
 
 def download_too_large(limit: int) -> Refused:
@@ -247,10 +260,10 @@ def main(argv: list[str]) -> int:
             print(json.dumps({"bytes": put(argv[1], sys.stdin.buffer)}))
         elif len(argv) == 3 and argv[0] == "untar" and argv[1].isdigit() and argv[2].isdigit():
             print(json.dumps(untar(sys.stdin.buffer, int(argv[1]), int(argv[2]))))
-        elif len(argv) == 2 and argv[0] == "archive" and argv[1].isdigit():
-            archive(sys.stdout.buffer, int(argv[1]))
+        elif len(argv) == 3 and argv[0] == "archive" and argv[1].isdigit() and argv[2].isdigit():
+            archive(sys.stdout.buffer, int(argv[1]), int(argv[2]))
         else:
-            print("usage: files get PATH LIMIT | put PATH | untar MAX_BYTES MAX_MEMBERS | archive LIMIT",
+            print("usage: files get PATH LIMIT | put PATH | untar MAX_BYTES MAX_MEMBERS | archive LIMIT MAX_BYTES",
                   file=sys.stderr)
             return 64
     except Refused as exc:
