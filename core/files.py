@@ -16,7 +16,14 @@ from core.errors import ValidationFailed
 OPS = ("archive", "get", "put", "untar")
 # wrapper.files exit codes -> (HTTP status, error code)
 EXIT_ERRORS = {2: (404, "file_not_found"), 3: (422, "not_a_file"), 4: (422, "invalid_path"),
-               5: (422, "invalid_archive")}
+               5: (422, "invalid_archive"), 6: (413, "archive_too_large"), 7: (413, "download_too_large")}
+
+
+def download_too_large(limit: int) -> dict:
+    """The worker's answer when a download passes its limit (the worker stopped reading there)."""
+    return {"ok": False, "status": 413, "code": "download_too_large",
+            "message": f"the download is larger than CCD_MAX_DOWNLOAD_BYTES ({limit} bytes); "
+                       "fetch smaller parts with the file API"}
 
 
 def clean_path(path: str) -> str:

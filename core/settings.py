@@ -70,6 +70,9 @@ class Settings:
     session_bridge: str = ""
     idle_check_seconds: int = 60
     max_upload_bytes: int = 104_857_600
+    max_unpacked_bytes: int = 0  # an uploaded archive once decompressed; 0: ten times max_upload_bytes
+    max_archive_members: int = 100_000
+    max_download_bytes: int = 1_073_741_824
     files_timeout_seconds: int = 120
     lease_seconds: int = 60
     worker_lost_seconds: int = 120
@@ -134,7 +137,8 @@ class Settings:
                      "max_body_bytes", "max_batch_bytes", "worker_concurrency", "cancel_grace_seconds", "max_wait_seconds",
                      "owner_max_sessions", "owner_max_running_turns", "owner_max_queued_turns",
                      "idempotency_ttl_seconds", "webhook_max_attempts", "ws_ping_seconds", "max_children",
-                     "idle_check_seconds", "max_upload_bytes", "files_timeout_seconds",
+                     "idle_check_seconds", "max_upload_bytes", "max_archive_members", "max_download_bytes",
+                     "files_timeout_seconds",
                      "lease_seconds", "worker_lost_seconds", "reap_seconds", "max_event_bytes", "max_turn_output_bytes", "max_prompt_chars",
                      "model_proxy_port", "tmp_mb", "stream_buffer_events", "stream_send_timeout_seconds",
                      "owner_max_pending_items", "max_idle_seconds", "nofile"):
@@ -149,6 +153,9 @@ class Settings:
                                   f"default limits.{default}; got {getattr(self, name)}")
         if self.nofile < 256:
             raise ConfigError(f"CCD_NOFILE must be at least 256 (Claude Code and its tools need files), got {self.nofile}")
+        if self.max_unpacked_bytes < 0:
+            raise ConfigError(f"CCD_MAX_UNPACKED_BYTES must be 0 (ten times CCD_MAX_UPLOAD_BYTES) or more, "
+                              f"got {self.max_unpacked_bytes}")
         if self.warm_pool_size < 0:
             raise ConfigError(f"CCD_WARM_POOL_SIZE must be 0 (off) or more, got {self.warm_pool_size}")
         if not 0 <= self.worker_metrics_port <= 65535:
@@ -173,6 +180,11 @@ class Settings:
     def owner_cpu_quota(self) -> float:
         """CPUs one owner's live sessions may hold together."""
         return self.owner_max_cpus or self.owner_max_sessions * DEFAULT_LIMITS["cpus"]
+
+    @property
+    def unpacked_limit(self) -> int:
+        """How large an uploaded archive may be once decompressed (its tar stream, headers included)."""
+        return self.max_unpacked_bytes or self.max_upload_bytes * 10
 
     @property
     def placement_queue(self) -> str:
@@ -237,6 +249,9 @@ ENV_NAMES = {
     "session_bridge": "CCD_SESSION_BRIDGE",
     "idle_check_seconds": "CCD_IDLE_CHECK_SECONDS",
     "max_upload_bytes": "CCD_MAX_UPLOAD_BYTES",
+    "max_unpacked_bytes": "CCD_MAX_UNPACKED_BYTES",
+    "max_archive_members": "CCD_MAX_ARCHIVE_MEMBERS",
+    "max_download_bytes": "CCD_MAX_DOWNLOAD_BYTES",
     "files_timeout_seconds": "CCD_FILES_TIMEOUT_SECONDS",
     "lease_seconds": "CCD_LEASE_SECONDS",
     "worker_lost_seconds": "CCD_WORKER_LOST_SECONDS",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import requests
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
+from core.migrate import prepare_database
 from workers import host_firewall
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +102,19 @@ def service_env(settings, gateway: str, model_url: str, port: int, **extra: str)
         "CCD_MODEL_PROXY_PORT": str(free_port()),
         "CCD_WORKER_METRICS_PORT": str(free_port()),  # the stack worker's; other workers from this env log it taken
     }
+    env.update(extra)
+    return env
+
+
+def private_stack_env(base_env: dict[str, str], settings, tag: str, **extra: str) -> dict[str, str]:
+    """The environment of a private stack beside the run's (same image, network and model server): its own database
+    (made here), key prefix and queues, API and model proxy ports, no spawn tools; `extra` adds or overrides."""
+    suffix = secrets.token_hex(2)
+    base, name = settings.database_url.rsplit("/", 1)
+    database_url = f"{base}/{name}_{tag}{suffix}"
+    prepare_database(database_url)
+    env = {**base_env, "DATABASE_URL": database_url, "CCD_KEY_PREFIX": f"{settings.key_prefix}{tag}{suffix}",
+           "CCD_PORT": str(free_port()), "CCD_SESSION_API_URL": "", "CCD_MODEL_PROXY_PORT": str(free_port())}
     env.update(extra)
     return env
 

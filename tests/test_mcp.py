@@ -174,7 +174,7 @@ def test_wrapper_run_gives_claude_the_ccd_server_and_deletes_its_config_after(tm
     env = {"CCD_API_URL": "http://api", "CCD_SESSION_TOKEN": "secret", "CCD_SESSION_ID": "s1"}
     seen = run_wrapper(tmp_path, env, "--allowed-tools", "Bash,Read")
     server = seen["config"]["mcpServers"]["ccd"]
-    assert server["args"] == ["-S", "-m", "wrapper", "mcp"] and server["type"] == "stdio"
+    assert server["args"] == ["-S", "-P", "-m", "wrapper", "mcp"] and server["type"] == "stdio"
     assert server["alwaysLoad"] is True  # else Claude Code hides the tools behind ToolSearch
     assert server["env"] == {**env, "PYTHONPATH": str(ROOT)}
     assert seen["mode"] == "0o600"

@@ -32,7 +32,8 @@ ERROR_TEXT = {400: "Bad request: a validation error names the field (`field`, `d
               403: "A session token used outside its session's subtree (`token_scope`)",
               404: "No such resource of the caller's (another owner's id is a 404 too)",
               409: "The resource is in a state that does not allow this (`wrong_state` and more specific codes)",
-              413: "Too large: request body, prompt, batch or upload (the limit is in `limit` or the message)",
+              413: "Too large: request body, prompt, batch, upload, unpacked archive or download (the limit is in "
+                   "`limit` or the message)",
               415: "Unsupported Content-Type",
               422: "Well-formed but refused (`page_too_large`, `not_revocable`, `limit_exceeded`: a session asked for "
                    "more than a ceiling; `field` names it, `limit` is the ceiling)",
@@ -305,15 +306,22 @@ OPERATIONS: dict[str, Op] = {
         query=schemas.EventsQuery, tag="events", description=WS_PROTOCOL),
     "api.download_workspace": Op("Download the workspace as tar.gz",
                                  {200: Response("the archive", {"application/gzip": BINARY})},
-                                 errors=(409, 503), tag="files"),
+                                 errors=(409, 413, 503), tag="files",
+                                 description="At most CCD_MAX_DOWNLOAD_BYTES, of files adding up to at most "
+                                             "CCD_MAX_UNPACKED_BYTES (413 `download_too_large`)."),
     "api.upload_archive": Op(
-        "Unpack a tar (gzip or plain) into the workspace", {200: json_response("unpacked", ref("FilesWritten"))},
+        "Unpack a tar (plain, gzip, bzip2 or xz) into the workspace",
+        {200: json_response("unpacked", ref("FilesWritten"))},
         body_content={"application/gzip": BINARY, "application/x-tar": BINARY, "application/octet-stream": BINARY},
-        body_required=True, errors=(409, 413, 503), tag="files",
-        description="At most CCD_MAX_UPLOAD_BYTES; only files and directories, all inside the workspace."),
+        body_required=True, errors=(409, 413, 422, 503), tag="files",
+        description="At most CCD_MAX_UPLOAD_BYTES; at most CCD_MAX_UNPACKED_BYTES decompressed and "
+                    "CCD_MAX_ARCHIVE_MEMBERS members (413 `archive_too_large`); only regular files and directories, "
+                    "all inside the workspace (a link, device, fifo or sparse file is 422 `invalid_archive`). "
+                    "Nothing is written when it is refused."),
     "api.get_file": Op("Download one workspace file", {200: Response("its bytes", {"application/octet-stream": BINARY})},
-                       errors=(409, 503), tag="files",
-                       description="`path` is relative to /workspace; an absolute path or a `..` part is a 400."),
+                       errors=(409, 413, 503), tag="files",
+                       description="`path` is relative to /workspace; an absolute path or a `..` part is a 400. "
+                                   "At most CCD_MAX_DOWNLOAD_BYTES (413 `download_too_large`)."),
     "api.put_file": Op("Write one workspace file", {200: json_response("written", ref("FileWritten"))},
                        body_content={"application/octet-stream": BINARY}, body_required=True,
                        errors=(409, 413, 503), tag="files",

@@ -11,10 +11,23 @@ from core.db import transaction
 from core.models import Session, utcnow
 from workers.context import WorkerContext
 from workers.lifecycle import publish_status, wake
+from workers.runtime import OutputTooLarge, helper
 
 log = logging.getLogger(__name__)
 
-ARCHIVE = ["tar", "-czf", "-", "-C", "/workspace", "."]
+FILES = helper("files")  # wrapper/files.py, started as the turn agent is: nothing of the workspace runs instead
+
+
+def helper_argv(settings, request: dict) -> list[str]:
+    """The helper's command line for one request, with the limits it keeps to (the worker checks them too)."""
+    op = request["op"]
+    if op == "put":
+        return FILES + ["put", request["path"]]
+    if op == "untar":
+        return FILES + ["untar", str(settings.unpacked_limit), str(settings.max_archive_members)]
+    if op == "get":
+        return FILES + ["get", request["path"], str(settings.max_download_bytes)]
+    return FILES + ["archive", str(settings.max_download_bytes), str(settings.unpacked_limit)]
 
 
 def serve(ctx: WorkerContext, request: dict) -> None:
@@ -36,20 +49,27 @@ def run(ctx: WorkerContext, request: dict) -> dict:
         return {"ok": False, "status": 409, "code": "workspace_unavailable",
                 "message": "the session has no container (deleted or never started)"}
     inbound, outbound = files.transfer_key(request["id"], "in"), files.transfer_key(request["id"], "out")
+    argv, limit = helper_argv(ctx.settings, request), ctx.settings.max_download_bytes
+    # The spool on the worker's disk holds at most `limit` bytes: past it the worker stops reading.
     with tempfile.TemporaryFile() as spool:
-        if op in ("put", "untar"):
-            argv = ["python3", "-m", "wrapper.files", op] + ([request["path"]] if op == "put" else [])
-            with ctx.storage.open(inbound) as source:
-                result = ctx.runtime.exec_io(container_id, argv, stdin=source, stdout=spool)
-            ctx.storage.delete(inbound)
-        else:
-            argv = ARCHIVE if op == "archive" else ["python3", "-m", "wrapper.files", "get", request["path"]]
-            result = ctx.runtime.exec_io(container_id, argv, stdout=spool)
+        try:
+            if op in ("put", "untar"):
+                try:
+                    with ctx.storage.open(inbound) as source:
+                        result = ctx.runtime.exec_io(container_id, argv, stdin=source, stdout=spool)
+                finally:
+                    ctx.storage.delete(inbound)
+            else:
+                result = ctx.runtime.exec_io(container_id, argv, stdout=spool, max_stdout=limit)
+        except OutputTooLarge as exc:
+            if op in ("put", "untar"):
+                raise RuntimeError(f"the workspace helper wrote more than {exc.limit} bytes of summary") from None
+            return files.download_too_large(limit)
         if result.exit_code in files.EXIT_ERRORS:
             status, code = files.EXIT_ERRORS[result.exit_code]
             return {"ok": False, "status": status, "code": code, "message": result.stderr.strip()[-500:]}
         if result.exit_code != 0:
-            raise RuntimeError(f"{argv[-2:]} exited {result.exit_code}: {result.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{op} exited {result.exit_code}: {result.stderr.strip()[-500:]}")
         spool.seek(0)
         if op in ("put", "untar"):
             return {"ok": True, **json.loads(spool.read() or b"{}")}

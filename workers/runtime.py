@@ -23,10 +23,23 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 
 AGENT_USER = "agent"
-# The in-container wrapper (from PYTHONPATH). -S: it is stdlib only, and site's start-up costs every turn a few ms;
-# -c rather than -m: runpy costs ~4 ms more; -P: nothing from the working directory (the agent's workspace) is
-# imported in its place. wrapper/serve.py starts runs with the same line.
-WRAPPER = ["python3", "-S", "-P", "-c", "import sys; from wrapper.__main__ import main; sys.exit(main(sys.argv[1:]))"]
+def helper(module: str) -> list[str]:
+    """The interpreter line for one of our in-container modules (wrapper/<module>.py, from the image's PYTHONPATH).
+
+    -S: no site, so neither a user site-packages nor a sitecustomize/usercustomize the agent wrote is imported (and
+    site's start-up would cost every turn a few ms); -P: nothing from the working directory (the agent's workspace)
+    is imported in place of ours; -c rather than -m: runpy costs ~4 ms more. The environment is the image's and the
+    worker's only: an exec inherits nothing from the agent's processes.
+    """
+    return ["python3", "-S", "-P", "-c", f"import sys; from wrapper.{module} import main; sys.exit(main(sys.argv[1:]))"]
+
+
+# The in-container wrapper. wrapper/serve.py starts runs with the same line.
+WRAPPER = helper("__main__")
+# Where helpers run: not the agent's workspace, so nothing a helper resolves from its working directory is the agent's.
+HELPER_DIR = "/"
+# What the worker reads back from a helper unless told more (its JSON summary, a cancel's exit): a flood is an error.
+HELPER_OUTPUT_BYTES = 1 << 20
 # How long a container's turn agent (wrapper/serve.py) may take to accept a turn before the worker gives up on it.
 AGENT_ANSWER_SECONDS = 30.0
 # The agent's own lines around a run's records: "<marker>\t<nonce>[\t<exit code>]" (see wrapper/serve.py).
@@ -35,6 +48,14 @@ AGENT_MARKERS = ("accepted", "start", "end", "stale")
 
 class NotRunning(Exception):
     """The container to exec in is missing or not running (the engine said 404 or 409)."""
+
+
+class OutputTooLarge(Exception):
+    """A helper wrote more than the worker reads back from it; the worker stopped reading."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the helper wrote more than {limit} bytes")
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -288,10 +309,9 @@ class DockerRuntime:
                 pass
 
     def run(self, container_id: str, argv: list[str]) -> int | None:
-        """Runs a short command in the container as the agent user; returns its exit code."""
-        exec_id = self.api.exec_create(container_id, argv, stdout=True, stderr=True, user=AGENT_USER)["Id"]
-        self.api.exec_start(exec_id)
-        return self.api.exec_inspect(exec_id).get("ExitCode")
+        """Runs a short helper in the container as the agent user (its output read and dropped, within
+        HELPER_OUTPUT_BYTES); returns its exit code."""
+        return self.exec_io(container_id, argv).exit_code
 
     def archive(self, session_id: str, path: str) -> Iterator[bytes] | None:
         """A tar stream of `path` in the session's container (running or stopped); None without a container."""
@@ -302,14 +322,14 @@ class DockerRuntime:
         return stream
 
     def _exec_stdout(self, container_id: str, argv: list[str], stdin: BinaryIO | None, env: dict[str, str],
-                     user: str, result: list[ExecResult]) -> Iterator[bytes]:
+                     user: str, result: list[ExecResult], workdir: str = HELPER_DIR) -> Iterator[bytes]:
         """Runs argv in the container, `stdin` copied to its input; yields stdout chunks as they arrive.
 
         When the generator is exhausted, `result` holds the exit code and captured stderr.
         """
         try:
             exec_id = self.api.exec_create(container_id, argv, stdin=stdin is not None, stdout=True, stderr=True,
-                                           environment=env, user=user, workdir="/workspace")["Id"]
+                                           environment=env, user=user, workdir=workdir)["Id"]
         except APIError as exc:
             if exc.status_code in (404, 409):
                 raise NotRunning(f"container {container_id} is not running: {exc.explanation or exc}") from None
@@ -329,20 +349,30 @@ class DockerRuntime:
         result.append(ExecResult(code, stderr.decode("utf-8", "replace")[-4000:]))
 
     def exec_io(self, container_id: str, argv: list[str], stdin: BinaryIO | None = None,
-                stdout: BinaryIO | None = None, user: str = AGENT_USER) -> ExecResult:
-        """Runs argv in the container, `stdin` copied to its input and its output copied to `stdout`."""
+                stdout: BinaryIO | None = None, user: str = AGENT_USER,
+                max_stdout: int = HELPER_OUTPUT_BYTES) -> ExecResult:
+        """Runs a helper (argv) in the container, `stdin` copied to its input and its output copied to `stdout`
+        (or dropped). OutputTooLarge, and the exec left, once it writes more than `max_stdout` bytes."""
         result: list[ExecResult] = []
-        for chunk in self._exec_stdout(container_id, argv, stdin, {}, user, result):
-            if stdout is not None:
-                stdout.write(chunk)
+        seen = 0
+        chunks = self._exec_stdout(container_id, argv, stdin, {}, user, result)
+        try:
+            for chunk in chunks:
+                seen += len(chunk)
+                if seen > max_stdout:
+                    raise OutputTooLarge(max_stdout)
+                if stdout is not None:
+                    stdout.write(chunk)
+        finally:
+            chunks.close()  # closes the exec's socket when we stop early
         return result[0]
 
     def exec_lines(self, container_id: str, argv: list[str], env: dict[str, str], stdin: bytes,
-                   result: list[ExecResult], max_line: int = 0) -> Iterator[tuple[str, int]]:
+                   result: list[ExecResult], max_line: int = 0, workdir: str = HELPER_DIR) -> Iterator[tuple[str, int]]:
         """Runs argv in the container with `stdin` as input; yields (line, size) as lines arrive (see
         `split_lines`). When the generator is exhausted, `result` holds the exit code and captured stderr."""
-        yield from split_lines(self._exec_stdout(container_id, argv, io.BytesIO(stdin), env, AGENT_USER, result),
-                               max_line)
+        yield from split_lines(self._exec_stdout(container_id, argv, io.BytesIO(stdin), env, AGENT_USER, result,
+                                                 workdir), max_line)
 
     def turn_lines(self, container: str, args: list[str], env: dict[str, str], prompt: bytes,
                    result: list[ExecResult], max_line: int = 0) -> Iterator[tuple[str, int]]:
@@ -353,7 +383,8 @@ class DockerRuntime:
         if not attrs:
             raise NotRunning(f"container {container} is missing or not running")
         if not (attrs.get("Config") or {}).get("OpenStdin"):
-            yield from self.exec_lines(container, WRAPPER + args, env, prompt, result, max_line)
+            # Claude Code works where it starts: the workspace (the turn agent starts its runs there too).
+            yield from self.exec_lines(container, WRAPPER + args, env, prompt, result, max_line, "/workspace")
             return
         yield from self._agent_lines(container, args, env, prompt, result, max_line)
 

@@ -1,17 +1,25 @@
 """Workspace files from inside the session container, confined to /workspace (run as the agent user).
 
-    python3 -m wrapper.files get PATH    the file's bytes on stdout
-    python3 -m wrapper.files put PATH    stdin becomes the file (parents made, replaced atomically)
-    python3 -m wrapper.files untar       stdin (tar, gzip or not) unpacked into the workspace;
-                                         a JSON summary on stdout
+The worker starts it as it starts the turn agent (workers/runtime.py: helper), so no module the agent
+wrote runs in its place:
+
+    files get PATH LIMIT              the file's bytes on stdout, at most LIMIT of them
+    files put PATH                    stdin becomes the file (parents made, replaced atomically)
+    files untar MAX_BYTES MAX_MEMBERS stdin (tar: plain, gzip, bzip2 or xz) unpacked into the workspace;
+                                      a JSON summary on stdout
+    files archive LIMIT MAX_BYTES     the workspace as tar.gz on stdout, at most LIMIT bytes of it and of
+                                      files adding up to at most MAX_BYTES
 Paths are walked one component at a time without following symlinks, so neither `..`, an
 absolute path nor a symlink can lead outside the workspace. Exit codes: 2 not found, 3 not a
-regular file, 4 path refused, 5 bad archive; the reason is on stderr.
+regular file, 4 path refused, 5 bad archive, 6 archive over its caps, 7 download over its limit;
+the reason is on stderr.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
 import stat
 import sys
 import tarfile
@@ -19,8 +27,9 @@ import tempfile
 import uuid
 
 ROOT = "/workspace"
-NOT_FOUND, NOT_A_FILE, REFUSED, BAD_ARCHIVE = 2, 3, 4, 5
+NOT_FOUND, NOT_A_FILE, REFUSED, BAD_ARCHIVE, ARCHIVE_TOO_LARGE, DOWNLOAD_TOO_LARGE = 2, 3, 4, 5, 6, 7
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+CHUNK = 1 << 20
 
 
 class Refused(Exception):
@@ -63,7 +72,7 @@ def open_dir(parts: list[str], create: bool) -> int:
         raise
 
 
-def get(path: str, out) -> None:
+def get(path: str, out, limit: int) -> None:
     parts = parts_of(path)
     fd = open_dir(parts[:-1], create=False)
     try:
@@ -76,13 +85,74 @@ def get(path: str, out) -> None:
             raise Refused(REFUSED, f"{path}: not a regular file inside the workspace ({exc})") from None
     finally:
         os.close(fd)
-    if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+    info = os.fstat(file_fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(file_fd)
         raise Refused(NOT_A_FILE, f"{path}: not a regular file")
+    if info.st_size > limit:
+        os.close(file_fd)
+        raise download_too_large(limit)
     os.set_blocking(file_fd, True)
     with os.fdopen(file_fd, "rb") as source:
-        while chunk := source.read(1 << 20):
-            out.write(chunk)
+        shutil.copyfileobj(source, Capped(out, limit, download_too_large), CHUNK)
+
+
+def archive(out, limit: int, max_unpacked: int) -> None:
+    """The whole workspace as tar.gz (symlinks stored as links, never followed), at most `limit` bytes of it, and
+    of files that add up to at most `max_unpacked` bytes (as an upload may): a sparse file of a terabyte is refused
+    on its size, not read."""
+    left = max_unpacked
+
+    def within(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        nonlocal left
+        left -= info.size
+        if left < 0:
+            raise Refused(DOWNLOAD_TOO_LARGE, f"the workspace holds more than CCD_MAX_UNPACKED_BYTES "
+                                              f"({max_unpacked} bytes); fetch smaller parts with the file API")
+        return info
+
+    # gzip level 6, as `tar -z` writes it: level 9 costs far more time for little.
+    with gzip.GzipFile(fileobj=Capped(out, limit, download_too_large), mode="wb", compresslevel=6) as packed:
+        with tarfile.open(fileobj=packed, mode="w|") as tar:
+            tar.add(ROOT, arcname=".", filter=within)
+
+
+def download_too_large(limit: int) -> Refused:
+    return Refused(DOWNLOAD_TOO_LARGE, f"the download is larger than CCD_MAX_DOWNLOAD_BYTES ({limit} bytes); "
+                                       "fetch smaller parts with the file API")
+
+
+def archive_too_large(limit: int) -> Refused:
+    return Refused(ARCHIVE_TOO_LARGE, f"the archive is larger than CCD_MAX_UNPACKED_BYTES ({limit} bytes) "
+                                      "once decompressed; upload it in parts")
+
+
+class Capped:
+    """A reader or writer that passes at most `limit` bytes, and raises `refuse(limit)` at the first one more
+    (reading, it never asks its source for more than one byte past the limit: nothing is decompressed past it)."""
+
+    def __init__(self, inner, limit: int, refuse) -> None:
+        self.inner, self.limit, self.left, self.refuse, self.over = inner, limit, limit, refuse, False
+
+    def read(self, size: int = -1) -> bytes:
+        size = CHUNK if size is None or size < 0 else size
+        chunk = self.inner.read(min(size, self.left + 1))
+        if len(chunk) > self.left:
+            raise self.refuse(self.limit)
+        self.left -= len(chunk)
+        return chunk
+
+    def write(self, data) -> int:
+        if self.over:  # refused already: what a closing writer still flushes is dropped, not refused again
+            return len(data)
+        if len(data) > self.left:
+            self.over = True
+            raise self.refuse(self.limit)
+        self.left -= len(data)
+        return self.inner.write(data)
+
+    def flush(self) -> None:
+        self.inner.flush()
 
 
 def put(path: str, source, mode: int = 0o644) -> int:
@@ -112,42 +182,89 @@ def put(path: str, source, mode: int = 0o644) -> int:
         os.close(fd)
 
 
-def untar(source) -> dict:
-    """Checks every member first (regular files and directories only), then writes them."""
+def untar(source, max_bytes: int, max_members: int) -> dict:
+    """Reads the whole archive once, writing nothing (so a refused archive leaves the workspace as it was),
+    then again to write it."""
     with tempfile.TemporaryFile() as spool:
-        while chunk := source.read(1 << 20):
-            spool.write(chunk)
-        spool.seek(0)
+        shutil.copyfileobj(source, spool, CHUNK)
         try:
-            archive = tarfile.open(fileobj=spool, mode="r:*")
-            members = archive.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as exc:
+            for _member, data in members(spool, max_bytes, max_members):
+                while data is not None and data.read(CHUNK):
+                    pass
+        except Refused:
+            raise
+        except Exception as exc:  # whatever the decompressors or tarfile raise on bad input
             raise Refused(BAD_ARCHIVE, f"not a readable tar archive: {exc}") from None
-        for member in members:
-            if not (member.isfile() or member.isdir()):
-                raise Refused(BAD_ARCHIVE, f"{member.name}: only regular files and directories may be uploaded")
-            parts_of(member.name)
         files = size = 0
-        for member in members:
-            if member.isdir():
+        for member, data in members(spool, max_bytes, max_members):
+            if data is None:
                 os.close(open_dir(parts_of(member.name), create=True))
                 continue
-            size += put(member.name, archive.extractfile(member), member.mode)
+            size += put(member.name, data, member.mode)
             files += 1
         return {"files": files, "bytes": size}
+
+
+def members(spool, max_bytes: int, max_members: int):
+    """The archive's members, each checked before its data is read, as (member, its data or None for a
+    directory): regular files and directories only, at most `max_members` of them, and the tar stream at most
+    `max_bytes` once decompressed (read as it is decompressed, so a bomb stops at the cap)."""
+    spool.seek(0)
+    stream = Capped(decompressed(spool), max_bytes, archive_too_large)
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for count, member in enumerate(tar, 1):
+            if count > max_members:
+                raise Refused(ARCHIVE_TOO_LARGE, f"the archive has more than CCD_MAX_ARCHIVE_MEMBERS "
+                                                 f"({max_members}) members; upload it in parts")
+            allowed(member)
+            if member.size > stream.left:  # refused on its header: its data is never decompressed
+                raise archive_too_large(max_bytes)
+            yield member, tar.extractfile(member) if member.isfile() else None
+
+
+def allowed(member: tarfile.TarInfo) -> None:
+    """Refuses a member that is not a plain regular file or directory inside the workspace."""
+    if member.issparse() or any(key.startswith("GNU.sparse.") for key in member.pax_headers):
+        raise Refused(BAD_ARCHIVE, f"{member.name}: sparse files may not be uploaded")
+    if member.issym() or member.islnk():
+        raise Refused(BAD_ARCHIVE, f"{member.name}: links may not be uploaded; only regular files and directories")
+    if not (member.isfile() or member.isdir()):
+        raise Refused(BAD_ARCHIVE, f"{member.name}: devices and fifos may not be uploaded; only regular files "
+                                   "and directories")
+    parts_of(member.name)
+
+
+def decompressed(spool):
+    """The archive's tar stream: gzip, bzip2 and xz are read as they are decompressed."""
+    magic = spool.read(6)
+    spool.seek(0)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=spool, mode="rb")
+    if magic.startswith(b"BZh"):
+        import bz2
+
+        return bz2.BZ2File(spool)
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        import lzma
+
+        return lzma.LZMAFile(spool)
+    return spool
 
 
 def main(argv: list[str]) -> int:
     os.umask(0o022)
     try:
-        if len(argv) == 2 and argv[0] == "get":
-            get(argv[1], sys.stdout.buffer)
+        if len(argv) == 3 and argv[0] == "get" and argv[2].isdigit():
+            get(argv[1], sys.stdout.buffer, int(argv[2]))
         elif len(argv) == 2 and argv[0] == "put":
             print(json.dumps({"bytes": put(argv[1], sys.stdin.buffer)}))
-        elif argv == ["untar"]:
-            print(json.dumps(untar(sys.stdin.buffer)))
+        elif len(argv) == 3 and argv[0] == "untar" and argv[1].isdigit() and argv[2].isdigit():
+            print(json.dumps(untar(sys.stdin.buffer, int(argv[1]), int(argv[2]))))
+        elif len(argv) == 3 and argv[0] == "archive" and argv[1].isdigit() and argv[2].isdigit():
+            archive(sys.stdout.buffer, int(argv[1]), int(argv[2]))
         else:
-            print("usage: python3 -m wrapper.files get PATH | put PATH | untar", file=sys.stderr)
+            print("usage: files get PATH LIMIT | put PATH | untar MAX_BYTES MAX_MEMBERS | archive LIMIT MAX_BYTES",
+                  file=sys.stderr)
             return 64
     except Refused as exc:
         print(str(exc), file=sys.stderr)

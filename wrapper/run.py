@@ -209,10 +209,11 @@ def write_mcp_config(env, path: str) -> str | None:
     server_env = {name: env.get(name, "") for name in ("CCD_API_URL", "CCD_SESSION_TOKEN", "CCD_SESSION_ID")}
     # Where `wrapper` imports from.
     server_env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    # -S -P: Claude Code starts it in the workspace, whose modules (a planted wrapper/, sitecustomize) must not load.
     # alwaysLoad: Claude Code (2.1.330) otherwise defers MCP tools behind its ToolSearch tool, so the
     # model sees only their names; it also makes Claude Code wait for the server before the first request.
     config = {"mcpServers": {MCP_SERVER: {"type": "stdio", "command": sys.executable or "python3",
-                                          "args": ["-S", "-m", "wrapper", "mcp"], "env": server_env,
+                                          "args": ["-S", "-P", "-m", "wrapper", "mcp"], "env": server_env,
                                           "alwaysLoad": True}}}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     write_text(path, to_json(config), 0o600)  # 0600 whatever the umask: the file holds the session's token

@@ -99,7 +99,8 @@ def download_workspace(session_id: str):
 
 @api.post("/sessions/<session_id>/workspace")
 def upload_archive(session_id: str):
-    """Unpacks a tar (gzip or plain) into the workspace; only files and directories, all inside it."""
+    """Unpacks a tar (plain, gzip, bzip2 or xz) into the workspace: only files and directories, all inside it,
+    within the caps on unpacked bytes and members (checked in the container, before anything is written)."""
     reply = ask_worker(session_id, "untar", upload=upload_body())
     return {"files": reply.get("files", 0), "bytes": reply.get("bytes", 0)}, 200
 
