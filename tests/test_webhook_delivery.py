@@ -2,6 +2,8 @@
 row lock is held while the receiver keeps the request open, and two workers with the same delivery post it once."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +14,7 @@ import pytest
 from sqlalchemy import create_engine, select, text, update
 
 from core.db import transaction
+from core.queues import DELIVER_WEBHOOK
 from core.models import Batch, Session, Turn, utcnow
 from tests.conftest import wait_for
 from tests.receiver import Receiver
@@ -127,3 +130,27 @@ def test_a_redirect_is_a_failed_attempt_and_the_last_one_fails_the_webhook(ctx):
     with transaction(ctx.db) as db:
         assert db.get(Turn, uuid.UUID(resource_id)).webhook_status == "failed"
 
+
+def test_the_webhook_consumer_has_only_the_delivery_task_and_loads_no_docker_client():
+    """What `python -m workers webhooks` builds, in a fresh interpreter: the Docker SDK is never even imported."""
+    probe = ("import sys; from core.settings import Settings; import workers.__main__; "
+             "from workers.webhook_worker import create_webhook_app; "
+             "app, ctx = create_webhook_app(Settings.from_env({'JWT_SECRET': 'x'})); "
+             "print(sorted(t for t in app.tasks if t.startswith('ccd.')), 'docker' in sys.modules, "
+             "hasattr(ctx, 'runtime'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["['ccd.deliver_webhook']", "False", "False"]
+
+
+def test_a_delivery_task_left_on_the_placement_queue_is_handed_to_the_webhook_consumer(api_settings):
+    """The main worker (which holds the Docker socket) makes no request for it: it re-sends it to the webhooks
+    queue, where only the webhook consumer reads."""
+    from tests.test_batch_intake import drain
+    from workers.celery_app import create_worker_app
+
+    drain(api_settings, api_settings.webhook_queue)
+    app, ctx = create_worker_app(api_settings)
+    resource_id = str(uuid.uuid4())
+    app.tasks[DELIVER_WEBHOOK]("turn", resource_id, 3)
+    assert [(m.headers["task"], m.payload[0]) for m in drain(api_settings, api_settings.webhook_queue)] == [
+        (DELIVER_WEBHOOK, ["turn", resource_id, 3])]
