@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -103,14 +105,16 @@ def open_socket(vetted: Vetted, timeout: float | None,
 class _PinnedConnection(HTTPConnection):
     """urllib3's connection with its socket opened by open_socket (urllib3 would resolve the host again)."""
 
-    def __init__(self, *args, vetted: Vetted, **kwargs) -> None:
+    def __init__(self, *args, vetted: Vetted, opened: list[socket.socket], **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.vetted = vetted
+        self.vetted, self.opened = vetted, opened
 
     def _new_conn(self) -> socket.socket:
         timeout = self.timeout if isinstance(self.timeout, (int, float)) else None
         try:
-            return open_socket(self.vetted, timeout, self.socket_options or ())
+            sock = open_socket(self.vetted, timeout, self.socket_options or ())
+            self.opened.append(sock)  # for deadline()
+            return sock
         except TimeoutError as exc:
             raise ConnectTimeoutError(self, f"connecting timed out: {exc}") from exc
         except OSError as exc:
@@ -136,9 +140,33 @@ def pool(scheme: str, vetted: Vetted, timeout: float, ca_certs: str | None = Non
     it. HTTPS verifies the certificate against the name (the system's CAs, or `ca_certs`). No proxy from the
     environment applies: the connection is direct, to what was vetted.
     """
+    opened: list[socket.socket] = []
     if scheme == "https":
-        return _PinnedTLSPool(vetted.host, vetted.port, timeout=timeout, maxsize=1, retries=False,
-                              cert_reqs="CERT_REQUIRED", ca_certs=ca_certs, vetted=vetted)
-    if scheme == "http":
-        return _PinnedPool(vetted.host, vetted.port, timeout=timeout, maxsize=1, retries=False, vetted=vetted)
-    raise ValueError(f"no pool for scheme {scheme!r}")
+        http = _PinnedTLSPool(vetted.host, vetted.port, timeout=timeout, maxsize=1, retries=False,
+                              cert_reqs="CERT_REQUIRED", ca_certs=ca_certs, vetted=vetted, opened=opened)
+    elif scheme == "http":
+        http = _PinnedPool(vetted.host, vetted.port, timeout=timeout, maxsize=1, retries=False, vetted=vetted,
+                           opened=opened)
+    else:
+        raise ValueError(f"no pool for scheme {scheme!r}")
+    http.opened = opened
+    return http
+
+
+@contextmanager
+def deadline(http: HTTPConnectionPool, seconds: float) -> Iterator[None]:
+    """Shuts down every socket `http` opened once `seconds` have passed in the block. A timeout bounds each read,
+    not the request: a peer that trickles a byte at a time would otherwise hold it (and its worker) for ever."""
+    def shut() -> None:
+        for sock in list(http.opened):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns; the caller's request fails
+            except OSError:
+                pass  # closed already
+    timer = threading.Timer(seconds, shut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

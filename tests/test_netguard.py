@@ -7,6 +7,8 @@ import datetime
 import ipaddress
 import socket
 import ssl
+import threading
+import time
 
 import pytest
 from urllib3.exceptions import HTTPError, SSLError
@@ -153,3 +155,33 @@ def test_https_refuses_a_certificate_for_another_name_even_when_it_covers_the_ad
         assert server.header("Host") == []
     finally:
         server.stop()
+
+
+def test_a_deadline_ends_a_request_whose_answer_trickles_in_slower_than_any_read_timeout():
+    """A peer that sends its status line a byte every 0.2 s never trips a 1 s read timeout; the deadline ends it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1")
+        while not stop.is_set():
+            try:
+                conn.sendall(b" ")
+            except OSError:
+                return
+            time.sleep(0.2)
+        conn.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    http = netguard.pool("http", netguard.vet("127.0.0.1", listener.getsockname()[1], allow_private=True), timeout=1)
+    started = time.monotonic()
+    try:
+        with pytest.raises(HTTPError), netguard.deadline(http, 1.5):
+            http.urlopen("POST", "/hook", body=b"{}", redirect=False, retries=False)
+        assert 1.4 < time.monotonic() - started < 5
+    finally:
+        stop.set()
+        http.close()
+        listener.close()

@@ -21,9 +21,10 @@ from workers.context import ServiceContext
 
 log = logging.getLogger(__name__)
 
-TIMEOUT_SECONDS = 10
-# Longer than a POST takes (connect and read timeouts), so a live claim is not taken over; a claim older than
-# this belongs to a worker that died mid-attempt, and a redelivered task may make that attempt again.
+TIMEOUT_SECONDS = 10  # to connect, and for each read
+DEADLINE_SECONDS = 30  # for the whole request, answer included (a receiver may trickle its answer)
+# Longer than a POST may take, so a live claim is not taken over; a claim older than this belongs to a worker
+# that died mid-attempt, and a redelivered task may make that attempt again.
 CLAIM_SECONDS = 60
 MAX_BACKOFF_SECONDS = 300
 ANSWER_BYTES = 1024  # what is read of the receiver's answer: only its status matters
@@ -94,10 +95,11 @@ def _post(ctx: ServiceContext, kind: str, url: str, payload: bytes, resource_id:
                "CCD-Event": f"{kind}.finished", "CCD-Delivery": resource_id, "CCD-Attempt": str(attempt)}
     http = netguard.pool(parts.scheme, vetted, TIMEOUT_SECONDS)
     try:
-        # No redirect is followed: the signature goes to the vetted host and nowhere else.
-        response = http.urlopen("POST", path, body=payload, headers=headers, redirect=False, retries=False,
-                                preload_content=False)
-        response.read(ANSWER_BYTES)
+        with netguard.deadline(http, DEADLINE_SECONDS):
+            # No redirect is followed: the signature goes to the vetted host and nowhere else.
+            response = http.urlopen("POST", path, body=payload, headers=headers, redirect=False, retries=False,
+                                    preload_content=False)
+            response.read(ANSWER_BYTES)
     except (HTTPError, OSError) as exc:
         log.warning("webhook for %s %s failed (attempt %d): %s", kind, resource_id, attempt, exc)
         return "retry"
