@@ -112,6 +112,19 @@ def test_an_attempt_whose_worker_died_mid_request_is_made_again_by_the_redeliver
     assert receiver.header("CCD-Attempt") == ["1"]
 
 
+def test_a_retry_sent_before_attempts_were_counted_is_made_and_an_older_or_repeated_attempt_is_not(ctx):
+    failing = Receiver(500)
+    try:
+        resource_id = finished(ctx, "turn", failing.url)  # its count is 0, as the migration leaves a pending row
+        assert deliver(ctx, "turn", resource_id, 3) == "retry"
+        assert deliver(ctx, "turn", resource_id, 2) == "skipped"
+        assert deliver(ctx, "turn", resource_id, 3) == "skipped"
+        assert deliver(ctx, "turn", resource_id, 4) == "retry"
+    finally:
+        failing.stop()
+    assert failing.header("CCD-Attempt") == ["3", "4"]
+
+
 def test_a_redirect_is_a_failed_attempt_and_the_last_one_fails_the_webhook(ctx):
     """A 302 to another loopback port: that port never gets a request, and the final attempt ends `failed`."""
     elsewhere = Receiver()

@@ -63,14 +63,16 @@ def deliver(ctx: ServiceContext, kind: str, resource_id: str, attempt: int) -> s
 def _claim(ctx: ServiceContext, model: type[Turn] | type[Batch], resource_id: str,
            attempt: int) -> tuple[str, bytes, datetime] | None:
     """Counts attempt `attempt` as made and commits: the URL, the body, and the claim's expiry (its fence), or None
-    when the attempt is not this task's to make (made already, under way, another attempt's turn, or settled)."""
+    when the attempt is not this task's to make (it or a later one made already, one under way, or settled)."""
     now = func.now()
     with transaction(ctx.db) as db:
         claimed = db.execute(update(model).where(
             model.id == uuid.UUID(resource_id), model.webhook.is_not(None), model.webhook_status == "pending",
-            or_(and_(model.webhook_attempts == attempt - 1,  # the next attempt, with none under way
+            # A later attempt than any made, with none under way (later, not only next: a retry sent by a version
+            # that kept no count finds 0 here), or the same attempt again when the worker making it died.
+            or_(and_(model.webhook_attempts < attempt,
                      or_(model.webhook_claimed_until.is_(None), model.webhook_claimed_until < now)),
-                and_(model.webhook_attempts == attempt, model.webhook_claimed_until < now)),  # its maker died
+                and_(model.webhook_attempts == attempt, model.webhook_claimed_until < now)),
         ).values(webhook_attempts=attempt, webhook_claimed_until=now + timedelta(seconds=CLAIM_SECONDS))
             .returning(model.webhook_claimed_until).execution_options(synchronize_session=False)).scalar()
         if claimed is None:
