@@ -8,7 +8,7 @@ import logging
 import re
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Iterable, Iterator, Mapping
@@ -67,6 +67,15 @@ def log_context(**ids: object) -> Iterator[None]:
         yield
     finally:
         _ids.reset(token)
+
+
+def traced(**ids: object) -> AbstractContextManager[None]:
+    """The log context of the Celery task running now: `ids`, and the id of the HTTP request that sent it (none
+    when a worker or beat sent it, or an older web that sets no header)."""
+    from celery import current_task  # here: only worker processes run tasks
+
+    request = getattr(current_task, "request", None)  # none when the task is called directly
+    return log_context(request_id=getattr(request, TASK_HEADER, None), **ids)
 
 
 def bind_log_ids(**ids: object) -> None:

@@ -88,6 +88,9 @@ class Turn(Base):
     cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     webhook: Mapped[str | None] = mapped_column(Text, nullable=True)
     webhook_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # Delivery attempts claimed so far, and until when the latest claim holds (workers/webhooks.py).
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    webhook_claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     batch_id: Mapped[uuid.UUID | None] = mapped_column(
         UUID(as_uuid=True), ForeignKey("batches.id", ondelete="SET NULL"), nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -116,6 +119,9 @@ class Batch(Base):
     total: Mapped[int] = mapped_column(Integer)
     webhook: Mapped[str | None] = mapped_column(Text, nullable=True)
     webhook_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # Delivery attempts claimed so far, and until when the latest claim holds (workers/webhooks.py).
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    webhook_claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 

@@ -120,9 +120,9 @@ class TaskSender:
                               queue=host_queue or self.settings.placement_queue)
 
     def deliver_webhook(self, kind: str, resource_id: str, attempt: int = 1, countdown: float = 0) -> None:
-        """Posts a finished turn's or batch's webhook (kind "turn" or "batch"); any worker may."""
+        """Posts a finished turn's or batch's webhook (kind "turn" or "batch"), from the webhook consumer."""
         self.celery.send_task(DELIVER_WEBHOOK, args=[kind, resource_id, attempt],
-                              queue=self.settings.placement_queue, countdown=countdown or None)
+                              queue=self.settings.webhook_queue, countdown=countdown or None)
 
     def workspace_files(self, request: dict, host_queue: str) -> None:
         """Asks the session's host to read or write its workspace files (see workers/files.py)."""

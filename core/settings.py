@@ -63,6 +63,7 @@ class Settings:
     webhook_secret: str = field(default="", repr=False)
     webhook_allow_private: bool = False
     webhook_max_attempts: int = 8
+    webhook_concurrency: int = 4
     ws_ping_seconds: int = 25
     max_children: int = 10
     session_api_url: str = ""
@@ -136,7 +137,7 @@ class Settings:
         for name in ("port", "container_timeout_default", "max_spawn_depth", "events_maxlen",
                      "max_body_bytes", "max_batch_bytes", "worker_concurrency", "cancel_grace_seconds", "max_wait_seconds",
                      "owner_max_sessions", "owner_max_running_turns", "owner_max_queued_turns",
-                     "idempotency_ttl_seconds", "webhook_max_attempts", "ws_ping_seconds", "max_children",
+                     "idempotency_ttl_seconds", "webhook_max_attempts", "webhook_concurrency", "ws_ping_seconds", "max_children",
                      "idle_check_seconds", "max_upload_bytes", "max_archive_members", "max_download_bytes",
                      "files_timeout_seconds",
                      "lease_seconds", "worker_lost_seconds", "reap_seconds", "max_event_bytes", "max_turn_output_bytes", "max_prompt_chars",
@@ -191,6 +192,11 @@ class Settings:
         """The shared queue for work any host can take (session placement, the reaper)."""
         return f"{self.key_prefix}.placement"
 
+    @property
+    def webhook_queue(self) -> str:
+        """The webhook deliveries' queue, consumed by `python -m workers webhooks` alone (no Docker socket there)."""
+        return f"{self.key_prefix}.webhooks"
+
     def host_queue(self, host: str | None = None) -> str:
         """The queue of one Docker host: its sessions' turns go there."""
         return f"{self.key_prefix}.host.{host or self.host_name}"
@@ -242,6 +248,7 @@ ENV_NAMES = {
     "webhook_secret": "CCD_WEBHOOK_SECRET",
     "webhook_allow_private": "CCD_WEBHOOK_ALLOW_PRIVATE",
     "webhook_max_attempts": "CCD_WEBHOOK_MAX_ATTEMPTS",
+    "webhook_concurrency": "CCD_WEBHOOK_CONCURRENCY",
     "ws_ping_seconds": "CCD_WS_PING_SECONDS",
     "max_children": "CCD_MAX_CHILDREN",
     "session_api_url": "CCD_SESSION_API_URL",

@@ -7,40 +7,40 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
-import socket
 import time
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from core.errors import ValidationFailed
+from core.netguard import AddressRefused, ResolveFailed, Vetted, vet
 
 SIGNATURE_HEADER = "CCD-Signature"
 
 
-def _private(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    return not ip.is_global or ip.is_multicast
-
-
-def check_url(url: str, allow_private: bool, field: str = "webhook") -> str:
-    """The URL when it may receive webhooks; never loopback, link-local or private unless allowed.
-
-    Checked on submission and again before each delivery (the name may resolve elsewhere later).
-    """
+def target(url: str, allow_private: bool, field: str = "webhook") -> tuple[SplitResult, Vetted]:
+    """The URL's parts and its host's vetted addresses; never loopback, link-local, private or metadata unless
+    allowed. Delivery connects to exactly these addresses (core/netguard.py), so the name is looked up once."""
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
         raise ValidationFailed(f"{field} must be an http(s) URL with a host", field=field,
                                code="invalid_webhook")
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
-                                   type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ValidationFailed(f"{field} host {parts.hostname!r} does not resolve ({exc})", field=field,
-                               code="invalid_webhook") from None
-    if not allow_private and any(_private(info[4][0]) for info in infos):
-        raise ValidationFailed(f"{field} host {parts.hostname!r} is a loopback, link-local or private "
-                               "address; webhooks go to public addresses unless the operator sets "
-                               "CCD_WEBHOOK_ALLOW_PRIVATE=true", field=field, code="webhook_not_allowed")
+        return parts, vet(parts.hostname, port or (443 if parts.scheme == "https" else 80), allow_private)
+    except AddressRefused as exc:
+        raise ValidationFailed(f"{field} host {parts.hostname!r} resolves to {exc.address}, a loopback, link-local, "
+                               "private, metadata or reserved address; webhooks go to public addresses unless the "
+                               "operator sets CCD_WEBHOOK_ALLOW_PRIVATE=true", field=field,
+                               code="webhook_not_allowed") from None
+    except ResolveFailed as exc:
+        raise ValidationFailed(f"{field} host {exc}", field=field, code="invalid_webhook") from None
+
+
+def check_url(url: str, allow_private: bool, field: str = "webhook") -> str:
+    """The URL when it may receive webhooks (see `target`); checked on submission and again at each delivery."""
+    target(url, allow_private, field)
     return url
 
 

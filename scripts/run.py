@@ -1,4 +1,5 @@
-"""`make run`: sets up what is missing, then runs web, worker and beat in the foreground.
+"""`make run`: sets up what is missing, then runs web, worker, the webhook consumer, beat and the model proxy in the
+foreground.
 
 Uses Postgres and Redis at the configured URLs; when one does not answer on this machine, starts a
 private one from the local binaries under .run/. Ctrl-C stops everything this script started.
@@ -185,6 +186,8 @@ def main() -> int:
         spawn("web", [python, "-m", "gunicorn", "-c", "python:web.gunicorn_conf", "-b", f"0.0.0.0:{settings.port}",
                       "web.wsgi:app"], env=web_env)
         spawn("worker", [python, "-m", "workers", "worker"])
+        # Webhooks go out from a process of their own, which makes no Docker client (README "Webhooks").
+        spawn("webhooks", [python, "-m", "workers", "webhooks"])
         spawn("beat", [python, "-m", "workers", "beat"])
         wait_until(lambda: answers("127.0.0.1", settings.port), "web")
         print_welcome(settings)

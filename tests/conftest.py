@@ -77,7 +77,7 @@ def docker_client():
 
 @pytest.fixture(scope="session")
 def stack_env(settings, docker_client, s3_endpoint):
-    """The real stack: session image, network, scripted model server, S3 server, web, worker and beat."""
+    """The real stack: session image, network, scripted model server, S3 server, web, worker, webhook consumer, beat."""
     stack.build_image(settings.image)
     gateway = stack.network_gateway(docker_client, settings.session_network)
     model = ModelServer("127.0.0.1", 0).start()  # on loopback: containers reach it only through the proxy
@@ -88,21 +88,27 @@ def stack_env(settings, docker_client, s3_endpoint):
         CCD_SESSION_API_URL=f"http://{gateway}:{port}", MAX_SPAWN_DEPTH="1", CCD_IDLE_CHECK_SECONDS="2",
         MINIO_ENDPOINT=s3_endpoint["endpoint"], MINIO_ACCESS_KEY=s3_endpoint["access_key"],
         MINIO_SECRET_KEY=s3_endpoint["secret_key"], MINIO_BUCKET=f"ccdt{RUN_ID}",
-        # Webhook receivers in the tests listen on loopback; cancels escalate quickly.
-        CCD_WEBHOOK_SECRET=settings.webhook_secret, CCD_WEBHOOK_ALLOW_PRIVATE="true",
+        # Webhook receivers in the tests listen on loopback; a failing webhook gives up after 3 attempts (1 s and
+        # 2 s apart); cancels escalate quickly.
+        CCD_WEBHOOK_SECRET=settings.webhook_secret, CCD_WEBHOOK_ALLOW_PRIVATE="true", CCD_WEBHOOK_MAX_ATTEMPTS="3",
         CCD_CANCEL_GRACE_SECONDS=str(settings.cancel_grace_seconds), CCD_WS_PING_SECONDS="3")
     proxy = stack.start_proxy(env)
     web = stack.start_web(env, port, also_on=gateway)
     worker = stack.start_worker(env)
+    docker_trap = stack.Tripwire()  # the webhook consumer's DOCKER_HOST: it must never connect there
+    webhooks = stack.start_webhooks(env, f"unix://{docker_trap.path}")
     beat = stack.start_beat(env)
     yield {"base": f"http://127.0.0.1:{port}", "ws": f"ws://127.0.0.1:{port}", "model": model,
            "web": web, "worker": worker, "beat": beat, "env": env, "proxy": proxy, "gateway": gateway,
+           "webhooks": webhooks, "docker_trap": docker_trap,
            "worker_metrics": f"http://127.0.0.1:{env['CCD_WORKER_METRICS_PORT']}",
            "settings": replace(settings, anthropic_base_url=model.url, minio_endpoint=env["MINIO_ENDPOINT"],
                                minio_access_key=env["MINIO_ACCESS_KEY"], minio_secret_key=env["MINIO_SECRET_KEY"],
                                minio_bucket=env["MINIO_BUCKET"], max_spawn_depth=1,
                                model_proxy_port=int(env["CCD_MODEL_PROXY_PORT"]))}
     beat.stop()
+    webhooks.stop()
+    docker_trap.close()
     worker.stop()
     web.stop()
     proxy.stop()

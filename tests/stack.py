@@ -212,6 +212,41 @@ def start_worker(env: dict[str, str], name: str = "worker", concurrency: int = 4
     return wait_for_log(worker, " ready.", "become ready")
 
 
+def start_webhooks(env: dict[str, str], docker_host: str, name: str = "webhooks") -> Process:
+    """The webhook consumer, with DOCKER_HOST at `docker_host` (a tripwire: it must never make a Docker client)."""
+    return wait_for_log(Process(name, [sys.executable, "-m", "workers", "webhooks", "--concurrency", "2"],
+                                {**env, "DOCKER_HOST": docker_host}), " ready.", "become ready")
+
+
+class Tripwire:
+    """A Unix socket that counts who connects to it: where a process that must not reach it is pointed."""
+
+    def __init__(self) -> None:
+        import socket
+        import tempfile
+        import threading
+
+        self.path = str(Path(tempfile.mkdtemp(prefix="ccd-trip-")) / "docker.sock")
+        self.connections = 0
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(self.path)
+        self._server.listen(16)
+        threading.Thread(target=self._count, daemon=True).start()
+
+    def _count(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._server.close()
+        shutil.rmtree(Path(self.path).parent, ignore_errors=True)
+
+
 def start_proxy(env: dict[str, str], name: str = "model-proxy") -> Process:
     """The model proxy: on the sessions' network gateway, at CCD_MODEL_PROXY_PORT."""
     return wait_for_log(Process(name, [sys.executable, "-m", "workers", "proxy"], env), "model proxy listening on",

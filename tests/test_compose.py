@@ -29,7 +29,7 @@ def config() -> dict:
 
 
 def test_compose_has_every_service_of_the_deployment(config):
-    assert set(config["services"]) == {"migrate", "web", "worker", "beat", "model-proxy", "host-firewall",
+    assert set(config["services"]) == {"migrate", "web", "worker", "webhooks", "beat", "model-proxy", "host-firewall",
                                        "session-image", "postgres", "redis", "minio", "flower"}
 
 
@@ -49,7 +49,7 @@ def test_services_start_in_order_on_health_and_completed_one_shots(config):
             expected = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
             assert cond == {"condition": expected}, (name, dep, cond)
             assert dep in ONE_SHOT or "healthcheck" in services[dep], (name, dep)
-    for name in ("web", "worker", "beat", "model-proxy"):
+    for name in ("web", "worker", "webhooks", "beat", "model-proxy"):
         assert "migrate" in services[name]["depends_on"], name
     assert "session-image" in services["worker"]["depends_on"]
 
@@ -63,6 +63,14 @@ def test_only_the_worker_has_the_docker_socket_and_only_the_proxy_the_model_key(
     firewall = config["services"]["host-firewall"]
     assert firewall["network_mode"] == "host" and "NET_ADMIN" in firewall["cap_add"]
     assert config["services"]["worker"]["environment"]["CCD_HOST_FIREWALL"] == "false"
+
+
+def test_webhooks_go_out_from_their_own_service_without_the_docker_socket(config):
+    webhooks = config["services"]["webhooks"]
+    assert webhooks["command"] == ["python", "-m", "workers", "webhooks"]
+    assert not webhooks.get("volumes") and "network_mode" not in webhooks
+    assert "CCD_WEBHOOK_SECRET" in webhooks["environment"]
+    assert "CCD_WEBHOOK_SECRET" not in config["services"]["worker"]["environment"]
 
 
 def test_data_lives_in_named_volumes_and_minio_publishes_api_and_console(config):

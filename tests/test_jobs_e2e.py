@@ -3,10 +3,8 @@ SSE), poll, resume after a drop, idempotent retries, cancellation, batches, webh
 from __future__ import annotations
 
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
@@ -17,6 +15,7 @@ from sqlalchemy import create_engine, select
 from core.models import Turn
 from core.webhooks import SIGNATURE_HEADER, verify
 from tests.conftest import wait_for
+from tests.receiver import Receiver
 from tests.test_e2e import FINAL, Api, container_of
 
 pytestmark = pytest.mark.docker
@@ -249,31 +248,8 @@ def test_cancelling_a_batch_midway_leaves_nothing_running(api):
         api.call("DELETE", f"/api/v1/sessions/{sid}", 202)
 
 
-class Receiver:
-    """A webhook receiver on loopback that fails its first delivery with a 500."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, object, bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                status = 500 if not receiver.calls else 200
-                receiver.calls.append((status, self.headers, body))
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-
-
 def test_webhook_is_signed_retried_after_a_500_and_delivered_once(api, stack_env):
-    receiver = Receiver()
+    receiver = Receiver(lambda before: 500 if not before else 200)  # the first delivery fails
     sid = api.session()["id"]
     turn = api.call("POST", f"/api/v1/sessions/{sid}/chat", 202,
                     json={"prompt": "SAY: hooked", "webhook": receiver.url})

@@ -121,7 +121,7 @@ def test_turns_move_the_web_and_worker_metrics(stack_env, token, settings):
     assert value(web_after, "ccd_turns", status="succeeded") >= value(web_before, "ccd_turns", status="succeeded") + 1
     assert value(web_after, "ccd_turns", status="failed") >= value(web_before, "ccd_turns", status="failed") + 1
     host_queue = stack_env["settings"].host_queue()
-    for queue in (stack_env["settings"].placement_queue, host_queue):
+    for queue in (stack_env["settings"].placement_queue, stack_env["settings"].webhook_queue, host_queue):
         assert ("ccd_queue_depth", (("queue", queue),)) in web_after, queue
     assert ("ccd_queue_oldest_age_seconds", ()) in web_after
     assert value(web_after, "ccd_sessions", status="ready") + value(web_after, "ccd_sessions", status="busy") >= 1

@@ -61,6 +61,7 @@ def test_queues_are_named_from_prefix_and_host():
     s = Settings.from_env({"JWT_SECRET": "s", "CCD_HOST_NAME": "box1"})
     assert s.placement_queue == "ccd.placement"
     assert s.host_queue() == "ccd.host.box1"
+    assert s.webhook_queue == "ccd.webhooks"
 
 
 def test_server_refuses_to_start_without_jwt_secret():

@@ -44,7 +44,7 @@ class StateCollector:
         if turns is not None:
             yield from turn_families(turns)
             yield from session_families(sessions)
-        queues = [self.settings.placement_queue] + sorted(
+        queues = [self.settings.placement_queue, self.settings.webhook_queue] + sorted(
             {queue for status, queue, _ in sessions or () if queue and status != "deleted"})
         try:
             depths = self._depths(queues)
@@ -54,7 +54,7 @@ class StateCollector:
         up.add_metric(["redis"], 0 if depths is None else 1)
         if depths is not None:
             depth = GaugeMetricFamily("ccd_queue_depth", "Celery messages waiting in a queue (the placement "
-                                      "queue and each host's)", labels=["queue"])
+                                      "queue, the webhooks queue and each host's)", labels=["queue"])
             for queue, size in depths.items():
                 depth.add_metric([queue], size)
             yield depth

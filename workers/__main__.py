@@ -1,6 +1,7 @@
-"""`python -m workers worker|beat|proxy|firewall|check`: a worker for this host's queues, the scheduler, the model
-proxy, the host firewall keeper (for deployments where the worker itself may not change the host's firewall), or a
-one-off readiness check of Postgres and Redis (and Docker with --docker) for healthchecks."""
+"""`python -m workers worker|webhooks|beat|proxy|firewall|check`: a worker for this host's queues, the webhook
+consumer (no Docker client), the scheduler, the model proxy, the host firewall keeper (for deployments where the
+worker itself may not change the host's firewall), or a one-off readiness check of Postgres and Redis (and Docker
+with --docker) for healthchecks."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,7 @@ from workers import health_server, host_firewall
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers")
-    parser.add_argument("role", choices=["worker", "beat", "proxy", "firewall", "check"])
+    parser.add_argument("role", choices=["worker", "webhooks", "beat", "proxy", "firewall", "check"])
     parser.add_argument("--concurrency", type=int)
     parser.add_argument("--docker", action="store_true", help="check: Docker too, not only Postgres and Redis")
     args = parser.parse_args(argv)
@@ -39,13 +40,18 @@ def main(argv: list[str]) -> int:
     if args.role == "firewall":
         host_firewall.keep_guarding(settings)
         return 0
-    if args.role == "check":  # a healthcheck for processes without a port (compose's beat)
-        checks = health_server.Readiness(settings).check()
-        if not args.docker:
-            checks.pop("docker")
+    if args.role == "check":  # a healthcheck for processes without a port (compose's beat and webhooks)
+        checks = health_server.Readiness(settings).check(docker=args.docker)
         status, body = health_server.readiness_body(checks)
         print(json.dumps(body))
         return 0 if status == 200 else 1
+    if args.role == "webhooks":
+        from workers.webhook_worker import create_webhook_app  # and nothing that imports the Docker runtime
+
+        app, _ = create_webhook_app(settings)
+        run_worker(app, settings, settings.webhook_queue, args.concurrency or settings.webhook_concurrency,
+                   f"ccd-webhooks@{settings.host_name}")
+        return 0
     if args.role == "worker":  # before any metric is defined and before the prefork children are forked
         use_private_multiprocess_dir(f"{settings.key_prefix}-worker-metrics")
     from workers.celery_app import create_worker_app  # here: it defines the turn metrics (workers/metrics.py)
@@ -61,11 +67,18 @@ def main(argv: list[str]) -> int:
     if settings.host_firewall:
         host_firewall.guard(host_firewall.bridge_name(network), settings)
     health_server.start(settings)
-    queues = f"{settings.placement_queue},{settings.host_queue()}"
-    app.worker_main([*plain, *(["--quiet"] if plain else []), "worker", f"--loglevel={level}", "-Q", queues,
-                     f"--concurrency={args.concurrency or settings.worker_concurrency}",
-                     f"--hostname=ccd@{settings.host_name}", "--without-gossip", "--without-mingle"])
+    run_worker(app, settings, f"{settings.placement_queue},{settings.host_queue()}",
+               args.concurrency or settings.worker_concurrency, f"ccd@{settings.host_name}", plain)
     return 0
+
+
+def run_worker(app, settings: Settings, queues: str, concurrency: int, hostname: str,
+               plain: list[str] | None = None) -> None:
+    """Runs a Celery worker of `app` on `queues` in this process until it is stopped."""
+    plain = keep_celery_logging_ours(settings) if plain is None else plain
+    app.worker_main([*plain, *(["--quiet"] if plain else []), "worker", f"--loglevel={settings.log_level.upper()}",
+                     "-Q", queues, f"--concurrency={concurrency}", f"--hostname={hostname}",
+                     "--without-gossip", "--without-mingle"])
 
 
 def keep_celery_logging_ours(settings: Settings) -> list[str]:

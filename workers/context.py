@@ -1,4 +1,5 @@
-"""Per-process resources of a worker: settings, database, event log, Docker runtime, storage, task sender."""
+"""Per-process resources of a worker: settings, database, event log, Docker runtime, storage, task sender; and the
+Docker-free part of them that the webhook consumer has (ServiceContext)."""
 from __future__ import annotations
 
 import os
@@ -11,8 +12,11 @@ from core.queues import TaskSender
 from core.settings import Settings
 
 
-class WorkerContext:
-    """Built lazily, so each forked worker process opens its own connections."""
+class ServiceContext:
+    """Settings, the database and the task sender, built lazily, so each forked process opens its own connections.
+    No Docker client: the webhook consumer runs on this alone."""
+
+    RESOURCES: tuple[str, ...] = ("engine", "db", "sender")
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -24,6 +28,23 @@ class WorkerContext:
     @cached_property
     def db(self):
         return make_session_factory(self.engine)
+
+    @cached_property
+    def sender(self) -> TaskSender:
+        return TaskSender(self.settings)
+
+    def reset_after_fork(self) -> None:
+        """Drops connections inherited from the parent; a child must never share a socket."""
+        for name in self.RESOURCES:
+            value = self.__dict__.pop(name, None)
+            if name == "engine" and value is not None:
+                value.dispose(close=False)
+
+
+class WorkerContext(ServiceContext):
+    """A worker's: the event log, cancel signals, the Docker runtime and storage too."""
+
+    RESOURCES = ServiceContext.RESOURCES + ("events", "cancels", "runtime", "storage")
 
     @cached_property
     def events(self) -> EventLog:
@@ -45,18 +66,7 @@ class WorkerContext:
 
         return storage_from_settings(self.settings)
 
-    @cached_property
-    def sender(self) -> TaskSender:
-        return TaskSender(self.settings)
-
     @property
     def holder(self) -> str:
         """Who holds a lease: this host and process."""
         return f"{self.settings.host_name}:{os.getpid()}"
-
-    def reset_after_fork(self) -> None:
-        """Drops connections inherited from the parent; a child must never share a socket."""
-        for name in ("engine", "db", "events", "cancels", "runtime", "storage", "sender"):
-            value = self.__dict__.pop(name, None)
-            if name == "engine" and value is not None:
-                value.dispose(close=False)

@@ -12,7 +12,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Mapping
 
-import docker
 import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
@@ -36,16 +35,19 @@ class Readiness:
         # The Docker client's environment (DOCKER_HOST, DOCKER_TLS_VERIFY, ...): the process's by default.
         self.docker_environ = docker_environ
 
-    def check(self) -> dict[str, str | None]:
-        """Each dependency's problem, or None where it answers."""
-        return {"postgres": failure(self._postgres), "redis": failure(self.redis.ping),
-                "docker": failure(self._docker)}
+    def check(self, docker: bool = True) -> dict[str, str | None]:
+        """Each dependency's problem, or None where it answers; Docker only when asked (the webhook consumer and
+        beat have no Docker socket, and their healthcheck makes no Docker client)."""
+        checks = {"postgres": failure(self._postgres), "redis": failure(self.redis.ping)}
+        return {**checks, "docker": failure(self._docker)} if docker else checks
 
     def _postgres(self) -> None:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
     def _docker(self) -> None:
+        import docker  # here: processes that check no Docker engine do not load its client
+
         client = docker.from_env(environment=self.docker_environ, timeout=CHECK_TIMEOUT_SECONDS)
         try:
             client.ping()

@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager
 
-from celery import Celery, current_task
+from celery import Celery
 
 from core import queues
-from core.logs import TASK_HEADER, log_context
+from core.logs import traced
 from workers import containers, files, lifecycle
 from workers.context import WorkerContext
 from workers.pool import WarmPool
 from workers.reaper import reap
 from workers.turn_runner import TurnRunner
-from workers.webhooks import deliver
 
 
 def register_tasks(app: Celery, ctx: WorkerContext) -> None:
@@ -40,9 +38,10 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
             lifecycle.delete_session(ctx, session_id)
 
     @app.task(name=queues.DELIVER_WEBHOOK)
-    def deliver_webhook(kind: str, resource_id: str, attempt: int = 1) -> str:
-        with traced(turn_id=resource_id if kind == "turn" else None):
-            return deliver(ctx, kind, resource_id, attempt)
+    def deliver_webhook(kind: str, resource_id: str, attempt: int = 1) -> None:
+        """Sent to the placement queue by an older version: handed on to the webhook consumer, which delivers
+        (this process holds the Docker socket, so it makes no outbound request of a tenant's choosing)."""
+        ctx.sender.deliver_webhook(kind, resource_id, attempt)
 
     @app.task(name=queues.STOP_IDLE)
     def stop_idle_sessions() -> int:
@@ -74,10 +73,3 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
     def reap_task() -> dict:
         with traced():
             return reap(ctx)
-
-
-def traced(**ids: object) -> AbstractContextManager[None]:
-    """The log context of the task running now: `ids`, and the id of the HTTP request that sent it (none
-    when a worker or beat sent it, or an older web that sets no header)."""
-    request = getattr(current_task, "request", None)  # none when the task is called directly
-    return log_context(request_id=getattr(request, TASK_HEADER, None), **ids)
