@@ -83,6 +83,9 @@ class Settings:
     max_turn_output_bytes: int = 67_108_864
     model_proxy_host: str = ""
     model_proxy_port: int = 8011
+    model_proxy_allow_any_address: bool = False
+    model_proxy_idle_seconds: int = 60
+    model_proxy_client_connections: int = 32
     tmp_mb: int = 256
     worker_metrics_port: int = 9808
     metrics_token: str = ""
@@ -141,7 +144,8 @@ class Settings:
                      "idle_check_seconds", "max_upload_bytes", "max_archive_members", "max_download_bytes",
                      "files_timeout_seconds",
                      "lease_seconds", "worker_lost_seconds", "reap_seconds", "max_event_bytes", "max_turn_output_bytes", "max_prompt_chars",
-                     "model_proxy_port", "tmp_mb", "stream_buffer_events", "stream_send_timeout_seconds",
+                     "model_proxy_port", "model_proxy_idle_seconds", "model_proxy_client_connections",
+                     "tmp_mb", "stream_buffer_events", "stream_send_timeout_seconds",
                      "owner_max_pending_items", "max_idle_seconds", "nofile"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
@@ -268,6 +272,9 @@ ENV_NAMES = {
     "max_turn_output_bytes": "CCD_MAX_TURN_OUTPUT_BYTES",
     "model_proxy_host": "CCD_MODEL_PROXY_HOST",
     "model_proxy_port": "CCD_MODEL_PROXY_PORT",
+    "model_proxy_allow_any_address": "CCD_MODEL_PROXY_ALLOW_ANY_ADDRESS",
+    "model_proxy_idle_seconds": "CCD_MODEL_PROXY_IDLE_SECONDS",
+    "model_proxy_client_connections": "CCD_MODEL_PROXY_CLIENT_CONNECTIONS",
     "tmp_mb": "CCD_TMP_MB",
     "worker_metrics_port": "CCD_WORKER_METRICS_PORT",
     "metrics_token": "CCD_METRICS_TOKEN",

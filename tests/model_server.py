@@ -14,7 +14,8 @@ a CALL's JSON is first replaced by that top-level key of the previous tool resul
 JSON), e.g. `CALL: mcp__ccd__wait_for_child {"session_id": "{{session_id}}"}`. After the last
 CALL's result the reply is "TOOL-RESULT: <its text>"; a tool the request does not offer gets
 "NO-TOOL: <name>" instead of a call, and a CALL whose input is not a JSON object "BAD-CALL: ...".
-Every request body is recorded, so a test can check what the model was sent.
+Every request body is recorded, so a test can check what the model was sent, and every request's
+method and target (path and query, whatever the method) in `seen`, so a test can check what reached it.
 """
 from __future__ import annotations
 
@@ -139,6 +140,7 @@ class ModelServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.seen: list[tuple[str, str]] = []  # (method, target) of every request, in arrival order
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
         self._httpd.daemon_threads = True
@@ -161,6 +163,14 @@ class ModelServer:
         with self._lock:
             self.requests.append(body)
 
+    def saw(self, method: str, target: str) -> None:
+        with self._lock:
+            self.seen.append((method, target))
+
+    def targets(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self.seen)
+
     def tool_requests(self) -> list[dict[str, Any]]:
         """The agent's own requests (the ones that offer tools), in arrival order."""
         with self._lock:
@@ -174,6 +184,17 @@ class ModelServer:
 
             def log_message(self, *args: Any) -> None:  # keep test output quiet
                 pass
+
+            def parse_request(self) -> bool:
+                parsed = super().parse_request()
+                if parsed:
+                    server.saw(self.command, self.path)
+                return parsed
+
+            def do_GET(self) -> None:  # the Messages API has no GET: recorded (above), then not found
+                self._json(404, _error("not_found_error", self.path))
+
+            do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
 
             def do_HEAD(self) -> None:
                 self.send_response(200)

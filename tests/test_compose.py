@@ -109,3 +109,10 @@ def test_every_variable_compose_reads_is_in_env_example():
 def test_compose_refuses_to_run_without_a_jwt_secret():
     proc = compose_config({})
     assert proc.returncode != 0 and "JWT_SECRET" in proc.stderr
+
+
+def test_the_model_proxy_is_published_nowhere(config):
+    proxy = config["services"]["model-proxy"]
+    assert not proxy.get("ports") and proxy.get("network_mode") != "host", proxy
+    # It listens on every address of its own namespace only because compose says so explicitly.
+    assert proxy["environment"]["CCD_MODEL_PROXY_ALLOW_ANY_ADDRESS"] == "true"

@@ -35,7 +35,11 @@ def main(argv: list[str]) -> int:
     if args.role == "proxy":
         from workers.model_proxy import serve
 
-        serve(settings)
+        try:
+            serve(settings)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.role == "firewall":
         host_firewall.keep_guarding(settings)

@@ -1,23 +1,29 @@
-"""The model proxy: swaps a session's credential for the real API key and streams the model's answer back untouched."""
+"""The model proxy: swaps a session's credential for the real API key on the Messages API calls Claude Code makes, during
+its session's turns, and streams the model's answer back untouched."""
 from __future__ import annotations
 
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import jwt
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from core.db import make_engine, make_session_factory, transaction
-from core.models import Session
+from core.errors import ConfigError
+from core.models import Session, Turn
 from core.settings import Settings
 from core.trees import ENDED_STATES, BudgetExhausted, check_budget
 
@@ -33,6 +39,12 @@ CHUNK = 64 * 1024
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade", "host", "content-length"})
 CREDENTIAL_HEADERS = frozenset({"x-api-key", "authorization"})
+# What Claude Code calls (2.1.330, measured through the scripted model): the Messages API and its token count, by
+# POST, with `?beta=true` or no query. The real key reaches nothing else of the account (files, batches, models).
+ROUTES = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+QUERIES = frozenset({(), (("beta", "true"),)})
+ALLOWED = "POST /v1/messages and POST /v1/messages/count_tokens"
+REFUSAL_LOG_SECONDS = 10  # one line per client per this long for connections turned away: a flood is one line
 
 
 def _signing_key(secret: str) -> bytes:
@@ -66,17 +78,40 @@ class Refusal(Exception):
         self.status, self.kind, self.message = status, kind, message
 
 
+def forwarded_target(method: str, target: str) -> str | None:
+    """The request target to send upstream, rebuilt from what was checked; None unless it is a call Claude Code makes.
+
+    The path must be one of ROUTES exactly, as sent: no dot segments, doubled slashes or escapes get through.
+    """
+    path, _, query = target.partition("?")
+    if method != "POST" or path not in ROUTES:
+        return None
+    pairs = tuple(parse_qsl(query, keep_blank_values=True))
+    if pairs not in QUERIES:
+        return None
+    return path + (f"?{urlencode(pairs)}" if pairs else "")
+
+
+# Whether the session has a turn running: asked in the same statement that reads the session row.
+TURN_RUNNING = (select(Turn.id).where(Turn.session_id == Session.id, Turn.status == "running")
+                .exists().label("turn_running"))
+
+
 def session_gate(settings: Settings, factory) -> Callable[[uuid.UUID], None]:
-    """Checks, for every request, that the session still exists, is live and has budget left."""
+    """Checks, for every request, that the session still exists, is live, has a turn running and has budget left."""
 
     def check(session_id: uuid.UUID) -> None:
         try:
             with transaction(factory) as db:
-                row = db.get(Session, session_id)
+                found = db.execute(select(Session, TURN_RUNNING).where(Session.id == session_id)).first()
+                row = found[0] if found else None
                 if row is None or row.status in ENDED_STATES:
                     state = "gone" if row is None else row.status
                     raise Refusal(403, "permission_error", f"session {session_id} is {state}; its credential "
                                                            "no longer reaches the model")
+                if not found.turn_running:
+                    raise Refusal(403, "permission_error", f"session {session_id} has no turn running; its "
+                                                           "credential reaches the model only during a turn")
                 check_budget(db, row)
         except BudgetExhausted as exc:
             raise Refusal(402, "billing_error", str(exc)) from None
@@ -87,15 +122,21 @@ def session_gate(settings: Settings, factory) -> Callable[[uuid.UUID], None]:
 
 
 class ProxyServer(ThreadingHTTPServer):
-    """One thread per connection; each request is checked, then forwarded to `upstream`."""
+    """One thread per connection, at most `client_connections` at once per client address (a session container),
+    each closed after `idle_seconds` without a byte; each request is checked, then forwarded to `upstream`."""
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = socket.SOMAXCONN  # a burst of connects waits to be accepted (or turned away), not dropped
 
     def __init__(self, address: tuple[str, int], secret: str, api_key: str, upstream: str,
-                 gate: Callable[[uuid.UUID], None]) -> None:
+                 gate: Callable[[uuid.UUID], None], idle_seconds: float = 60, client_connections: int = 32) -> None:
         super().__init__(address, ProxyHandler)
         self.secret, self.api_key, self.gate = secret, api_key, gate
+        self.idle_seconds, self.client_connections = idle_seconds, client_connections
+        self._open: Counter[str] = Counter()
+        self._turned_away_logged: dict[str, float] = {}
+        self._open_lock = threading.Lock()
         parts = urlsplit(upstream or DEFAULT_UPSTREAM)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"ANTHROPIC_BASE_URL must be an http(s) URL, got {upstream!r}")
@@ -112,10 +153,68 @@ class ProxyServer(ThreadingHTTPServer):
         kind = http.client.HTTPSConnection if self.upstream_scheme == "https" else http.client.HTTPConnection
         return kind(self.upstream_host, self.upstream_port, timeout=UPSTREAM_TIMEOUT_SECONDS)
 
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        """Gives the connection a thread, unless its client already holds its share: then it is turned away at once."""
+        client = client_address[0]
+        with self._open_lock:
+            full = self._open[client] >= self.client_connections
+            if not full:
+                self._open[client] += 1
+        if full:
+            return self._turn_away(request, client)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: nothing else gives the slot back
+            self._release(client)
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release(client_address[0])
+
+    def open_connections(self, client: str) -> int:
+        with self._open_lock:
+            return self._open[client]
+
+    def _release(self, client: str) -> None:
+        with self._open_lock:
+            self._open[client] -= 1
+            if self._open[client] <= 0:
+                del self._open[client]
+
+    def _turn_away(self, request: socket.socket, client: str) -> None:
+        """A 429 in the Messages API's shape, sent without waiting on the client, then the connection closed."""
+        now = time.monotonic()
+        with self._open_lock:
+            quiet = now - self._turned_away_logged.get(client, -REFUSAL_LOG_SECONDS) < REFUSAL_LOG_SECONDS
+            if not quiet:
+                self._turned_away_logged[client] = now
+        if not quiet:
+            log.warning("turning away connections from %s: it holds %d, CCD_MODEL_PROXY_CLIENT_CONNECTIONS",
+                        client, self.client_connections)
+        body = json.dumps({"type": "error", "error": {
+            "type": "rate_limit_error",
+            "message": f"too many open connections from {client}: at most {self.client_connections} at once "
+                       "(CCD_MODEL_PROXY_CLIENT_CONNECTIONS); close some and retry"}}).encode()
+        head = (f"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                "Retry-After: 1\r\nx-should-retry: true\r\nConnection: close\r\n\r\n").encode()
+        try:
+            request.setblocking(False)  # a new socket's send buffer takes this; a client that never reads costs nothing
+            request.send(head + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
 
 class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: ProxyServer
+
+    def setup(self) -> None:
+        self.timeout = self.server.idle_seconds  # every read and write on the connection: an idle one is closed
+        super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -136,15 +235,23 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _proxy(self) -> None:
+        session_id = None
         try:
-            self._check_credential()
+            session_id = self._credential_session()
+            target = forwarded_target(self.command, self.path)
+            if target is None:
+                raise Refusal(403, "permission_error", f"{self.command} {self.path[:200]} is not a call the model "
+                                                       f"proxy forwards: it forwards only {ALLOWED}")
+            self.server.gate(session_id)
             body = self._read_body()
         except Refusal as exc:
-            log.info("refused %s %s from %s: %s", self.command, self.path, self.client_address[0], exc.message)
+            (log.warning if exc.status == 403 else log.info)(
+                "refused %s %r for session %s from %s: %s", self.command, self.path[:200], session_id or "-",
+                self.client_address[0], exc.message)
             return self._refuse(exc)
         upstream = self.server.connect_upstream()  # connects on the first request, below
         try:
-            upstream.request(self.command, self.server.upstream_path + self.path, body=body,
+            upstream.request(self.command, self.server.upstream_path + target, body=body,
                              headers=self._forward_headers(len(body)))
             response = upstream.getresponse()
         except (OSError, http.client.HTTPException) as exc:
@@ -158,7 +265,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         finally:
             upstream.close()
 
-    def _check_credential(self) -> None:
+    def _credential_session(self) -> uuid.UUID:
+        """The session of the request's credential (x-api-key, or a bearer token); refused when it has none."""
         credential = self.headers.get("x-api-key", "")
         scheme, _, value = self.headers.get("authorization", "").partition(" ")
         if not credential and scheme.lower() == "bearer":
@@ -166,7 +274,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         session_id = read_model_credential(self.server.secret, credential) if credential else None
         if session_id is None:
             raise Refusal(401, "authentication_error", "invalid or expired session credential")
-        self.server.gate(session_id)
+        return session_id
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
@@ -224,13 +332,35 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+def every_address(host: str) -> bool:
+    """True for a listening address that is every interface: empty, 0.0.0.0, ::, or a name or shorthand
+    ("0") that the resolver turns into one of them, as bind() would."""
+    host = host.strip("[]")
+    if not host:
+        return True
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:  # binding will fail with the resolver's own error
+        return False
+    return any(ipaddress.ip_address(address[4][0].split("%")[0]).is_unspecified for address in found)
+
+
 def build_server(settings: Settings, host: str, port: int, gate: Callable[[uuid.UUID], None] | None = None
                  ) -> ProxyServer:
-    """A proxy for these settings on host:port (port 0: any free one); `gate` defaults to the database check."""
+    """A proxy for these settings on host:port (port 0: any free one); `gate` defaults to the database check.
+
+    Refuses every address unless CCD_MODEL_PROXY_ALLOW_ANY_ADDRESS says so: with a session's credential, anyone
+    who reaches the proxy spends on the account, so it listens where the sessions are and nowhere else.
+    """
+    if every_address(host) and not settings.model_proxy_allow_any_address:
+        raise ConfigError(f"the model proxy would listen on every address ({host or 'empty'!r}), where anyone who "
+                          "reaches this host can use a session's credential; set CCD_MODEL_PROXY_HOST to the "
+                          "sessions' network gateway (or leave it empty to find the gateway), or set "
+                          "CCD_MODEL_PROXY_ALLOW_ANY_ADDRESS=true where only session containers reach this address")
     if gate is None:
         gate = session_gate(settings, make_session_factory(make_engine(settings)))
-    return ProxyServer((host, port), settings.jwt_secret, settings.anthropic_api_key,
-                       settings.anthropic_base_url, gate)
+    return ProxyServer((host, port), settings.jwt_secret, settings.anthropic_api_key, settings.anthropic_base_url,
+                       gate, settings.model_proxy_idle_seconds, settings.model_proxy_client_connections)
 
 
 def start_in_thread(server: ProxyServer) -> threading.Thread:
