@@ -18,13 +18,16 @@ from sqlalchemy.exc import OperationalError
 
 from core.db import make_engine, make_session_factory, transaction
 from core.models import Session
+from core.pricing import PriceTable
 from core.settings import Settings
 from core.trees import ENDED_STATES, BudgetExhausted, check_budget
+from workers.metering import ACCEPT_ENCODING, Usage, UsageMeter, usage_recorder
 
 log = logging.getLogger(__name__)
 
 AUDIENCE = "ccd-model-proxy"
 SESSION_CLAIM = "ccd_model_session"
+TURN_CLAIM = "ccd_model_turn"  # the turn the spend of the credential's requests is metered to
 DEFAULT_UPSTREAM = "https://api.anthropic.com"
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # the Messages API's own request limit
 UPSTREAM_TIMEOUT_SECONDS = 600  # between two reads of a response: a stream may pause, not stall forever
@@ -41,21 +44,31 @@ def _signing_key(secret: str) -> bytes:
     return hmac.new(secret.encode(), b"ccd-model-proxy", hashlib.sha256).digest()
 
 
-def mint_model_credential(secret: str, session_id: str, ttl_seconds: int) -> str:
-    """The API key a session's Claude Code uses for one turn: good only at the proxy, only for that session."""
+def mint_model_credential(secret: str, session_id: str, ttl_seconds: int, turn_id: str | None = None) -> str:
+    """The API key a session's Claude Code uses for one turn: good only at the proxy, only for that session;
+    what its requests spend is metered to `turn_id`."""
     now = int(time.time())
     claims = {"aud": AUDIENCE, "sub": session_id, SESSION_CLAIM: session_id, "iat": now, "exp": now + ttl_seconds}
+    if turn_id is not None:
+        claims[TURN_CLAIM] = turn_id
     return jwt.encode(claims, _signing_key(secret), algorithm="HS256")
+
+
+def read_model_claims(secret: str, credential: str) -> tuple[uuid.UUID, uuid.UUID | None] | None:
+    """The session and turn a credential was minted for; None when it is not a valid, current model credential."""
+    try:
+        claims = jwt.decode(credential, _signing_key(secret), algorithms=["HS256"], audience=AUDIENCE,
+                            options={"require": ["exp", "aud", SESSION_CLAIM]})
+        turn = claims.get(TURN_CLAIM)
+        return uuid.UUID(str(claims[SESSION_CLAIM])), uuid.UUID(str(turn)) if turn is not None else None
+    except (jwt.InvalidTokenError, ValueError):
+        return None
 
 
 def read_model_credential(secret: str, credential: str) -> uuid.UUID | None:
     """The session a credential was minted for; None when it is not a valid, current model credential."""
-    try:
-        claims = jwt.decode(credential, _signing_key(secret), algorithms=["HS256"], audience=AUDIENCE,
-                            options={"require": ["exp", "aud", SESSION_CLAIM]})
-        return uuid.UUID(str(claims[SESSION_CLAIM]))
-    except (jwt.InvalidTokenError, ValueError):
-        return None
+    claims = read_model_claims(secret, credential)
+    return claims[0] if claims is not None else None
 
 
 class Refusal(Exception):
@@ -93,9 +106,10 @@ class ProxyServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], secret: str, api_key: str, upstream: str,
-                 gate: Callable[[uuid.UUID], None]) -> None:
+                 gate: Callable[[uuid.UUID], None], record: Callable[[uuid.UUID, uuid.UUID | None, Usage], None]
+                 ) -> None:
         super().__init__(address, ProxyHandler)
-        self.secret, self.api_key, self.gate = secret, api_key, gate
+        self.secret, self.api_key, self.gate, self.record = secret, api_key, gate, record
         parts = urlsplit(upstream or DEFAULT_UPSTREAM)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"ANTHROPIC_BASE_URL must be an http(s) URL, got {upstream!r}")
@@ -151,22 +165,26 @@ class ProxyHandler(BaseHTTPRequestHandler):
             log.warning("model endpoint unreachable: %s", exc)
             upstream.close()
             return self._refuse(Refusal(502, "api_error", f"the model endpoint is unreachable: {exc}"))
+        meter = UsageMeter(response.status, response.getheader("content-type"), response.getheader("content-encoding"))
         try:
-            self._relay(response)
+            self._relay(response, meter)
         except (OSError, http.client.HTTPException):  # either side went away mid-answer: end both
             self.close_connection = True
         finally:
+            usage = meter.finish(response)
             upstream.close()
+            if usage is not None:
+                self.server.record(*self.claims, usage)
 
     def _check_credential(self) -> None:
         credential = self.headers.get("x-api-key", "")
         scheme, _, value = self.headers.get("authorization", "").partition(" ")
         if not credential and scheme.lower() == "bearer":
             credential = value.strip()
-        session_id = read_model_credential(self.server.secret, credential) if credential else None
-        if session_id is None:
+        self.claims = read_model_claims(self.server.secret, credential) if credential else None
+        if self.claims is None:
             raise Refusal(401, "authentication_error", "invalid or expired session credential")
-        self.server.gate(session_id)
+        self.server.gate(self.claims[0])
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
@@ -183,14 +201,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         headers = {name: value for name, value in self.headers.items()
                    if name.lower() not in HOP_BY_HOP | CREDENTIAL_HEADERS}
         headers["Host"] = self.server.upstream_host
+        headers["Accept-Encoding"] = ACCEPT_ENCODING  # what the meter can read
         if self.server.api_key:
             headers["x-api-key"] = self.server.api_key
         if length or self.command in ("POST", "PUT", "PATCH"):
             headers["Content-Length"] = str(length)
         return headers
 
-    def _relay(self, response: http.client.HTTPResponse) -> None:
-        """Sends the upstream's status, headers and body on, each piece as soon as it arrives."""
+    def _relay(self, response: http.client.HTTPResponse, meter: UsageMeter) -> None:
+        """Sends the upstream's status, headers and body on, each piece as soon as it arrives; the meter reads
+        each piece after it was sent (or failed to be)."""
         self.send_response_only(response.status, response.reason)
         for name, value in response.getheaders():
             if name.lower() not in HOP_BY_HOP:
@@ -206,8 +226,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if no_body:
             return
         while data := response.read1(CHUNK):
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-            self.wfile.flush()
+            try:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                self.wfile.flush()
+            finally:
+                meter.feed(data)
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
@@ -226,11 +249,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
 def build_server(settings: Settings, host: str, port: int, gate: Callable[[uuid.UUID], None] | None = None
                  ) -> ProxyServer:
-    """A proxy for these settings on host:port (port 0: any free one); `gate` defaults to the database check."""
+    """A proxy for these settings on host:port (port 0: any free one); `gate` defaults to the database check.
+    What each answer used is recorded in the database (workers/metering.py)."""
+    factory = make_session_factory(make_engine(settings))
     if gate is None:
-        gate = session_gate(settings, make_session_factory(make_engine(settings)))
+        gate = session_gate(settings, factory)
+    record = usage_recorder(factory, PriceTable.parse(settings.model_prices))
     return ProxyServer((host, port), settings.jwt_secret, settings.anthropic_api_key,
-                       settings.anthropic_base_url, gate)
+                       settings.anthropic_base_url, gate, record)
 
 
 def start_in_thread(server: ProxyServer) -> threading.Thread:
