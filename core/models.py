@@ -52,7 +52,7 @@ class Session(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    cost_usd: Mapped[Decimal] = mapped_column(Numeric(14, 6), default=Decimal(0))
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(14, 6), default=Decimal(0))  # metered at the model proxy
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     last_active_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -76,7 +76,11 @@ class Turn(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     result: Mapped[str | None] = mapped_column(Text, nullable=True)
     usage: Mapped[dict | None] = mapped_column(JSONB, nullable=True)
-    cost_usd: Mapped[Decimal | None] = mapped_column(Numeric(14, 6), nullable=True)
+    # What the model proxy metered for the turn's requests (the spend budgets count), tokens by model, and the cost
+    # Claude Code's result line reported (shown only: the agent can print its own result line).
+    cost_usd: Mapped[Decimal] = mapped_column(Numeric(14, 6), default=Decimal(0), server_default="0")
+    metered_usage: Mapped[dict | None] = mapped_column(JSONB, nullable=True)
+    reported_cost_usd: Mapped[Decimal | None] = mapped_column(Numeric(14, 6), nullable=True)
     duration_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
     first_event_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     queued_event_id: Mapped[str | None] = mapped_column(String(40), nullable=True)

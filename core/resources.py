@@ -24,7 +24,10 @@ class TurnOut(Out):
     attempt: int
     result: str | None
     usage: dict[str, Any] | None
-    cost_usd: Decimal | None
+    # Metered at the model proxy (what budgets count), and its tokens by model; what Claude Code's result line said.
+    cost_usd: Decimal
+    metered_usage: dict[str, dict[str, int]] | None
+    reported_cost_usd: Decimal | None
     duration_ms: int | None
     error: str | None
     reason: str | None
@@ -42,7 +45,8 @@ class TurnOut(Out):
 
     def body(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
-        data["cost_usd"] = float(self.cost_usd) if self.cost_usd is not None else None
+        data["cost_usd"] = float(self.cost_usd)
+        data["reported_cost_usd"] = float(self.reported_cost_usd) if self.reported_cost_usd is not None else None
         session = f"/api/v1/sessions/{self.session_id}"
         since = f"?since={self.queued_event_id}" if self.queued_event_id else ""
         data["links"] = {"self": f"/api/v1/turns/{self.id}", "cancel": f"/api/v1/turns/{self.id}/cancel",

@@ -9,6 +9,7 @@ from typing import Mapping
 
 from core.errors import ConfigError
 from core.limits import DEFAULT_LIMITS, host_cpus, host_memory_mb
+from core.pricing import PriceTable
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/ccd"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -92,6 +93,7 @@ class Settings:
     warm_pool_size: int = 2
     stream_buffer_events: int = 1000
     stream_send_timeout_seconds: int = 30
+    model_prices: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -168,6 +170,10 @@ class Settings:
         if self.idempotency_ttl_seconds < 86400:
             raise ConfigError("CCD_IDEMPOTENCY_TTL_SECONDS must be at least 86400 (24 h): "
                               "clients may retry a request a day later")
+        try:
+            PriceTable.parse(self.model_prices)
+        except ValueError as exc:
+            raise ConfigError(f"CCD_MODEL_PRICES: {exc}") from None
         if not self.key_prefix.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"CCD_KEY_PREFIX may hold letters, digits, - and _ only, got {self.key_prefix!r}")
 
@@ -281,4 +287,5 @@ ENV_NAMES = {
     "warm_pool_size": "CCD_WARM_POOL_SIZE",
     "stream_buffer_events": "CCD_STREAM_BUFFER_EVENTS",
     "stream_send_timeout_seconds": "CCD_STREAM_SEND_TIMEOUT_SECONDS",
+    "model_prices": "CCD_MODEL_PRICES",
 }

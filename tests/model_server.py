@@ -14,8 +14,12 @@ a CALL's JSON is first replaced by that top-level key of the previous tool resul
 JSON), e.g. `CALL: mcp__ccd__wait_for_child {"session_id": "{{session_id}}"}`. After the last
 CALL's result the reply is "TOOL-RESULT: <its text>"; a tool the request does not offer gets
 "NO-TOOL: <name>" instead of a call, and a CALL whose input is not a JSON object "BAD-CALL: ...".
-Every request body is recorded, so a test can check what the model was sent, and every request's
-method and target (path and query, whatever the method) in `seen`, so a test can check what reached it.
+Every request body is recorded, so a test can check what the model was sent; every request's method and
+target (path and query, whatever the method) in `seen`, so a test can check what reached it; and every
+answer's model and `usage` (`answers`), so a test can price what the model reported. Usage is worked out from
+the request and the reply as the real API reports it: the prompt split into uncached input, cache writes and
+cache reads, and output tokens; a stream sends the input and cache counts in `message_start` and the output in
+`message_delta`.
 """
 from __future__ import annotations
 
@@ -141,6 +145,7 @@ class ModelServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.requests: list[dict[str, Any]] = []
         self.seen: list[tuple[str, str]] = []  # (method, target) of every request, in arrival order
+        self.answers: list[dict[str, Any]] = []  # {"model", "usage"} of each message answered, in order
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
         self._httpd.daemon_threads = True
@@ -170,6 +175,10 @@ class ModelServer:
     def targets(self) -> list[tuple[str, str]]:
         with self._lock:
             return list(self.seen)
+
+    def answered(self, model: str, usage: dict[str, Any]) -> None:
+        with self._lock:
+            self.answers.append({"model": model, "usage": dict(usage)})
 
     def tool_requests(self) -> list[dict[str, Any]]:
         """The agent's own requests (the ones that offer tools), in arrival order."""
@@ -221,6 +230,7 @@ class ModelServer:
                     return self._json(plan["status"], _error(kind, "scripted failure"),
                                       {"x-should-retry": "false"})
                 message = _message(body, content_blocks(plan))
+                server.answered(message["model"], message["usage"])
                 if body.get("stream"):
                     return self._stream(message, plan.get("slow", 0.0))
                 return self._json(200, message)
@@ -263,14 +273,24 @@ def _message(body: dict[str, Any], blocks: list[dict[str, Any]]) -> dict[str, An
     return {
         "id": "msg_" + uuid.uuid4().hex[:20], "type": "message", "role": "assistant",
         "model": body.get("model", "scripted"), "content": blocks,
-        "stop_reason": stop, "stop_sequence": None,
-        "usage": {"input_tokens": 5, "output_tokens": 7},
+        "stop_reason": stop, "stop_sequence": None, "usage": _usage(body, blocks),
     }
+
+
+def _usage(body: dict[str, Any], blocks: list[dict[str, Any]]) -> dict[str, int]:
+    """Token counts for a request and its reply, about one per four characters: a conversation under way reads
+    half its prompt from the cache and writes a quarter, a first request writes a quarter."""
+    prompt = max(4, len(json.dumps([body.get("system"), body.get("messages"), body.get("tools")])) // 4)
+    read = prompt // 2 if len(body.get("messages") or []) > 1 else 0
+    written = prompt // 4
+    return {"input_tokens": prompt - read - written, "cache_creation_input_tokens": written,
+            "cache_read_input_tokens": read, "output_tokens": max(1, len(json.dumps(blocks)) // 4)}
 
 
 def _stream_events(message: dict[str, Any], slow: float):
     """The SSE events of a streamed message, the way the Messages API sends them."""
-    start = dict(message, content=[], stop_reason=None, usage={"input_tokens": 5, "output_tokens": 1})
+    usage = message["usage"]
+    start = dict(message, content=[], stop_reason=None, usage=dict(usage, output_tokens=1))
     yield "message_start", {"type": "message_start", "message": start}
     for index, block in enumerate(message["content"]):
         if block["type"] == "tool_use":
@@ -291,7 +311,7 @@ def _stream_events(message: dict[str, Any], slow: float):
         yield "content_block_stop", {"type": "content_block_stop", "index": index}
     yield "message_delta", {"type": "message_delta",
                             "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
-                            "usage": {"output_tokens": 7}}
+                            "usage": {"output_tokens": usage["output_tokens"]}}
     yield "message_stop", {"type": "message_stop"}
 
 

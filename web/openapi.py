@@ -135,9 +135,13 @@ def session_schema(turn_ref: dict) -> dict:
 
 
 def turn_schema() -> dict:
-    """TurnOut as turn_body() shows it: cost as a number, links."""
+    """TurnOut as turn_body() shows it: costs as numbers, links."""
     schema = TurnOut.model_json_schema(mode="serialization", ref_template=REF)
-    schema["properties"]["cost_usd"] = {"anyOf": [{"type": "number"}, {"type": "null"}]}
+    schema["properties"]["cost_usd"] = {"type": "number", "description": "metered at the model proxy from the "
+                                        "model's answers (what budgets count); grows while the turn runs"}
+    schema["properties"]["reported_cost_usd"] = {"anyOf": [{"type": "number"}, {"type": "null"}],
+                                                 "description": "the cost Claude Code's result line reported, clamped "
+                                                                "to the column's range; shown only, never counted"}
     schema["properties"]["links"] = {"type": "object", "additionalProperties": {"type": "string"}}
     schema["required"] = sorted(set(schema["required"]) | {"links"})
     schema["title"] = "Turn"
@@ -344,8 +348,8 @@ OPERATIONS: dict[str, Op] = {
         "A batch's results as NDJSON", {200: Response("one JSON object per finished item", {NDJSON: STREAM_TEXT})},
         query=schemas.ResultsQuery, tag="batches",
         description="One line per finished item, in the order they finished: index, custom_id, session_id, "
-                    "turn_id, status, result, usage, cost_usd, duration_ms, error. `follow=true` keeps the "
-                    "response open until the batch has ended."),
+                    "turn_id, status, result, usage, cost_usd (metered), reported_cost_usd, duration_ms, error. "
+                    "`follow=true` keeps the response open until the batch has ended."),
     "api.revoke_token": Op(
         "Revoke a token", {200: json_response("revoked (or it had expired: revoked false)", ref("Revoked"))},
         body=RevokeRequest, errors=(422,), tag="tokens",

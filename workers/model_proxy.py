@@ -24,13 +24,16 @@ from sqlalchemy.exc import OperationalError
 from core.db import make_engine, make_session_factory, transaction
 from core.errors import ConfigError
 from core.models import Session, Turn
+from core.pricing import PriceTable
 from core.settings import Settings
 from core.trees import ENDED_STATES, BudgetExhausted, check_budget
+from workers.metering import ACCEPT_ENCODING, Usage, UsageMeter, usage_recorder
 
 log = logging.getLogger(__name__)
 
 AUDIENCE = "ccd-model-proxy"
 SESSION_CLAIM = "ccd_model_session"
+TURN_CLAIM = "ccd_model_turn"  # the turn the spend of the credential's requests is metered to
 DEFAULT_UPSTREAM = "https://api.anthropic.com"
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # the Messages API's own request limit
 UPSTREAM_TIMEOUT_SECONDS = 600  # between two reads of a response: a stream may pause, not stall forever
@@ -53,21 +56,31 @@ def _signing_key(secret: str) -> bytes:
     return hmac.new(secret.encode(), b"ccd-model-proxy", hashlib.sha256).digest()
 
 
-def mint_model_credential(secret: str, session_id: str, ttl_seconds: int) -> str:
-    """The API key a session's Claude Code uses for one turn: good only at the proxy, only for that session."""
+def mint_model_credential(secret: str, session_id: str, ttl_seconds: int, turn_id: str | None = None) -> str:
+    """The API key a session's Claude Code uses for one turn: good only at the proxy, only for that session;
+    what its requests spend is metered to `turn_id`."""
     now = int(time.time())
     claims = {"aud": AUDIENCE, "sub": session_id, SESSION_CLAIM: session_id, "iat": now, "exp": now + ttl_seconds}
+    if turn_id is not None:
+        claims[TURN_CLAIM] = turn_id
     return jwt.encode(claims, _signing_key(secret), algorithm="HS256")
+
+
+def read_model_claims(secret: str, credential: str) -> tuple[uuid.UUID, uuid.UUID | None] | None:
+    """The session and turn a credential was minted for; None when it is not a valid, current model credential."""
+    try:
+        claims = jwt.decode(credential, _signing_key(secret), algorithms=["HS256"], audience=AUDIENCE,
+                            options={"require": ["exp", "aud", SESSION_CLAIM]})
+        turn = claims.get(TURN_CLAIM)
+        return uuid.UUID(str(claims[SESSION_CLAIM])), uuid.UUID(str(turn)) if turn is not None else None
+    except (jwt.InvalidTokenError, ValueError):
+        return None
 
 
 def read_model_credential(secret: str, credential: str) -> uuid.UUID | None:
     """The session a credential was minted for; None when it is not a valid, current model credential."""
-    try:
-        claims = jwt.decode(credential, _signing_key(secret), algorithms=["HS256"], audience=AUDIENCE,
-                            options={"require": ["exp", "aud", SESSION_CLAIM]})
-        return uuid.UUID(str(claims[SESSION_CLAIM]))
-    except (jwt.InvalidTokenError, ValueError):
-        return None
+    claims = read_model_claims(secret, credential)
+    return claims[0] if claims is not None else None
 
 
 class Refusal(Exception):
@@ -130,9 +143,10 @@ class ProxyServer(ThreadingHTTPServer):
     request_queue_size = socket.SOMAXCONN  # a burst of connects waits to be accepted (or turned away), not dropped
 
     def __init__(self, address: tuple[str, int], secret: str, api_key: str, upstream: str,
-                 gate: Callable[[uuid.UUID], None], idle_seconds: float = 60, client_connections: int = 32) -> None:
+                 gate: Callable[[uuid.UUID], None], record: Callable[[uuid.UUID, uuid.UUID | None, Usage], None],
+                 idle_seconds: float = 60, client_connections: int = 32) -> None:
         super().__init__(address, ProxyHandler)
-        self.secret, self.api_key, self.gate = secret, api_key, gate
+        self.secret, self.api_key, self.gate, self.record = secret, api_key, gate, record
         self.idle_seconds, self.client_connections = idle_seconds, client_connections
         self._open: Counter[str] = Counter()
         self._turned_away_logged: dict[str, float] = {}
@@ -258,12 +272,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             log.warning("model endpoint unreachable: %s", exc)
             upstream.close()
             return self._refuse(Refusal(502, "api_error", f"the model endpoint is unreachable: {exc}"))
+        meter = UsageMeter(response.status, response.getheader("content-type"), response.getheader("content-encoding"))
         try:
-            self._relay(response)
+            self._relay(response, meter)
         except (OSError, http.client.HTTPException):  # either side went away mid-answer: end both
             self.close_connection = True
         finally:
+            usage = meter.finish(response)
             upstream.close()
+            if usage is not None:
+                self.server.record(*self.claims, usage)
 
     def _credential_session(self) -> uuid.UUID:
         """The session of the request's credential (x-api-key, or a bearer token); refused when it has none."""
@@ -271,10 +289,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         scheme, _, value = self.headers.get("authorization", "").partition(" ")
         if not credential and scheme.lower() == "bearer":
             credential = value.strip()
-        session_id = read_model_credential(self.server.secret, credential) if credential else None
-        if session_id is None:
+        self.claims = read_model_claims(self.server.secret, credential) if credential else None
+        if self.claims is None:
             raise Refusal(401, "authentication_error", "invalid or expired session credential")
-        return session_id
+        return self.claims[0]
 
     def _read_body(self) -> bytes:
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
@@ -291,14 +309,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         headers = {name: value for name, value in self.headers.items()
                    if name.lower() not in HOP_BY_HOP | CREDENTIAL_HEADERS}
         headers["Host"] = self.server.upstream_host
+        headers["Accept-Encoding"] = ACCEPT_ENCODING  # what the meter can read
         if self.server.api_key:
             headers["x-api-key"] = self.server.api_key
         if length or self.command in ("POST", "PUT", "PATCH"):
             headers["Content-Length"] = str(length)
         return headers
 
-    def _relay(self, response: http.client.HTTPResponse) -> None:
-        """Sends the upstream's status, headers and body on, each piece as soon as it arrives."""
+    def _relay(self, response: http.client.HTTPResponse, meter: UsageMeter) -> None:
+        """Sends the upstream's status, headers and body on, each piece as soon as it arrives; the meter reads
+        each piece after it was sent (or failed to be)."""
         self.send_response_only(response.status, response.reason)
         for name, value in response.getheaders():
             if name.lower() not in HOP_BY_HOP:
@@ -314,8 +334,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if no_body:
             return
         while data := response.read1(CHUNK):
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-            self.wfile.flush()
+            try:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                self.wfile.flush()
+            finally:
+                meter.feed(data)
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
@@ -350,17 +373,20 @@ def build_server(settings: Settings, host: str, port: int, gate: Callable[[uuid.
     """A proxy for these settings on host:port (port 0: any free one); `gate` defaults to the database check.
 
     Refuses every address unless CCD_MODEL_PROXY_ALLOW_ANY_ADDRESS says so: with a session's credential, anyone
-    who reaches the proxy spends on the account, so it listens where the sessions are and nowhere else.
+    who reaches the proxy spends on the account, so it listens where the sessions are and nowhere else. What each
+    answer used is recorded in the database (workers/metering.py).
     """
     if every_address(host) and not settings.model_proxy_allow_any_address:
         raise ConfigError(f"the model proxy would listen on every address ({host or 'empty'!r}), where anyone who "
                           "reaches this host can use a session's credential; set CCD_MODEL_PROXY_HOST to the "
                           "sessions' network gateway (or leave it empty to find the gateway), or set "
                           "CCD_MODEL_PROXY_ALLOW_ANY_ADDRESS=true where only session containers reach this address")
+    factory = make_session_factory(make_engine(settings))
     if gate is None:
-        gate = session_gate(settings, make_session_factory(make_engine(settings)))
+        gate = session_gate(settings, factory)
+    record = usage_recorder(factory, PriceTable.parse(settings.model_prices))
     return ProxyServer((host, port), settings.jwt_secret, settings.anthropic_api_key, settings.anthropic_base_url,
-                       gate, settings.model_proxy_idle_seconds, settings.model_proxy_client_connections)
+                       gate, record, settings.model_proxy_idle_seconds, settings.model_proxy_client_connections)
 
 
 def start_in_thread(server: ProxyServer) -> threading.Thread:

@@ -2,13 +2,54 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 # How much of an oversized line an event keeps, so a reader still sees what it was.
 TRUNCATED_HEAD_CHARS = 2048
 LINE_TYPE = re.compile(r'"type"\s*:\s*"([A-Za-z_]{1,40})"')
+MAX_COST_USD = Decimal("99999999.999999")  # what a cost column (Numeric(14, 6)) holds
+MICRO_DOLLAR = Decimal("0.000001")
+MAX_INT4 = 2 ** 31 - 1
+
+
+def finite_float(text: str) -> float | None:
+    """A JSON number as a float; None for one too large to be finite (1e400), as JavaScript would not write it."""
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def parse_line(text: str) -> Any:
+    """A line of Claude Code's as JSON, with NaN, Infinity and overflowing numbers read as null (JSON.stringify
+    writes null for them), so that whatever the agent prints can be stored and sent on as standard JSON."""
+    return json.loads(text, parse_constant=lambda _name: None, parse_float=finite_float)
+
+
+def reported_cost(value: Any) -> Decimal | None:
+    """The cost a result line reports, as a figure to show: a number clamped into what the column holds,
+    rounded as it stores it; None for anything else (a string, a boolean, null)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    cost = Decimal(value) if isinstance(value, int) else Decimal(repr(value))
+    return max(-MAX_COST_USD, min(MAX_COST_USD, cost)).quantize(MICRO_DOLLAR)
+
+
+def reported_figures(result: dict[str, Any] | None) -> dict[str, Any]:
+    """What a turn's row and final event show of its result line, each value made to fit its column. The line may
+    be the agent's own forgery (it can write to Claude Code's stdout): shown, never counted, never a failed write."""
+    result = result or {}
+    text, usage, duration = result.get("result"), result.get("usage"), result.get("duration_ms")
+    if text is not None and not isinstance(text, str):
+        text = json.dumps(text)
+    if isinstance(duration, float) and duration.is_integer():
+        duration = int(duration)
+    return {"result": text, "usage": usage if isinstance(usage, dict) and usage else None,
+            "reported_cost_usd": reported_cost(result.get("total_cost_usd")),
+            "duration_ms": duration if isinstance(duration, int) and not isinstance(duration, bool)
+            and 0 <= duration <= MAX_INT4 else None}
 
 
 @dataclass
@@ -61,8 +102,8 @@ class TurnOutput:
             self.truncated += 1
             return truncated_line(text, size - len(tag) - 1)
         try:
-            line = json.loads(text)
-        except ValueError:
+            line = parse_line(text)
+        except (ValueError, RecursionError):
             line = None
         if not isinstance(line, dict) or not isinstance(line.get("type"), str):
             if self.invalid is None:

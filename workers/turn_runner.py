@@ -25,7 +25,7 @@ from workers.lifecycle import wake
 from workers.model_proxy import mint_model_credential
 from workers.publisher import SERVICE_DOWN, Publisher, retry_while_down
 from workers.runtime import WRAPPER, ExecResult, NotRunning
-from workers.turn_output import TurnOutput
+from workers.turn_output import TurnOutput, reported_figures
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +292,8 @@ class TurnRunner:
             records = self.ctx.runtime.turn_lines(container_id,
                                                   wrapper_argv(turn["id"], session, timeout,
                                                                settings.cancel_grace_seconds),
-                                                  self._run_env(session, timeout), turn["prompt"].encode(), result,
+                                                  self._run_env(session, turn["id"], timeout), turn["prompt"].encode(),
+                                                  result,
                                                   max_line=cap)
         try:
             for record, size in records:
@@ -311,13 +312,14 @@ class TurnRunner:
             log.warning("turn %s: wrapper ended without an exit record (exit code %s): %s",
                         turn["id"], result[0].exit_code, result[0].stderr[-500:])
 
-    def _run_env(self, session: dict, timeout: int) -> dict[str, str]:
+    def _run_env(self, session: dict, turn_id: str, timeout: int) -> dict[str, str]:
         """A new run's environment: the model through cc-docker's proxy, with a credential for this session only
-        (the real key stays out), and with the spawn tools on, a token for the agent's own subtree."""
+        (the real key stays out) that meters its spend to this turn, and with the spawn tools on, a token for the
+        agent's own subtree."""
         settings = self.ctx.settings
         env = {"ANTHROPIC_BASE_URL": self.ctx.runtime.model_proxy_url(),
                "ANTHROPIC_API_KEY": mint_model_credential(settings.jwt_secret, session["id"],
-                                                          timeout + TOKEN_SLACK_SECONDS)}
+                                                          timeout + TOKEN_SLACK_SECONDS, turn_id)}
         if settings.session_api_url:
             env.update(CCD_API_URL=self.ctx.runtime.session_api_url(), CCD_SESSION_ID=session["id"],
                        CCD_SESSION_TOKEN=mint_session_token(settings.jwt_secret, session["owner"], session["id"],
@@ -331,14 +333,13 @@ class TurnRunner:
         if turn.get("lost"):
             return False
         status, error, reason = ending
-        result = output.result or {}
-        usage = result.get("usage") or {}
-        # Rounded as the database stores it, so the event and the turn row report the same cost.
-        cost = Decimal(str(result.get("total_cost_usd") or 0)).quantize(Decimal("0.000001"))
-        text = result.get("result")
-        summary = {"status": status, "result": text, "error": error, "reason": reason,
-                   "usage": usage or None, "cost_usd": float(cost) if result else None,
-                   "duration_ms": result.get("duration_ms")}
+        # The result line's figures are shown, fitted to their columns; the spend is what the model proxy metered.
+        reported = reported_figures(output.result)
+        text, reported_cost = reported["result"], reported["reported_cost_usd"]
+        summary = {"status": status, "result": text, "error": error, "reason": reason, "usage": reported["usage"],
+                   "cost_usd": float(self._metered_cost(turn)),
+                   "reported_cost_usd": float(reported_cost) if reported_cost is not None else None,
+                   "duration_ms": reported["duration_ms"]}
         if isinstance(text, str) and len(text) > self.ctx.settings.max_event_bytes // 2:
             # The event stays within the event limit; the turn row keeps the whole answer.
             summary.update(result=text[: self.ctx.settings.max_event_bytes // 2], result_truncated=True)
@@ -349,11 +350,9 @@ class TurnRunner:
                 log.warning("turn %s was taken over before it finished; leaving it to attempt > %s",
                             turn["id"], turn["attempt"])
                 return False
-        values = dict(status=status, result=result.get("result"), usage=usage or None,
-                      cost_usd=cost if result else None, duration_ms=result.get("duration_ms"),
-                      error=error, reason=reason, first_event_id=mark.get("first"), last_event_id=last_id,
-                      finished_at=utcnow(), lease_holder=None, lease_expires_at=None)
-        done = retry_while_down(lambda: self._record(session, turn, values, usage, cost, output.saw_init),
+        values = dict(status=status, **reported, error=error, reason=reason, first_event_id=mark.get("first"),
+                      last_event_id=last_id, finished_at=utcnow(), lease_holder=None, lease_expires_at=None)
+        done = retry_while_down(lambda: self._record(session, turn, values, output.saw_init),
                                 what=f"record turn {turn['id']}'s result")
         if not done:
             log.warning("turn %s was taken from us before it finished; result dropped", turn["id"])
@@ -362,9 +361,17 @@ class TurnRunner:
         metrics.turn_finished(turn, status)
         return True
 
-    def _record(self, session: dict, turn: dict, values: dict, usage: dict, cost: Decimal, saw_init: bool) -> bool:
-        """Records the turn's outcome and adds it to the session's totals; also finds the session's next queued
-        turn (`turn["next"]`), under the same row lock, which saves a transaction on every turn."""
+    def _metered_cost(self, turn: dict) -> Decimal:
+        """What the model proxy has metered for the turn so far."""
+        def read() -> Decimal:
+            with transaction(self.ctx.db) as db:
+                return db.scalar(select(TURNS.c.cost_usd).where(TURNS.c.id == uuid.UUID(turn["id"]))) or Decimal(0)
+        return retry_while_down(read, what=f"read turn {turn['id']}'s metered cost")
+
+    def _record(self, session: dict, turn: dict, values: dict, saw_init: bool) -> bool:
+        """Records the turn's outcome and marks the session's conversation and activity (its spend and tokens are
+        added by the model proxy as it meters them); also finds the session's next queued turn (`turn["next"]`),
+        under the same row lock, which saves a transaction on every turn."""
         session_id, t, s = uuid.UUID(session["id"]), TURNS.c, SESSIONS.c
         with transaction(self.ctx.db) as db:
             done = db.execute(update(TURNS).where(t.id == uuid.UUID(turn["id"]), t.attempt == turn["attempt"],
@@ -373,9 +380,6 @@ class TurnRunner:
                 return False
             # One statement (it locks the row as it updates it), not a locked read and an ORM flush.
             db.execute(update(SESSIONS).where(s.id == session_id).values(
-                input_tokens=s.input_tokens + int(usage.get("input_tokens") or 0),
-                output_tokens=s.output_tokens + int(usage.get("output_tokens") or 0),
-                cost_usd=s.cost_usd + cost,
                 conversation_started=or_(s.conversation_started, saw_init),
                 last_active_at=utcnow(),
                 status=case((s.status == "busy", "ready"), else_=s.status)))

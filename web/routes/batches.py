@@ -154,7 +154,9 @@ def result_line(item, turn) -> str:
         "session_id": str(item.session_id) if item.session_id else None,
         "turn_id": str(item.turn_id) if item.turn_id else None, "status": item.status,
         "result": turn.result if turn else None, "usage": turn.usage if turn else None,
-        "cost_usd": float(turn.cost_usd) if turn is not None and turn.cost_usd is not None else None,
+        "cost_usd": float(turn.cost_usd) if turn is not None else None,
+        "reported_cost_usd": float(turn.reported_cost_usd) if turn is not None and turn.reported_cost_usd is not None
+        else None,
         "duration_ms": turn.duration_ms if turn else None, "error": item.error,
     }, separators=(",", ":")) + "\n"
 
