@@ -22,6 +22,13 @@ def _private(address: str) -> bool:
     return not ip.is_global or ip.is_multicast
 
 
+def check_enabled(enabled: bool, field: str = "webhook") -> None:
+    """Refuses a webhook when the operator turned them off (CCD_WEBHOOKS_ENABLED=false): it could not be signed."""
+    if not enabled:
+        raise ValidationFailed("webhooks are off on this server (CCD_WEBHOOKS_ENABLED=false)", field=field,
+                               code="webhooks_disabled")
+
+
 def check_url(url: str, allow_private: bool, field: str = "webhook") -> str:
     """The URL when it may receive webhooks; never loopback, link-local or private unless allowed.
 
