@@ -56,7 +56,8 @@ down:
 env:
 	$(PYTHON) scripts/env_secrets.py .env
 
-compose-check:
+# Needs .env: compose.yaml has no default for any secret.
+compose-check: env
 	$(COMPOSE) -f compose.yaml config --quiet
 
 clean:
