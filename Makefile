@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 
 # `make bench` measures M1–M7 against a private stack: see BENCHMARKS.md.
-.PHONY: run test bench fuzz install setup image migrate up down compose-check clean
+.PHONY: run test bench fuzz install setup image migrate up down env compose-check clean
 
 run: install
 	$(BIN)/python scripts/run.py
@@ -44,19 +44,20 @@ migrate: install
 	$(BIN)/python -m core.migrate
 
 # The compose deployment (compose.yaml, settings from .env): builds the images, then starts every service.
-up: .env image
+up: env image
 	$(COMPOSE) up -d --build
 	$(COMPOSE) ps
 
 down:
 	$(COMPOSE) down
 
-# A first .env for compose: .env.example with a fresh JWT_SECRET. Never overwrites an existing one.
-.env:
-	sed "s/^JWT_SECRET=$$/JWT_SECRET=$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(32))')/" .env.example > .env
-	@echo "wrote .env from .env.example with a new JWT_SECRET (review the rest of it)"
+# .env for compose: from .env.example when missing; every secret compose requires that is empty gets a fresh value
+# (JWT_SECRET, CCD_WEBHOOK_SECRET, POSTGRES_PASSWORD, MINIO_*_KEY, FLOWER_BASIC_AUTH). Set values are kept.
+env:
+	$(PYTHON) scripts/env_secrets.py .env
 
-compose-check:
+# Needs .env: compose.yaml has no default for any secret.
+compose-check: env
 	$(COMPOSE) -f compose.yaml config --quiet
 
 clean:

@@ -13,6 +13,13 @@ from core.pricing import PriceTable
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/ccd"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# HS256 keys shorter than the hash are guessable offline from one token (RFC 7518 3.2 asks for 256 bits).
+MIN_SECRET_BYTES = 32
+# CCD_SESSION_API_URL's keywords: the API at the sessions' gateway (what make run and compose use), or no spawn tools.
+SESSION_API_AUTO = "auto"
+SESSION_API_OFF = "off"
+# CCD_HOST_FIREWALL: the worker installs and checks the rules itself, or another component (compose's keeper) does.
+HOST_FIREWALL_MODES = ("true", "external")
 
 
 @dataclass(frozen=True)
@@ -62,13 +69,15 @@ class Settings:
     nofile: int = 4096
     idempotency_ttl_seconds: int = 86400
     webhook_secret: str = field(default="", repr=False)
+    webhooks_enabled: bool = True
     webhook_allow_private: bool = False
     webhook_max_attempts: int = 8
     webhook_concurrency: int = 4
     ws_ping_seconds: int = 25
     max_children: int = 10
     session_api_url: str = ""
-    host_firewall: bool = True
+    host_firewall: str = "true"
+    host_firewall_status: str = ""
     session_bridge: str = ""
     idle_check_seconds: int = 60
     max_upload_bytes: int = 104_857_600
@@ -129,12 +138,29 @@ class Settings:
                 "JWT_SECRET is not set: cc-docker signs and checks API tokens with it. "
                 "Set it to a long random string, e.g. JWT_SECRET=$(openssl rand -hex 32)"
             )
+        # Webhooks are on where they can be signed, unless the operator says otherwise (then a missing key is an error).
+        values.setdefault("webhooks_enabled", bool(values.get("webhook_secret")))
+        values["session_api_url"] = resolve_session_api_url(values.get("session_api_url", ""),
+                                                            values.get("port", 8000))
         settings = cls(**values)
         settings.check()
         return settings
 
     def check(self) -> None:
         """Rejects values that would only fail later, far from their cause."""
+        if len(self.jwt_secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(f"JWT_SECRET is {len(self.jwt_secret.encode())} bytes: it must be at least "
+                              f"{MIN_SECRET_BYTES} (a short key can be guessed from any token). "
+                              "Set JWT_SECRET=$(openssl rand -hex 32)")
+        if self.webhooks_enabled and len(self.webhook_secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(f"CCD_WEBHOOK_SECRET is {'empty' if not self.webhook_secret else 'too short'} while "
+                              f"webhooks are on: it signs every webhook, so it must be at least {MIN_SECRET_BYTES} "
+                              "bytes. Set CCD_WEBHOOK_SECRET=$(openssl rand -hex 32), or CCD_WEBHOOKS_ENABLED=false "
+                              "to refuse requests that ask for one")
+        if self.host_firewall not in HOST_FIREWALL_MODES:
+            raise ConfigError(f"CCD_HOST_FIREWALL must be true (the worker installs the host firewall) or external "
+                              f"(another component does, e.g. compose's host-firewall service), got "
+                              f"{self.host_firewall!r}: sessions never start without it")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         if self.log_format not in ("text", "json"):
@@ -212,6 +238,14 @@ class Settings:
         return f"{self.key_prefix}.host.{host or self.host_name}"
 
 
+def resolve_session_api_url(value: str, port: int) -> str:
+    """CCD_SESSION_API_URL as the runtime uses it: `auto` is the web port at the sessions' gateway (a `{gateway}`
+    template), `off` or empty gives agents no spawn tools (""), anything else is the URL itself."""
+    if value == SESSION_API_AUTO:
+        return f"http://{{gateway}}:{port}"
+    return "" if value == SESSION_API_OFF else value
+
+
 ENV_NAMES = {
     "jwt_secret": "JWT_SECRET",
     "jwt_audience": "JWT_AUDIENCE",
@@ -256,6 +290,7 @@ ENV_NAMES = {
     "nofile": "CCD_NOFILE",
     "idempotency_ttl_seconds": "CCD_IDEMPOTENCY_TTL_SECONDS",
     "webhook_secret": "CCD_WEBHOOK_SECRET",
+    "webhooks_enabled": "CCD_WEBHOOKS_ENABLED",
     "webhook_allow_private": "CCD_WEBHOOK_ALLOW_PRIVATE",
     "webhook_max_attempts": "CCD_WEBHOOK_MAX_ATTEMPTS",
     "webhook_concurrency": "CCD_WEBHOOK_CONCURRENCY",
@@ -263,6 +298,7 @@ ENV_NAMES = {
     "max_children": "CCD_MAX_CHILDREN",
     "session_api_url": "CCD_SESSION_API_URL",
     "host_firewall": "CCD_HOST_FIREWALL",
+    "host_firewall_status": "CCD_HOST_FIREWALL_STATUS",
     "session_bridge": "CCD_SESSION_BRIDGE",
     "idle_check_seconds": "CCD_IDLE_CHECK_SECONDS",
     "max_upload_bytes": "CCD_MAX_UPLOAD_BYTES",

@@ -16,6 +16,13 @@ from core.netguard import AddressRefused, ResolveFailed, Vetted, vet
 SIGNATURE_HEADER = "CCD-Signature"
 
 
+def check_enabled(enabled: bool, field: str = "webhook") -> None:
+    """Refuses a webhook when the operator turned them off (CCD_WEBHOOKS_ENABLED=false): it could not be signed."""
+    if not enabled:
+        raise ValidationFailed("webhooks are off on this server (CCD_WEBHOOKS_ENABLED=false)", field=field,
+                               code="webhooks_disabled")
+
+
 def target(url: str, allow_private: bool, field: str = "webhook") -> tuple[SplitResult, Vetted]:
     """The URL's parts and its host's vetted addresses; never loopback, link-local, private or metadata unless
     allowed. Delivery connects to exactly these addresses (core/netguard.py), so the name is looked up once."""

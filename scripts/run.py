@@ -23,7 +23,7 @@ RUN_DIR = ROOT / ".run"
 sys.path.insert(0, str(ROOT))
 
 from core.errors import ConfigError  # noqa: E402
-from core.settings import Settings  # noqa: E402
+from core.settings import SESSION_API_AUTO, Settings  # noqa: E402
 
 children: list[subprocess.Popen] = []
 
@@ -43,16 +43,29 @@ def load_dotenv(path: Path) -> None:
             os.environ.setdefault(key.strip(), value.strip().strip('"').strip("'"))
 
 
-def ensure_jwt_secret() -> None:
-    """A secret for this machine, kept in .run/ so tokens survive a restart."""
-    if os.environ.get("JWT_SECRET"):
-        return
-    path = RUN_DIR / "jwt_secret"
-    if not path.exists():
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
-        say(f"JWT_SECRET was not set: generated one in {path.relative_to(ROOT)}")
-    os.environ["JWT_SECRET"] = path.read_text().strip()
+# The secrets make run keeps for this machine under .run/ when the environment has none: tokens stay valid and
+# webhook receivers keep their key across restarts.
+SECRET_FILES = {"JWT_SECRET": "jwt_secret", "CCD_WEBHOOK_SECRET": "webhook_secret"}
+
+
+def ensure_secrets() -> None:
+    """Each secret that is not set comes from its file under .run/, made with a fresh value the first time."""
+    for name, file in SECRET_FILES.items():
+        if os.environ.get(name):
+            continue
+        path = RUN_DIR / file
+        if not path.exists():
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+            say(f"{name} was not set: generated one in {path.relative_to(ROOT)}")
+        os.environ[name] = path.read_text().strip()
+
+
+def apply_defaults(environ) -> None:
+    """What make run sets that a bare process does not: agents reach the API at the sessions' network gateway,
+    where the web listens (on every address), so they get the spawn tools; CCD_SESSION_API_URL=off turns them off."""
+    if not environ.get("CCD_SESSION_API_URL"):
+        environ["CCD_SESSION_API_URL"] = SESSION_API_AUTO
 
 
 def answers(host: str, port: int) -> bool:
@@ -158,7 +171,8 @@ def stop_children(*_args) -> None:
 def main() -> int:
     RUN_DIR.mkdir(exist_ok=True)
     load_dotenv(ROOT / ".env")
-    ensure_jwt_secret()
+    ensure_secrets()
+    apply_defaults(os.environ)
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
@@ -183,6 +197,7 @@ def main() -> int:
         spawn("model-proxy", [python, "-m", "workers", "proxy"])
         # Several gunicorn processes: their /metrics counts add up through one multiprocess directory.
         web_env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(RUN_DIR / "web-metrics")}
+        # Every address: the sessions' gateway among them, where agents' spawn tools reach it (CCD_SESSION_API_URL).
         spawn("web", [python, "-m", "gunicorn", "-c", "python:web.gunicorn_conf", "-b", f"0.0.0.0:{settings.port}",
                       "web.wsgi:app"], env=web_env)
         spawn("worker", [python, "-m", "workers", "worker"])
@@ -218,6 +233,11 @@ cc-docker is running at {base}  (sessions talk to {model}; Ctrl-C stops everythi
   curl -s -X POST $CCD/api/v1/sessions -H "Authorization: Bearer $TOKEN" \\
        -H 'Content-Type: application/json' -d '{{"workspace": {{"type": "ephemeral"}}}}'
 """, flush=True)
+    if settings.session_api_url:
+        say(f"agents get the spawn tools, reaching the API at {settings.session_api_url} (CCD_SESSION_API_URL=off: none)")
+    if settings.host_firewall == "true" and os.geteuid() != 0:
+        say("warning: not root, so the worker cannot install the host firewall and no session will start; run make "
+            "run as root, or see README \"The host firewall\" for CCD_HOST_FIREWALL=external")
     if not settings.anthropic_api_key:
         say("warning: ANTHROPIC_API_KEY is not set; turns will fail until it is (see README)")
 

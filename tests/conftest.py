@@ -30,7 +30,7 @@ def settings() -> Settings:
                           redis_url=os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL,
                           key_prefix=f"ccdt{RUN_ID}", session_network=f"ccdt{RUN_ID}-net",
                           image=os.environ.get("CCD_IMAGE") or "ccd-session:latest",
-                          anthropic_api_key="sk-test-not-a-real-key", webhook_secret=secrets.token_hex(16),
+                          anthropic_api_key="sk-test-not-a-real-key", webhook_secret=secrets.token_hex(32),
                           webhook_allow_private=True, cancel_grace_seconds=2)
     yield s
     client = redis.Redis.from_url(s.redis_url)

@@ -259,7 +259,7 @@ def test_webhook_is_signed_retried_after_a_500_and_delivered_once(api, stack_env
     assert [status for status, _, _ in receiver.calls] == [500, 200]
     _, headers, body = receiver.calls[-1]
     assert verify(stack_env["settings"].webhook_secret, headers[SIGNATURE_HEADER], body)
-    assert not verify("another-secret", headers[SIGNATURE_HEADER], body)
+    assert not verify("another-webhook-secret-of-32-bytes", headers[SIGNATURE_HEADER], body)
     delivered = json.loads(body)
     assert delivered["id"] == turn["id"] and delivered["status"] == "succeeded" and delivered["result"] == "hooked"
     assert api.call("GET", f"/api/v1/turns/{turn['id']}", 200)["webhook_status"] == "delivered"

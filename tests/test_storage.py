@@ -189,8 +189,8 @@ def test_s3_bad_endpoint_or_bucket_raises_unavailable_naming_the_setting():
 
 
 def test_storage_from_settings_picks_the_backend(tmp_path, s3_endpoint):
-    local = storage_from_settings(Settings.from_env({}, jwt_secret="x", storage_dir=str(tmp_path / "s")))
+    local = storage_from_settings(Settings.from_env({}, jwt_secret="x" * 32, storage_dir=str(tmp_path / "s")))
     assert isinstance(local, LocalStorage) and local.root == Path(tmp_path / "s").resolve()
-    s3 = storage_from_settings(Settings.from_env({}, jwt_secret="x", minio_endpoint=s3_endpoint["endpoint"],
+    s3 = storage_from_settings(Settings.from_env({}, jwt_secret="x" * 32, minio_endpoint=s3_endpoint["endpoint"],
                                                  minio_bucket="ccd-test-settings"))
     assert isinstance(s3, S3Storage) and s3.describe() == f"s3://ccd-test-settings at {s3_endpoint['endpoint']}"

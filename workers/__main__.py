@@ -68,8 +68,16 @@ def main(argv: list[str]) -> int:
         app.start([*plain, "beat", f"--loglevel={level}", f"--schedule={schedule}"])
         return 0
     network = ctx.runtime.ensure_network()  # fail fast when Docker is not reachable
-    if settings.host_firewall:
+    if settings.host_firewall == "true":
         host_firewall.guard(host_firewall.bridge_name(network), settings)
+    elif not settings.host_firewall_status:
+        logging.getLogger("workers").warning(
+            "CCD_HOST_FIREWALL=external without CCD_HOST_FIREWALL_STATUS: sessions start on the word that another "
+            "component guards bridge %s", host_firewall.bridge_name(network))
+    try:
+        ctx.runtime.require_firewall()
+    except host_firewall.FirewallMissing as exc:  # the worker serves; its session starts fail with this reason
+        logging.getLogger("workers").error("no session will start on this host until this is fixed: %s", exc)
     health_server.start(settings)
     run_worker(app, settings, f"{settings.placement_queue},{settings.host_queue()}",
                args.concurrency or settings.worker_concurrency, f"ccd@{settings.host_name}", plain)

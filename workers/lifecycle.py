@@ -97,6 +97,7 @@ def _abandon(ctx: WorkerContext, session_id: str, how: str) -> None:
 def start_container(ctx: WorkerContext, session_id: str, owner: str, config: dict) -> tuple[str, str]:
     """The new session's container: a started one from this host's warm pool when its config matches the pool's
     ("taken"), else made the cold way (see DockerRuntime.ensure_running)."""
+    ctx.runtime.require_firewall()  # a pool container is already started: check before it becomes a session's
     if ctx.settings.warm_pool_size and uses_pool(config):
         if ctx.runtime.find(session_id) is not None:  # a retried start: keep the container it took, take no other
             return ctx.runtime.ensure_running(session_id, owner, config)

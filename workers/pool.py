@@ -166,6 +166,7 @@ class WarmPool:
 
     def _make(self, key: str) -> str:
         """One pool container, made exactly like a session's cold one and started; returns its id."""
+        self.runtime.require_firewall()
         name = f"{self.name_prefix}{uuid.uuid4().hex[:12]}"
         labels = {"ccd.prefix": self.settings.key_prefix, POOL_LABEL: key, HOST_LABEL: self.settings.host_name}
         container = self.runtime.create_container(name, labels, {"workspace": f"{name}-workspace",

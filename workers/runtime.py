@@ -19,6 +19,7 @@ from docker.utils.socket import STDOUT, frames_iter
 from core.errors import Unavailable
 from core.limits import session_limits
 from core.settings import Settings
+from workers.host_firewall import Gate
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class DockerRuntime:
         self._proxy_url: str | None = None
         self._network_checked = False
         self._gateway: str | None = None
+        self.firewall = Gate(settings)
 
     def container_name(self, session_id: str) -> str:
         return f"{self.settings.key_prefix}-session-{session_id}"
@@ -135,10 +137,20 @@ class DockerRuntime:
         """The Docker host's address on the sessions' network: the one place session containers can reach."""
         network = self.ensure_network()
         network.reload()
+        return self._gateway_of(network)
+
+    def _gateway_of(self, network) -> str:
         for config in network.attrs.get("IPAM", {}).get("Config") or []:
             if config.get("Gateway"):
                 return config["Gateway"]
         raise Unavailable(f"network {self.settings.session_network} has no gateway address")
+
+    def require_firewall(self) -> None:
+        """Returns when session containers may start: the host firewall guards the sessions' network (see
+        workers/host_firewall.py); FirewallMissing, saying what to do, when it does not."""
+        if not self.firewall.passed_recently():
+            network = self.ensure_network()
+            self.firewall.require(network, self._gateway_of(network))
 
     def model_proxy_url(self) -> str:
         """The model proxy as session containers see it: its configured address, or the gateway."""
@@ -198,6 +210,8 @@ class DockerRuntime:
         """
         container = None if new else self.find(session_id)
         how = "running"
+        if container is None or container.status != "running":
+            self.require_firewall()
         if container is None:
             container, how = self._create(session_id, owner, config), "created"
         if container.status != "running":

@@ -16,7 +16,7 @@ from core.errors import TooLarge, ValidationFailed
 from core.models import Batch
 from core.resources import batch_body
 from core.settings import Settings
-from core.webhooks import check_url
+from core.webhooks import check_enabled, check_url
 from web.api import (api, body_bytes, claim_idempotency_key, enqueue, json_data, page, query,
                      remember_idempotency_key)
 from web.context import ctx, unit_of_work
@@ -93,6 +93,7 @@ def create_batch():
     raw, options = read_submission()
     items = validate_items(raw, ctx().settings)
     if options.webhook:
+        check_enabled(ctx().settings.webhooks_enabled)
         check_url(options.webhook, ctx().settings.webhook_allow_private)
     with unit_of_work() as db:
         prior = claim_idempotency_key(db)

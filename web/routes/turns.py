@@ -13,7 +13,7 @@ from core import turns as turn_cmds
 from core.db import transaction
 from core.models import FINISHED_TURN_STATUSES, Turn
 from core.resources import turn_body
-from core.webhooks import check_url
+from core.webhooks import check_enabled, check_url
 from web.api import (api, claim_idempotency_key, enqueue, json_body, page, query,
                      remember_idempotency_key)
 from web.context import ctx, unit_of_work
@@ -45,6 +45,7 @@ def submit_chat(owner: str, session_id: str, spec: ChatRequest, idempotent: bool
     """Queues the turn (or finds the one an earlier request with the same key queued)."""
     settings = ctx().settings
     if spec.webhook:
+        check_enabled(settings.webhooks_enabled)
         check_url(spec.webhook, settings.webhook_allow_private)
     host_queue = None
     with unit_of_work() as db:
