@@ -1,14 +1,14 @@
 """webhook deliveries are claimed (attempt counter and claim expiry) before the POST, not locked during it
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-12-03 18:00:00
 """
 from alembic import op
 import sqlalchemy as sa
 
-revision = '0005'
-down_revision = '0004'
+revision = '0006'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
