@@ -70,3 +70,11 @@ def test_booleans_and_the_idempotency_floor_are_checked():
         Settings.from_env({"JWT_SECRET": "x", "CCD_WEBHOOK_ALLOW_PRIVATE": "maybe"})
     with pytest.raises(ConfigError, match="24 h"):
         Settings.from_env({"JWT_SECRET": "x", "CCD_IDEMPOTENCY_TTL_SECONDS": "60"})
+
+
+def test_the_unpacked_archive_cap_defaults_to_ten_uploads_and_the_archive_caps_are_checked():
+    assert Settings.from_env({"JWT_SECRET": "x", "CCD_MAX_UPLOAD_BYTES": "1000"}).unpacked_limit == 10_000
+    assert Settings.from_env({"JWT_SECRET": "x", "CCD_MAX_UNPACKED_BYTES": "5"}).unpacked_limit == 5
+    for name in ("CCD_MAX_UNPACKED_BYTES", "CCD_MAX_ARCHIVE_MEMBERS", "CCD_MAX_DOWNLOAD_BYTES"):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({"JWT_SECRET": "x", name: "-1"})
