@@ -220,7 +220,8 @@ class Settings:
 
     @property
     def unpacked_limit(self) -> int:
-        """How large an uploaded archive may be once decompressed (its tar stream, headers included)."""
+        """How large an uploaded archive may be once decompressed (its tar stream, headers included), and how much
+        the files of a workspace download may add up to."""
         return self.max_unpacked_bytes or self.max_upload_bytes * 10
 
     @property

@@ -220,6 +220,17 @@ def test_links_devices_and_fifos_in_an_archive_are_refused_and_nothing_is_writte
     assert listing(container) == before
 
 
+def test_an_archive_through_a_symlink_the_agent_made_is_refused_and_nothing_is_written(box):
+    api, sid, container = box
+    run(api, sid, "ln -sfn /tmp /workspace/out")
+    before = listing(container)
+    refused(upload(api, sid, tar_of(member("first.txt", b"written first"), member("out/evil", b"x"))), 422,
+            "invalid_path")
+    assert listing(container) == before
+    code, out = container.exec_run(["ls", "-A", "/tmp"], user="agent")
+    assert b"evil" not in out
+
+
 def test_an_archive_past_the_member_cap_is_refused_and_one_at_it_is_unpacked(box):
     api, sid, container = box
     before = listing(container)

@@ -147,3 +147,11 @@ def test_every_process_refuses_to_start_with_a_weak_secret_and_says_what_to_set(
                           text=True, cwd=root, timeout=60)
     assert proc.returncode != 0
     assert says in proc.stderr and "openssl rand -hex 32" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_unpacked_archive_cap_defaults_to_ten_uploads_and_the_archive_caps_are_checked():
+    assert Settings.from_env({"JWT_SECRET": SECRET, "CCD_MAX_UPLOAD_BYTES": "1000"}).unpacked_limit == 10_000
+    assert Settings.from_env({"JWT_SECRET": SECRET, "CCD_MAX_UNPACKED_BYTES": "5"}).unpacked_limit == 5
+    for name in ("CCD_MAX_UNPACKED_BYTES", "CCD_MAX_ARCHIVE_MEMBERS", "CCD_MAX_DOWNLOAD_BYTES"):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({"JWT_SECRET": SECRET, name: "-1"})

@@ -81,3 +81,17 @@ def test_an_archive_within_the_caps_is_read_once_to_check_and_once_to_write(work
     summary = files.untar(gzipped(regular("a/b.bin", 1000), regular("c.bin", 24)), CAP, 2)
     assert summary == {"files": 2, "bytes": 1024}
     assert (root / "a" / "b.bin").stat().st_size == 1000 and len(counters) == 2
+
+
+@pytest.mark.parametrize("blocked, code", [("link/evil", files.REFUSED), ("plain.txt/evil", files.REFUSED),
+                                           ("adir", files.NOT_A_FILE), ("first.txt/x", files.NOT_A_FILE)])
+def test_a_member_that_cannot_be_written_refuses_the_archive_before_anything_is_written(workspace, blocked, code):
+    root, _counters = workspace
+    (root / "link").symlink_to("/etc")
+    (root / "plain.txt").write_bytes(b"x")
+    (root / "adir").mkdir()
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(files.Refused) as refused:
+        files.untar(gzipped(regular("first.txt", 5), regular(blocked, 3)), CAP, 100)
+    assert refused.value.code == code
+    assert sorted(p.name for p in root.iterdir()) == before

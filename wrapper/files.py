@@ -188,7 +188,9 @@ def untar(source, max_bytes: int, max_members: int) -> dict:
     with tempfile.TemporaryFile() as spool:
         shutil.copyfileobj(source, spool, CHUNK)
         try:
-            for _member, data in members(spool, max_bytes, max_members):
+            targets = Targets()
+            for member, data in members(spool, max_bytes, max_members):
+                targets.check(parts_of(member.name), member.isdir())
                 while data is not None and data.read(CHUNK):
                     pass
         except Refused:
@@ -203,6 +205,44 @@ def untar(source, max_bytes: int, max_members: int) -> dict:
             size += put(member.name, data, member.mode)
             files += 1
         return {"files": files, "bytes": size}
+
+
+class Targets:
+    """Where an archive's members would go, checked before anything is written: refused when a file and a
+    directory of the archive share a path, or the workspace has a symlink or a file where a directory must be
+    (or a directory where a file must go). Writing checks again, through descriptors (see `open_dir`)."""
+
+    def __init__(self) -> None:
+        self.files: set[str] = set()
+        self.dirs: set[str] = set()  # checked already
+
+    def check(self, parts: list[str], is_dir: bool) -> None:
+        for end in range(1, len(parts) + (1 if is_dir else 0)):
+            self.directory("/".join(parts[:end]))
+        if not is_dir:
+            self.file("/".join(parts))
+
+    def directory(self, path: str) -> None:
+        if path in self.dirs:
+            return
+        if path in self.files:
+            raise Refused(NOT_A_FILE, f"{path}: both a file and a directory in the archive")
+        try:
+            if not stat.S_ISDIR(os.lstat(os.path.join(ROOT, path)).st_mode):
+                raise Refused(REFUSED, f"{path}: not a directory inside the workspace (a file or a symlink)")
+        except FileNotFoundError:
+            pass
+        self.dirs.add(path)
+
+    def file(self, path: str) -> None:
+        if path in self.dirs:
+            raise Refused(NOT_A_FILE, f"{path}: is a directory")
+        try:
+            if stat.S_ISDIR(os.lstat(os.path.join(ROOT, path)).st_mode):
+                raise Refused(NOT_A_FILE, f"{path}: is a directory")
+        except FileNotFoundError:
+            pass
+        self.files.add(path)
 
 
 def members(spool, max_bytes: int, max_members: int):
