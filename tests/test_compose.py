@@ -109,8 +109,7 @@ def published_ports(service: dict) -> list[tuple[str | None, int]]:
 
 def test_only_the_web_and_flower_in_its_profile_are_published(config):
     published = {name for name, service in config["services"].items() if service.get("ports")}
-    # model-proxy: its ports belong to the proxy's own change (bound to the sessions' network only); until it lands
-    # compose still publishes it, and the host firewall lets sessions reach exactly that port.
+    # model-proxy: published on the sessions' gateway address only (below).
     assert published - {"model-proxy"} == {"web", "flower"}, published
     assert [port for _, port in published_ports(config["services"]["web"])] == [8000]
     assert config["services"]["flower"]["profiles"] == ["flower"]
@@ -183,9 +182,22 @@ def test_compose_refuses_to_run_without_a_jwt_secret():
     assert proc.returncode != 0 and "JWT_SECRET" in proc.stderr
 
 
-def test_the_model_proxy_is_published_nowhere(config):
+def test_the_model_proxy_is_published_on_the_sessions_gateway_only(config):
     proxy = config["services"]["model-proxy"]
-    assert not proxy.get("ports") and proxy.get("network_mode") != "host", proxy
+    sessions = config["networks"]["sessions"]
+    gateway = sessions["ipam"]["config"][0]["gateway"]
+    ports = proxy["ports"]
+    bound = [(p["host_ip"], int(p["published"]), int(p["target"])) if isinstance(p, dict)
+             else tuple(int(v) if v.isdigit() else v for v in p.split("/")[0].split(":")) for p in ports]
+    assert bound == [(gateway, 8011, 8011)], ports
+    assert proxy.get("network_mode") != "host" and "sessions" in proxy["networks"], proxy
+    # The network is the one the worker uses, made as the worker would make it: no route out, no traffic between
+    # its containers, the bridge name the host firewall guards, no IPv6.
+    env = config["services"]["worker"]["environment"]
+    assert sessions["name"] == env["CCD_SESSION_NETWORK"] and sessions["internal"] is True
+    assert sessions["driver_opts"] == {"com.docker.network.bridge.enable_icc": "false",
+                                       "com.docker.network.bridge.name": env["CCD_SESSION_BRIDGE"]}
+    assert not sessions.get("enable_ipv6")
     # It listens on every address of its own namespace only because compose says so explicitly.
     assert proxy["environment"]["CCD_MODEL_PROXY_ALLOW_ANY_ADDRESS"] == "true"
 
