@@ -69,6 +69,9 @@ class Settings:
     model_proxy_host: str = ""
     model_proxy_port: int = 8011
     tmp_mb: int = 256
+    disk_mb_default: int = 10240
+    max_disk_mb: int = 102400
+    disk_check_seconds: int = 15
     worker_metrics_port: int = 9808
     metrics_token: str = ""
     warm_pool_size: int = 2
@@ -118,9 +121,12 @@ class Settings:
                      "idempotency_ttl_seconds", "webhook_max_attempts", "ws_ping_seconds", "max_children",
                      "idle_check_seconds", "max_upload_bytes", "files_timeout_seconds",
                      "lease_seconds", "worker_lost_seconds", "reap_seconds", "max_event_bytes", "max_turn_output_bytes", "max_prompt_chars",
-                     "model_proxy_port", "tmp_mb", "stream_buffer_events", "stream_send_timeout_seconds"):
+                     "model_proxy_port", "tmp_mb", "stream_buffer_events", "stream_send_timeout_seconds",
+                     "disk_mb_default", "max_disk_mb", "disk_check_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
+        if self.disk_mb_default > self.max_disk_mb:
+            raise ConfigError(f"CCD_DISK_MB_DEFAULT ({self.disk_mb_default}) is over CCD_MAX_DISK_MB ({self.max_disk_mb})")
         if self.warm_pool_size < 0:
             raise ConfigError(f"CCD_WARM_POOL_SIZE must be 0 (off) or more, got {self.warm_pool_size}")
         if not 0 <= self.worker_metrics_port <= 65535:
@@ -195,6 +201,9 @@ ENV_NAMES = {
     "model_proxy_host": "CCD_MODEL_PROXY_HOST",
     "model_proxy_port": "CCD_MODEL_PROXY_PORT",
     "tmp_mb": "CCD_TMP_MB",
+    "disk_mb_default": "CCD_DISK_MB_DEFAULT",
+    "max_disk_mb": "CCD_MAX_DISK_MB",
+    "disk_check_seconds": "CCD_DISK_CHECK_SECONDS",
     "worker_metrics_port": "CCD_WORKER_METRICS_PORT",
     "metrics_token": "CCD_METRICS_TOKEN",
     "warm_pool_size": "CCD_WARM_POOL_SIZE",

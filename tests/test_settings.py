@@ -29,6 +29,8 @@ def test_environment_values_override_defaults_and_are_typed():
     ("CONTAINER_TIMEOUT_DEFAULT", "0", "CONTAINER_TIMEOUT_DEFAULT must be positive"),
     ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be"),
     ("CCD_KEY_PREFIX", "a:b", "CCD_KEY_PREFIX may hold"),
+    ("CCD_DISK_MB_DEFAULT", "999999", r"CCD_DISK_MB_DEFAULT \(999999\) is over CCD_MAX_DISK_MB"),
+    ("CCD_DISK_CHECK_SECONDS", "0", "CCD_DISK_CHECK_SECONDS must be positive"),
 ])
 def test_bad_values_name_the_variable(name, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -7,7 +7,29 @@ from typing import Any, Literal
 from flask import current_app, has_app_context
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.errors import TooLarge
+from core.errors import DomainError, TooLarge
+from core.settings import Settings
+
+MIN_DISK_MB = 10  # Claude Code's own files in the home volume take a few hundred KB
+DEFAULT_DISK_MB, DEFAULT_MAX_DISK_MB = 10240, 102400  # CCD_DISK_MB_DEFAULT and CCD_MAX_DISK_MB outside an app
+
+
+class OverCeiling(DomainError):
+    """A per-session request above the operator's ceiling for it: a 422 naming the field and the ceiling."""
+    status = 422
+    code = "over_ceiling"
+
+    def __init__(self, message: str, *, field: str, limit: int | float) -> None:
+        super().__init__(message, field=field)
+        self.limit = limit
+
+
+def app_settings() -> Settings | None:
+    """The settings of the app serving this request; None outside one."""
+    if has_app_context() and "ccd" in current_app.extensions:
+        return current_app.extensions["ccd"].settings
+    return None
+
 
 PERMISSION_MODES = Literal["default", "acceptEdits", "bypassPermissions", "plan", "dontAsk"]
 
@@ -37,6 +59,23 @@ class Limits(Strict):
     memory_mb: int = Field(2048, ge=128, le=65536)
     cpus: float = Field(1.0, gt=0, le=64)
     pids: int = Field(512, ge=32, le=32768)
+    disk_mb: int | None = Field(None, ge=MIN_DISK_MB, validate_default=True,
+                                description="the workspace and home volumes together, in MB (default "
+                                            "CCD_DISK_MB_DEFAULT, at most CCD_MAX_DISK_MB)")
+
+    @field_validator("disk_mb")
+    @classmethod
+    def _disk_within_ceiling(cls, disk_mb: int | None) -> int:
+        """The operator's default when not given; over the operator's ceiling is a 422 (see OverCeiling)."""
+        settings = app_settings()
+        default = settings.disk_mb_default if settings else DEFAULT_DISK_MB
+        ceiling = settings.max_disk_mb if settings else DEFAULT_MAX_DISK_MB
+        if disk_mb is None:
+            return default
+        if disk_mb > ceiling:
+            raise OverCeiling(f"config.limits.disk_mb is {disk_mb}, over this service's ceiling of {ceiling} MB "
+                              "(CCD_MAX_DISK_MB)", field="config.limits.disk_mb", limit=ceiling)
+        return disk_mb
 
 
 class Timeouts(Strict):
@@ -125,9 +164,8 @@ class PromptTooLong(TooLarge):
 
 def max_prompt_chars() -> int:
     """CCD_MAX_PROMPT_CHARS of the app serving this request (the default outside one)."""
-    if has_app_context() and "ccd" in current_app.extensions:
-        return current_app.extensions["ccd"].settings.max_prompt_chars
-    return DEFAULT_MAX_PROMPT_CHARS
+    settings = app_settings()
+    return settings.max_prompt_chars if settings else DEFAULT_MAX_PROMPT_CHARS
 
 
 def check_prompt(prompt: str) -> str:
