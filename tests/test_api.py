@@ -65,6 +65,9 @@ def test_a_disk_limit_over_the_ceiling_is_a_422_naming_the_field_and_the_ceiling
                         json={"config": {"limits": {"disk_mb": ceiling * 2}}})
     assert spawn.status_code == 422 and error_of(spawn)["field"] == "config.limits.disk_mb"
     assert create(client, auth(), {"config": {"limits": {"disk_mb": 1}}}).status_code == 400  # below 10 MB
+    batch = client.post("/api/v1/batches", headers={**auth(), **JSON},
+                        json={"items": [{"prompt": "hi", "config": {"limits": {"disk_mb": ceiling + 1}}}]})
+    assert batch.status_code == 422 and error_of(batch)["field"] == "items[0].config.limits.disk_mb"
 
 
 def test_malformed_json_is_a_400_not_a_500(client, auth):

@@ -34,7 +34,8 @@ ERROR_TEXT = {400: "Bad request: a validation error names the field (`field`, `d
               409: "The resource is in a state that does not allow this (`wrong_state` and more specific codes)",
               413: "Too large: request body, prompt, batch or upload (the limit is in `limit` or the message)",
               415: "Unsupported Content-Type",
-              422: "Well-formed but refused (`page_too_large`, `not_revocable`)",
+              422: "Well-formed but refused (`page_too_large`, `not_revocable`, `over_ceiling`: over an operator ceiling, "
+                   "named by `field`, the ceiling in `limit`)",
               429: "Over a per-owner limit; retry after `retry_after` seconds (also the Retry-After header)",
               503: "Postgres, Redis or the session's host is not answering; try again shortly"}
 
@@ -250,7 +251,7 @@ OPERATIONS: dict[str, Op] = {
                           {200: Response("the file", {"*/*": BINARY})}, errors=(404,), public=True, tag="docs"),
     "api.create_session": Op(
         "Create a session", {201: json_response("created; a worker starts its container", SESSION)},
-        body=schemas.CreateSession, headers=("Idempotency-Key",), errors=(409, 429), tag="sessions",
+        body=schemas.CreateSession, headers=("Idempotency-Key",), errors=(409, 422, 429), tag="sessions",
         description="An empty body takes every default. The container starts in the background: "
                     "the session is `creating` until it is `ready`."),
     "api.list_sessions": Op("List your sessions", {200: json_response("a page", page_of("Session"))},
@@ -260,7 +261,7 @@ OPERATIONS: dict[str, Op] = {
     "api.spawn": Op(
         "Spawn a child session, optionally with a first prompt",
         {201: json_response("the child (with `turn`: its first turn, or null)", SESSION)},
-        body=schemas.SpawnRequest, headers=("Idempotency-Key",), errors=(402, 409, 429), tag="sessions"),
+        body=schemas.SpawnRequest, headers=("Idempotency-Key",), errors=(402, 409, 422, 429), tag="sessions"),
     "api.list_children": Op("The session's children (the whole tree below it with recursive=true)",
                             {200: json_response("children", {"type": "object", "required": ["items"], "properties": {
                                 "items": {"type": "array", "items": SESSION},
@@ -321,7 +322,7 @@ OPERATIONS: dict[str, Op] = {
         "Submit a batch of prompts", {202: json_response("stored; the first items start", BATCH)},
         body=schemas.CreateBatch, body_required=True, headers=("Idempotency-Key",),
         body_content={NDJSON: {"type": "string", "description": "one BatchItemSpec per line"}},
-        query=schemas.BatchOptions, errors=(402, 409, 429), tag="batches",
+        query=schemas.BatchOptions, errors=(402, 409, 422, 429), tag="batches",
         description="A JSON object {items, concurrency, webhook}, a bare JSON array of items, or NDJSON (one item "
                     "per line; options then come from the query string). Each item is a `BatchItemSpec`: a prompt "
                     "and either session_id or config. Every item is checked before anything is stored. At most "
