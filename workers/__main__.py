@@ -16,7 +16,7 @@ from core.errors import ConfigError
 from core.logs import LineLogger, setup_logging
 from core.metrics import use_private_multiprocess_dir
 from core.settings import Settings
-from workers import health_server, host_firewall
+from workers import disk_quota, health_server, host_firewall
 
 
 def main(argv: list[str]) -> int:
@@ -61,6 +61,7 @@ def main(argv: list[str]) -> int:
     if settings.host_firewall:
         host_firewall.guard(host_firewall.bridge_name(network), settings)
     health_server.start(settings)
+    disk_quota.watch(settings)
     queues = f"{settings.placement_queue},{settings.host_queue()}"
     app.worker_main([*plain, *(["--quiet"] if plain else []), "worker", f"--loglevel={level}", "-Q", queues,
                      f"--concurrency={args.concurrency or settings.worker_concurrency}",
