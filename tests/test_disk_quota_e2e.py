@@ -84,7 +84,7 @@ def test_a_disk_limit_over_the_ceiling_is_refused_with_422(api, stack_env):
     assert err["code"] == "over_ceiling" and err["field"] == "config.limits.disk_mb" and err["limit"] == ceiling
 
 
-def test_a_walk_cut_short_names_the_session_it_was_walking_and_a_volume_gone_meanwhile_is_not_left_behind(
+def test_a_walk_cut_short_names_its_session_and_a_volume_gone_meanwhile_is_not_left_behind(
         stack_env, docker_client, monkeypatch):
     settings = stack_env["settings"]
     runtime = DockerRuntime(settings)
@@ -95,11 +95,11 @@ def test_a_walk_cut_short_names_the_session_it_was_walking_and_a_volume_gone_mea
     docker_client.containers.run(settings.image, ["python3", "-c", many], user="0", network_mode="none",
                                  volumes={made[0].name: {"bind": "/v", "mode": "rw"}}, remove=True)
     gone = f"{settings.key_prefix}-deleted-meanwhile-workspace"  # listed, then deleted before the helper mounted it
-    used, unmeasured = disk_quota.measure(runtime, {"a": [made[0].name], "b": [made[1].name], "c": [gone]})
-    assert set(used) == {"a", "b", "c"} and used["a"] > 0 and unmeasured is None
+    used, cut = disk_quota.measure(runtime, {"a": [made[0].name], "b": [made[1].name], "c": [gone]})
+    assert set(used) == {"a", "b", "c"} and used["a"] > 0 and cut == set()
     assert not docker_client.volumes.list(filters={"name": gone})  # the helper's mount made it again: removed
-    monkeypatch.setattr(disk_quota, "WALK_SECONDS", 0.05)  # out of time while du walks the first session
-    used, unmeasured = disk_quota.measure(runtime, {"a": [made[0].name], "b": [made[1].name]})
-    assert used == {} and unmeasured == "a"
+    monkeypatch.setattr(disk_quota, "SESSION_WALK_SECONDS", 0.05)  # a's walk runs out of time; b's is quick
+    used, cut = disk_quota.measure(runtime, {"a": [made[0].name], "b": [made[1].name]})
+    assert set(used) == {"b"} and cut == {"a"}
     for volume in made:
         volume.remove()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import random
 import threading
 import time
 import uuid
@@ -27,12 +28,15 @@ log = logging.getLogger(__name__)
 MB = 1 << 20
 # Sessions in these states may be writing: their volumes are measured.
 WATCHED_STATES = ("ready", "busy")
-# The longest one walk of all this host's volumes may take. A tree that cannot be walked in this time (millions
-# of files) would never be measured: the session being walked when time runs out is stopped, as over its limit.
+# The longest one volume's walk may take. A tree that cannot be walked in this time (millions of files) would
+# never be measured: its session is stopped, as over its limit. A pass (every volume of the host) takes at most
+# WALK_SECONDS; what it did not reach is measured by a later pass.
+SESSION_WALK_SECONDS = 60
 WALK_SECONDS = 120
-# How a helper that did not finish its walk ended: out of time (None), or killed (its memory limit: du keeps every
-# hard-linked inode it has seen, so a tree of millions of links can exhaust it).
-CUT_SHORT = (None, 137)
+# The helper's script: du for each volume under `timeout`; a walk cut short prints "cut <exit code>\t<volume>":
+# 124 out of time, 137 killed (its memory limit: du keeps every hard-linked inode it has seen).
+WALK = 'for t; do timeout "$0" du -s -x -B1 "$t"; c=$?; [ "$c" -le 1 ] || printf "cut %s\\t%s\\n" "$c" "$t"; done'
+CUT_SHORT = ("cut 124", "cut 137")
 HELPER_LIMITS = {"mem_limit": "256m", "memswap_limit": "256m", "pids_limit": 16, "nano_cpus": 500_000_000}
 
 
@@ -45,13 +49,13 @@ def check(ctx: WorkerContext) -> dict[str, int]:
         configs = dict(db.execute(select(Session.id, Session.config).where(
             Session.id.in_([uuid.UUID(s) for s in containers]), Session.status.in_(WATCHED_STATES))).all())
     volumes = {str(sid): ctx.runtime.mounted_volumes(containers[str(sid)]) for sid in configs}
-    used, unmeasured = measure(ctx.runtime, {sid: names for sid, names in volumes.items() if names})
+    used, cut = measure(ctx.runtime, {sid: names for sid, names in volumes.items() if names})
     stopped = 0
     for sid, config in configs.items():
         limit = disk_limit_mb(config, ctx.settings)
-        if str(sid) == unmeasured:
-            why = (f"the session's volumes could not be measured within {WALK_SECONDS} s (too many files); "
-                   f"its disk limit is {limit} MB (config.limits.disk_mb)")
+        if str(sid) in cut:
+            why = (f"the session's volumes could not be measured within {SESSION_WALK_SECONDS} s (too many "
+                   f"files); its disk limit is {limit} MB (config.limits.disk_mb)")
         elif used.get(str(sid), 0) > limit * MB:
             why = (f"the session's workspace and home volumes hold {used[str(sid)] / MB:.1f} MB, over its disk "
                    f"limit of {limit} MB (config.limits.disk_mb); it was stopped")
@@ -61,40 +65,46 @@ def check(ctx: WorkerContext) -> dict[str, int]:
     return {"measured": len(used), "stopped": stopped}
 
 
-def measure(runtime: DockerRuntime, volumes: dict[str, list[str]]) -> tuple[dict[str, int], str | None]:
-    """Bytes allocated in each session's volumes, and the session whose walk did not finish (None when all did).
+def measure(runtime: DockerRuntime, volumes: dict[str, list[str]]) -> tuple[dict[str, int], set[str]]:
+    """Bytes allocated in each session's volumes, and the sessions whose own walk was cut short (too many files).
 
     One short-lived helper container walks them all: `du` as root with the volumes mounted read-only and no other
     capability than reading any file (so a chmod 000 directory hides nothing), no network. `du` counts allocated
     blocks (a sparse file costs what it holds; space reserved past a file's end by `fallocate --keep-size`, which
-    the engine's own `docker system df` misses, is counted) and each hard link once.
+    the engine's own `docker system df` misses, is counted) and each hard link once. The sessions go in a new
+    order each pass, so a pass that runs out of time leaves different ones for the next.
     """
     if not volumes:
-        return {}, None
+        return {}, set()
+    order = list(volumes)
+    random.shuffle(order)
     targets: dict[str, str] = {}
     mounts = []
-    for sid, names in volumes.items():
-        for i, name in enumerate(names):
+    for sid in order:
+        for i, name in enumerate(volumes[sid]):
             target = f"/m/{sid}/{i}"
             targets[target] = sid
             mounts.append(Mount(target, name, type="volume", read_only=True))
-    out, code = run_helper(runtime, ["du", "-s", "-x", "-B1", *targets], mounts)
+    out, _code = run_helper(runtime, ["sh", "-c", WALK, str(SESSION_WALK_SECONDS), *targets], mounts)
     remove_made_by_helper(runtime, {name for names in volumes.values() for name in names})
     used: dict[str, int] = {}
-    walked = set()
+    walked, cut = set(), set()
     for line in out.splitlines():
         size, _, target = line.partition("\t")
-        if target in targets and size.isdigit():
+        if target not in targets:
+            continue
+        if size.isdigit():
             used[targets[target]] = used.get(targets[target], 0) + int(size)
             walked.add(target)
-    missing = [t for t in targets if t not in walked]
-    for target in missing:
-        used.pop(targets[target], None)  # half a session is not its usage
-    if missing and code not in CUT_SHORT:  # not the walk's length: the helper itself failed (a missing du...)
-        log.warning("disk watcher: the helper exited %s before measuring %d sessions", code, len(missing))
-        return used, None
-    # du walks its arguments in order and prints each as it finishes: the first one missing was being walked.
-    return used, targets[missing[0]] if missing else None
+        elif size in CUT_SHORT:
+            cut.add(targets[target])
+    for target in targets:
+        if target not in walked:
+            used.pop(targets[target], None)  # half a session is not its usage
+    if len(walked) < len(targets) - len(cut):
+        log.warning("disk watcher: %d of %d volumes were not measured in this pass",
+                    len(targets) - len(walked), len(targets))
+    return used, cut
 
 
 def run_helper(runtime: DockerRuntime, argv: list[str], mounts: list[Mount]) -> tuple[str, int | None]:
