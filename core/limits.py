@@ -17,6 +17,7 @@ CEILINGS = (
     ("limits", "memory_mb", "max_memory_mb", "CCD_MAX_MEMORY_MB"),
     ("limits", "cpus", "max_cpus", "CCD_MAX_CPUS"),
     ("limits", "pids", "max_pids", "CCD_MAX_PIDS"),
+    ("limits", "disk_mb", "max_disk_mb", "CCD_MAX_DISK_MB"),
     ("timeouts", "turn_seconds", "turn_ceiling", "CCD_MAX_TURN_SECONDS"),
     ("timeouts", "idle_seconds", "max_idle_seconds", "CCD_MAX_IDLE_SECONDS"),
 )
@@ -63,6 +64,6 @@ def session_limits(config: dict, settings: "Settings") -> dict:
     accepted before an operator lowered one gets the new ceiling when its container is made)."""
     limits = {**DEFAULT_LIMITS, **(config.get("limits") or {})}
     for group, key, ceiling_of, _env in CEILINGS:
-        if group == "limits":
+        if group == "limits" and key in limits:
             limits[key] = min(limits[key], getattr(settings, ceiling_of))
     return limits

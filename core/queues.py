@@ -115,8 +115,9 @@ class TaskSender:
         app.amqp.send_task_message(producer, name, message, queue=queue, retry=False,
                                    declare=None if declare else [])
 
-    def stop_session(self, session_id: str, host_queue: str | None) -> None:
-        self.celery.send_task(STOP_SESSION, args=[session_id],
+    def stop_session(self, session_id: str, host_queue: str | None, reason: str | None = None) -> None:
+        """Asks the session's host to stop it; `reason` when the service stopped it (e.g. disk_quota)."""
+        self.celery.send_task(STOP_SESSION, args=[session_id] + ([reason] if reason else []),
                               queue=host_queue or self.settings.placement_queue)
 
     def deliver_webhook(self, kind: str, resource_id: str, attempt: int = 1, countdown: float = 0) -> None:

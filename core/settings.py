@@ -97,6 +97,9 @@ class Settings:
     model_proxy_idle_seconds: int = 60
     model_proxy_client_connections: int = 32
     tmp_mb: int = 256
+    disk_mb_default: int = 10240
+    max_disk_mb: int = 102400
+    disk_check_seconds: int = 15
     worker_metrics_port: int = 9808
     metrics_token: str = ""
     warm_pool_size: int = 2
@@ -174,7 +177,8 @@ class Settings:
                      "lease_seconds", "worker_lost_seconds", "reap_seconds", "max_event_bytes", "max_turn_output_bytes", "max_prompt_chars",
                      "model_proxy_port", "model_proxy_idle_seconds", "model_proxy_client_connections",
                      "tmp_mb", "stream_buffer_events", "stream_send_timeout_seconds",
-                     "owner_max_pending_items", "max_idle_seconds", "nofile"):
+                     "owner_max_pending_items", "max_idle_seconds", "nofile",
+                     "disk_mb_default", "max_disk_mb", "disk_check_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
         for name in ("owner_max_memory_mb", "owner_max_cpus", "max_turn_seconds"):
@@ -184,6 +188,8 @@ class Settings:
             if getattr(self, name) < DEFAULT_LIMITS[default]:  # else a session that asks for nothing is refused
                 raise ConfigError(f"{ENV_NAMES[name]} must be at least {DEFAULT_LIMITS[default]}, a session's "
                                   f"default limits.{default}; got {getattr(self, name)}")
+        if self.disk_mb_default > self.max_disk_mb:
+            raise ConfigError(f"CCD_DISK_MB_DEFAULT ({self.disk_mb_default}) is over CCD_MAX_DISK_MB ({self.max_disk_mb})")
         if self.nofile < 256:
             raise ConfigError(f"CCD_NOFILE must be at least 256 (Claude Code and its tools need files), got {self.nofile}")
         if self.max_unpacked_bytes < 0:
@@ -319,6 +325,9 @@ ENV_NAMES = {
     "model_proxy_idle_seconds": "CCD_MODEL_PROXY_IDLE_SECONDS",
     "model_proxy_client_connections": "CCD_MODEL_PROXY_CLIENT_CONNECTIONS",
     "tmp_mb": "CCD_TMP_MB",
+    "disk_mb_default": "CCD_DISK_MB_DEFAULT",
+    "max_disk_mb": "CCD_MAX_DISK_MB",
+    "disk_check_seconds": "CCD_DISK_CHECK_SECONDS",
     "worker_metrics_port": "CCD_WORKER_METRICS_PORT",
     "metrics_token": "CCD_METRICS_TOKEN",
     "warm_pool_size": "CCD_WARM_POOL_SIZE",

@@ -81,11 +81,15 @@ def request_cancel(db: DbSession, turn: Turn) -> bool:
     return False
 
 
-def cancel_running_turns(db: DbSession, session_id: uuid.UUID) -> list[str]:
-    """Marks the session's running turn(s) for cancellation; returns their ids to signal."""
+def cancel_running_turns(db: DbSession, session_id: uuid.UUID, reason: str | None = None,
+                         error: str | None = None) -> list[str]:
+    """Marks the session's running turn(s) for cancellation; returns their ids to signal. With a `reason` (the
+    service stopped the session, e.g. disk_quota), the turn ends `failed` with that reason and `error` instead of
+    `cancelled` (see TurnRunner)."""
+    why = {"reason": reason, "error": error} if reason else {}
     rows = db.execute(update(Turn).where(Turn.session_id == session_id, Turn.status == "running",
                                          Turn.cancel_requested_at.is_(None))
-                      .values(cancel_requested_at=func.now()).returning(Turn.id)).scalars().all()
+                      .values(cancel_requested_at=func.now(), **why).returning(Turn.id)).scalars().all()
     return [str(i) for i in rows]
 
 

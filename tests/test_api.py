@@ -24,13 +24,14 @@ def test_healthz_needs_no_token(client):
     assert resp.status_code == 200 and resp.get_json() == {"status": "ok"}
 
 
-def test_create_returns_201_with_defaults_and_links(client, auth):
+def test_create_returns_201_with_defaults_and_links(client, auth, api_settings):
     resp = create(client, auth(), {"workspace": {"type": "ephemeral"}, "config": {"model": "claude-x"}})
     assert resp.status_code == 201
     body = resp.get_json()
     assert body["status"] == "creating" and body["owner"] == "alice"
     assert body["config"]["model"] == "claude-x"
-    assert body["config"]["limits"] == {"memory_mb": 2048, "cpus": 1.0, "pids": 512}
+    assert body["config"]["limits"] == {"memory_mb": 2048, "cpus": 1.0, "pids": 512,
+                                        "disk_mb": api_settings.disk_mb_default}
     assert resp.headers["Location"] == f"/api/v1/sessions/{body['id']}"
     assert body["links"]["chat"] == f"/api/v1/sessions/{body['id']}/chat"
 
@@ -49,6 +50,24 @@ def test_invalid_session_specs_name_the_field(client, auth, body, field):
     err = error_of(resp)
     assert err["code"] == "validation_error" and err["field"] == field
     assert err["message"].startswith(field)
+
+
+def test_a_disk_limit_over_the_ceiling_is_a_422_naming_the_field_and_the_ceiling(client, auth, api_settings):
+    ceiling = api_settings.max_disk_mb
+    resp = create(client, auth(), {"config": {"limits": {"disk_mb": ceiling + 1}}})
+    assert resp.status_code == 422
+    err = error_of(resp)
+    assert err["code"] == "limit_exceeded" and err["field"] == "config.limits.disk_mb" and err["limit"] == ceiling
+    assert str(ceiling) in err["message"] and "CCD_MAX_DISK_MB" in err["message"]
+    parent = create(client, auth(), {"config": {"limits": {"disk_mb": ceiling}}})
+    assert parent.status_code == 201 and parent.get_json()["config"]["limits"]["disk_mb"] == ceiling
+    spawn = client.post(f"/api/v1/sessions/{parent.get_json()['id']}/spawn", headers={**auth(), **JSON},
+                        json={"config": {"limits": {"disk_mb": ceiling * 2}}})
+    assert spawn.status_code == 422 and error_of(spawn)["field"] == "config.limits.disk_mb"
+    assert create(client, auth(), {"config": {"limits": {"disk_mb": 1}}}).status_code == 400  # below 10 MB
+    batch = client.post("/api/v1/batches", headers={**auth(), **JSON},
+                        json={"items": [{"prompt": "hi", "config": {"limits": {"disk_mb": ceiling + 1}}}]})
+    assert batch.status_code == 422 and error_of(batch)["field"] == "items[0].config.limits.disk_mb"
 
 
 def test_malformed_json_is_a_400_not_a_500(client, auth):

@@ -38,6 +38,8 @@ def test_environment_values_override_defaults_and_are_typed():
     ("CCD_MAX_PIDS", "100", "CCD_MAX_PIDS must be at least 512"),
     ("CCD_OWNER_MAX_CPUS", "-1", "CCD_OWNER_MAX_CPUS must be 0"),
     ("CCD_NOFILE", "16", "CCD_NOFILE must be at least 256"),
+    ("CCD_DISK_MB_DEFAULT", "999999", r"CCD_DISK_MB_DEFAULT \(999999\) is over CCD_MAX_DISK_MB"),
+    ("CCD_DISK_CHECK_SECONDS", "0", "CCD_DISK_CHECK_SECONDS must be positive"),
 ])
 def test_bad_values_name_the_variable(name, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -41,6 +41,7 @@ def register_error_handlers(app: Flask) -> None:
         if isinstance(exc, OverLimit):
             body, status = error_response(429, exc.code, exc.message, limit=exc.limit, retry_after=exc.retry_after)
             return body, status, {"Retry-After": str(exc.retry_after)}
+        # `limit`: what the request may have at most, for errors that carry one (LimitExceeded).
         return error_response(exc.status, exc.code, exc.message, field=exc.field, limit=getattr(exc, "limit", None))
 
     @app.errorhandler(ValidationError)

@@ -9,6 +9,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from core.errors import TooLarge
 from core.limits import DEFAULT_LIMITS
+from core.settings import Settings
+
+MIN_DISK_MB = 10  # Claude Code's own files in the home volume take a few hundred KB
+DEFAULT_DISK_MB = 10240  # CCD_DISK_MB_DEFAULT outside an app
+
+
+def app_settings() -> Settings | None:
+    """The settings of the app serving this request; None outside one."""
+    if has_app_context() and "ccd" in current_app.extensions:
+        return current_app.extensions["ccd"].settings
+    return None
+
 
 PERMISSION_MODES = Literal["default", "acceptEdits", "bypassPermissions", "plan", "dontAsk"]
 
@@ -39,6 +51,18 @@ class Limits(Strict):
     memory_mb: int = Field(DEFAULT_LIMITS["memory_mb"], ge=128, description="at most CCD_MAX_MEMORY_MB")
     cpus: float = Field(DEFAULT_LIMITS["cpus"], gt=0, allow_inf_nan=False, description="at most CCD_MAX_CPUS")
     pids: int = Field(DEFAULT_LIMITS["pids"], ge=32, description="at most CCD_MAX_PIDS")
+    disk_mb: int | None = Field(None, ge=MIN_DISK_MB, validate_default=True,
+                                description="the workspace and home volumes together, in MB (default "
+                                            "CCD_DISK_MB_DEFAULT, at most CCD_MAX_DISK_MB)")
+
+    @field_validator("disk_mb")
+    @classmethod
+    def _disk_default(cls, disk_mb: int | None) -> int:
+        """The operator's default when not given (its ceiling is checked with the others, core/limits.py)."""
+        if disk_mb is not None:
+            return disk_mb
+        settings = app_settings()
+        return settings.disk_mb_default if settings else DEFAULT_DISK_MB
 
 
 class Timeouts(Strict):
@@ -127,9 +151,8 @@ class PromptTooLong(TooLarge):
 
 def max_prompt_chars() -> int:
     """CCD_MAX_PROMPT_CHARS of the app serving this request (the default outside one)."""
-    if has_app_context() and "ccd" in current_app.extensions:
-        return current_app.extensions["ccd"].settings.max_prompt_chars
-    return DEFAULT_MAX_PROMPT_CHARS
+    settings = app_settings()
+    return settings.max_prompt_chars if settings else DEFAULT_MAX_PROMPT_CHARS
 
 
 def check_prompt(prompt: str) -> str:

@@ -17,7 +17,7 @@ from core.errors import ConfigError
 from core.logs import LineLogger, setup_logging
 from core.metrics import use_private_multiprocess_dir
 from core.settings import Settings
-from workers import health_server, host_firewall
+from workers import disk_quota, health_server, host_firewall
 
 
 def main(argv: list[str]) -> int:
@@ -79,6 +79,7 @@ def main(argv: list[str]) -> int:
     except host_firewall.FirewallMissing as exc:  # the worker serves; its session starts fail with this reason
         logging.getLogger("workers").error("no session will start on this host until this is fixed: %s", exc)
     health_server.start(settings)
+    disk_quota.watch(settings)
     run_worker(app, settings, f"{settings.placement_queue},{settings.host_queue()}",
                args.concurrency or settings.worker_concurrency, f"ccd@{settings.host_name}", plain)
     return 0

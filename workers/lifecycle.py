@@ -70,7 +70,7 @@ def start_session(ctx: WorkerContext, session_id: str, spec: dict | None = None)
     log.info("session %s ready in container %s (%s)", session_id, container_id[:12], how)
     if head is not None:
         ctx.sender.run_turn(str(head), ctx.settings.host_queue())
-    if ctx.settings.warm_pool_size and uses_pool(config):
+    if ctx.settings.warm_pool_size and uses_pool(config, ctx.settings):
         ctx.sender.fill_pool(ctx.settings.host_queue())  # replaces what was taken (or was missing), after ready
 
 
@@ -98,7 +98,7 @@ def start_container(ctx: WorkerContext, session_id: str, owner: str, config: dic
     """The new session's container: a started one from this host's warm pool when its config matches the pool's
     ("taken"), else made the cold way (see DockerRuntime.ensure_running)."""
     ctx.runtime.require_firewall()  # a pool container is already started: check before it becomes a session's
-    if ctx.settings.warm_pool_size and uses_pool(config):
+    if ctx.settings.warm_pool_size and uses_pool(config, ctx.settings):
         if ctx.runtime.find(session_id) is not None:  # a retried start: keep the container it took, take no other
             return ctx.runtime.ensure_running(session_id, owner, config)
         container_id = WarmPool.of(ctx).take(session_id)
@@ -129,18 +129,21 @@ def save_workspace(ctx: WorkerContext, session_id: str) -> str | None:
         return f"saving the workspace failed: {exc}; the volumes on {ctx.settings.host_name} still hold it"
 
 
-def stop_session(ctx: WorkerContext, session_id: str) -> None:
-    """Stops the container and saves a persistent workspace; volumes stay, so the next turn resumes."""
+def stop_session(ctx: WorkerContext, session_id: str, reason: str | None = None) -> None:
+    """Stops the container and saves a persistent workspace; volumes stay, so the next turn resumes.
+    With a `reason` (the service stopped it, e.g. disk_quota), the session keeps the error that says why."""
     ctx.runtime.stop(session_id)
     error = save_workspace(ctx, session_id)
     with transaction(ctx.db) as db:
         row = _locked(db, session_id)
         if row is None or row.status != "stopping":
             return
-        row.status, row.error = "stopped", error
+        why = row.error if reason else None
+        row.status, row.error = "stopped", "; ".join(e for e in (why, error) if e) or None
         row.updated_at = utcnow()
         workspaces.release(db, row)
-    publish_status(ctx, session_id, "stopped", error)
+        error = row.error
+    publish_status(ctx, session_id, "stopped", error, reason)
     log.info("session %s stopped", session_id)
 
 

@@ -17,7 +17,7 @@ from redis.exceptions import LockError
 from core.settings import Settings
 from workers.context import WorkerContext
 from core.limits import DEFAULT_LIMITS
-from workers.runtime import DockerRuntime
+from workers.runtime import DockerRuntime, disk_limit_mb
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,12 @@ return id
 """
 
 
-def uses_pool(config: dict) -> bool:
-    """Whether a session with this config may take a warm container: pool containers have the default limits."""
-    return {**DEFAULT_LIMITS, **(config.get("limits") or {})} == DEFAULT_LIMITS
+def uses_pool(config: dict, settings: Settings) -> bool:
+    """Whether a session with this config may take a warm container: pool containers have the default limits
+    (and the default disk limit, which sizes their volumes where the volume driver can)."""
+    limits = config.get("limits") or {}
+    return (all(limits.get(name, value) == value for name, value in DEFAULT_LIMITS.items())
+            and disk_limit_mb(config, settings) == settings.disk_mb_default)
 
 
 class WarmPool:
@@ -62,6 +65,8 @@ class WarmPool:
         ones), the network, the /tmp size, the limits and the open-files limit."""
         image = self.runtime.api.inspect_image(self.settings.image)["Id"]
         spec = [image, self.settings.session_network, self.settings.tmp_mb, DEFAULT_LIMITS, self.settings.nofile]
+        if self.runtime.sizes_volumes():  # a new default disk size retires containers whose volumes have the old
+            spec.append(self.settings.disk_mb_default)
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def ready(self) -> int:
@@ -170,7 +175,8 @@ class WarmPool:
         name = f"{self.name_prefix}{uuid.uuid4().hex[:12]}"
         labels = {"ccd.prefix": self.settings.key_prefix, POOL_LABEL: key, HOST_LABEL: self.settings.host_name}
         container = self.runtime.create_container(name, labels, {"workspace": f"{name}-workspace",
-                                                                 "home": f"{name}-home"}, DEFAULT_LIMITS)
+                                                                 "home": f"{name}-home"},
+                                                 {**DEFAULT_LIMITS, "disk_mb": self.settings.disk_mb_default})
         try:
             container.start()
         except Exception:
@@ -186,7 +192,8 @@ class WarmPool:
         # `taking` was read shows in `found` with its session's name, which is not ours to remove.
         listed, taking = self.redis.lrange(self.key, 0, -1), self.redis.hgetall(self.taking)
         found = {c.id: c for c in self.runtime.client.containers.list(all=True, filters={"label": [
-            f"ccd.prefix={self.settings.key_prefix}", f"{HOST_LABEL}={self.settings.host_name}", POOL_LABEL]})}
+            f"ccd.prefix={self.settings.key_prefix}", f"{HOST_LABEL}={self.settings.host_name}", POOL_LABEL]},
+            ignore_removed=True)}  # a taken one whose session is being deleted may go between the list and its inspect
         stale = [cid for cid in listed if cid not in found or found[cid].status != "running"
                  or found[cid].labels.get(POOL_LABEL) != key or not self._mine(found[cid])]
         keep = [cid for cid in listed if cid not in stale]

@@ -13,7 +13,7 @@ from typing import BinaryIO, Iterator
 
 import docker
 from docker.errors import APIError, NotFound
-from docker.types import LogConfig, Mount, Ulimit
+from docker.types import DriverConfig, LogConfig, Mount, Ulimit
 from docker.utils.socket import STDOUT, frames_iter
 
 from core.errors import Unavailable
@@ -45,6 +45,12 @@ HELPER_OUTPUT_BYTES = 1 << 20
 AGENT_ANSWER_SECONDS = 30.0
 # The agent's own lines around a run's records: "<marker>\t<nonce>[\t<exit code>]" (see wrapper/serve.py).
 AGENT_MARKERS = ("accepted", "start", "end", "stale")
+
+
+def disk_limit_mb(config: dict, settings: Settings) -> int:
+    """The session's disk limit in MB (config.limits.disk_mb, else CCD_DISK_MB_DEFAULT), never above CCD_MAX_DISK_MB."""
+    asked = (config.get("limits") or {}).get("disk_mb") or settings.disk_mb_default
+    return min(int(asked), settings.max_disk_mb)
 
 
 class NotRunning(Exception):
@@ -81,6 +87,7 @@ class DockerRuntime:
         self._network_checked = False
         self._gateway: str | None = None
         self.firewall = Gate(settings)
+        self._sizes_volumes: bool | None = None
 
     def container_name(self, session_id: str) -> str:
         return f"{self.settings.key_prefix}-session-{session_id}"
@@ -183,7 +190,9 @@ class DockerRuntime:
     def session_containers(self) -> dict[str, object]:
         """Every session container of ours on this engine, by session id: from its label, else from its name
         (a warm pool container, taken, keeps its pool labels but carries the session's name)."""
-        found = self.client.containers.list(all=True, filters={"label": f"ccd.prefix={self.settings.key_prefix}"})
+        # ignore_removed: one removed between the list and its inspect (a delete, a disk watcher's helper) is gone.
+        found = self.client.containers.list(all=True, filters={"label": f"ccd.prefix={self.settings.key_prefix}"},
+                                            ignore_removed=True)
         by_session = {}
         for container in found:
             session_id = container.labels.get("ccd.session") or self.session_of(container.name)
@@ -220,7 +229,7 @@ class DockerRuntime:
         return container.id, how
 
     def _create(self, session_id: str, owner: str, config: dict):
-        limits = session_limits(config, self.settings)
+        limits = {**session_limits(config, self.settings), "disk_mb": disk_limit_mb(config, self.settings)}
         labels = {"ccd.session": session_id, "ccd.owner": owner, "ccd.prefix": self.settings.key_prefix}
         try:
             return self.create_container(self.container_name(session_id), labels, self.volume_names(session_id),
@@ -238,7 +247,11 @@ class DockerRuntime:
         if not self._network_checked:  # once per process: a network removed since shows up as a 404 below
             self.ensure_network()
             self._network_checked = True
-        mounts = [Mount(target, volumes[key], type="volume", labels=labels)
+        # Where the volume driver can size a volume, each is capped at disk_mb by the driver (writes past it fail);
+        # the disk watcher (workers/disk_quota.py) caps the two together either way.
+        sized = DriverConfig("local", {"size": f"{int(limits['disk_mb'])}m"}) \
+            if limits.get("disk_mb") and self.sizes_volumes() else None
+        mounts = [Mount(target, volumes[key], type="volume", labels=labels, driver_config=sized)
                   for key, target in (("workspace", "/workspace"), ("home", "/home/agent"))]
         host = self.api.create_host_config(
             init=True,
@@ -277,6 +290,22 @@ class DockerRuntime:
                 return self.create_container(name, labels, volumes, limits)
             raise
 
+    def sizes_volumes(self) -> bool:
+        """Whether the engine's local volume driver takes a `size` (XFS with project quotas): asked once per
+        process, by making a sized volume. ext4 and overlay2 answer "quota size requested but no quota support"."""
+        if self._sizes_volumes is None:
+            name = f"{self.settings.key_prefix}-size-probe-{uuid.uuid4().hex[:12]}"
+            try:
+                self.api.create_volume(name, driver="local", driver_opts={"size": "16m"},
+                                       labels={"ccd.prefix": self.settings.key_prefix})
+                self.remove_volumes([name])
+                self._sizes_volumes = True
+            except APIError as exc:
+                log.info("the engine's volumes cannot be sized (%s): the disk watcher alone enforces "
+                         "config.limits.disk_mb", exc.explanation or exc)
+                self._sizes_volumes = False
+        return self._sizes_volumes
+
     def stop(self, session_id: str, grace_seconds: int = 10) -> None:
         container = self.find(session_id)
         if container is not None and container.status in ("running", "restarting", "paused"):
@@ -292,9 +321,7 @@ class DockerRuntime:
     def remove_container(self, container) -> None:
         """Removes a container of ours and the named volumes it mounts (a container taken from the warm
         pool keeps its pool volumes' names, so they are read from its mounts, not derived from the session)."""
-        ours = f"{self.settings.key_prefix}-"
-        mounted = [m["Name"] for m in container.attrs.get("Mounts") or []
-                   if m.get("Type") == "volume" and (m.get("Name") or "").startswith(ours)]
+        mounted = self.mounted_volumes(container)
         try:
             container.remove(force=True)
         except NotFound:
@@ -304,6 +331,12 @@ class DockerRuntime:
                 raise
             self._wait_removed(container.id)  # being removed by a concurrent check or delete: its volumes free after
         self.remove_volumes(mounted)
+
+    def mounted_volumes(self, container) -> list[str]:
+        """The names of our volumes a container mounts (from a list or an inspect of it)."""
+        ours = f"{self.settings.key_prefix}-"
+        return [m["Name"] for m in container.attrs.get("Mounts") or []
+                if m.get("Type") == "volume" and (m.get("Name") or "").startswith(ours)]
 
     def _wait_removed(self, container_id: str, seconds: float = 10.0) -> None:
         deadline = time.monotonic() + seconds

@@ -28,9 +28,9 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
             TurnRunner(ctx).run(turn_id)
 
     @app.task(name=queues.STOP_SESSION)
-    def stop_session(session_id: str) -> None:
+    def stop_session(session_id: str, reason: str | None = None) -> None:
         with traced(session_id=session_id):
-            lifecycle.stop_session(ctx, session_id)
+            lifecycle.stop_session(ctx, session_id, reason)
 
     @app.task(name=queues.DELETE_SESSION)
     def delete_session(session_id: str) -> None:

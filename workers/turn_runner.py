@@ -127,7 +127,10 @@ class TurnRunner:
         status, error, reason = ("failed", *failure) if failure else output.outcome()
         if reason == "process_lost":
             error, reason = self._why_lost(session, error, reason)
-        if status not in ("succeeded", "cancelled") and reason != "output_limit" and self._cancel_requested(turn):
+        asked = self._cancel_requested(turn) if status != "succeeded" and reason != "output_limit" else None
+        if asked and asked[0] != "cancelled":  # the service stopped its session (e.g. disk_quota): a failure
+            status, error, reason = "failed", asked[1], asked[0]
+        elif asked and status != "cancelled":
             status, error, reason = "cancelled", "cancelled by request", "cancelled"  # e.g. its container was stopped
         if self._finish(session, turn, output, (status, error, reason), mark, publisher):
             self._send_next(turn.get("next"), session["host_queue"])  # looked up as the turn was recorded
@@ -255,11 +258,15 @@ class TurnRunner:
             log.warning("could not renew a lease (database unreachable: %s); retrying", exc.orig or exc)
             return True
 
-    def _cancel_requested(self, turn: dict) -> bool:
-        def check() -> bool:
+    def _cancel_requested(self, turn: dict) -> tuple[str, str | None] | None:
+        """None, or why the turn was asked to stop: ("cancelled", None) for a cancel, or the reason and error the
+        service gave (see core.turns.cancel_running_turns)."""
+        def check() -> tuple[str, str | None] | None:
             with transaction(self.ctx.db) as db:
                 row = db.get(Turn, uuid.UUID(turn["id"]))
-                return row is not None and row.cancel_requested_at is not None
+                if row is None or row.cancel_requested_at is None:
+                    return None
+                return (row.reason, row.error) if row.reason else ("cancelled", None)
         return retry_while_down(check, what=f"check turn {turn['id']} for a cancel")
 
     def _interrupt(self, container_id: str, turn: dict) -> bool:

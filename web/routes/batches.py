@@ -20,8 +20,8 @@ from core.webhooks import check_enabled, check_url
 from web.api import (api, body_bytes, claim_idempotency_key, enqueue, json_data, page, query,
                      remember_idempotency_key)
 from web.context import ctx, unit_of_work
-from web.schemas import (MAX_BATCH_ITEMS, BatchItemSpec, BatchOptions, CreateBatch, PageQuery, PromptTooLong,
-                         ResultsQuery)
+from web.schemas import (MAX_BATCH_ITEMS, BatchItemSpec, BatchOptions, CreateBatch, PageQuery,
+                         PromptTooLong, ResultsQuery)
 
 FOLLOW_POLL_SECONDS = 0.5
 # Items settle in transactions that commit in any order: a follower looks back this far.
@@ -69,7 +69,7 @@ def validate_items(raw: list, settings: Settings) -> list[dict]:
             first = exc.errors()[0]
             raise InvalidItem(index, ".".join(str(p) for p in first["loc"]), first["msg"]) from None
         except PromptTooLong as exc:
-            exc.field = f"items[{index}].prompt"
+            exc.field = f"items[{index}].{exc.field}"
             raise
         config = spec.config.model_dump() if spec.config else None
         if config is not None:
