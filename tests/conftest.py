@@ -93,7 +93,7 @@ def stack_env(settings, docker_client, s3_endpoint):
         CCD_WEBHOOK_SECRET=settings.webhook_secret, CCD_WEBHOOK_ALLOW_PRIVATE="true", CCD_WEBHOOK_MAX_ATTEMPTS="3",
         CCD_CANCEL_GRACE_SECONDS=str(settings.cancel_grace_seconds), CCD_WS_PING_SECONDS="3",
         # The proxy closes idle connections sooner than by default: Claude Code must cope, and a flood test can wait.
-        CCD_MODEL_PROXY_IDLE_SECONDS="20")
+        CCD_MODEL_PROXY_IDLE_SECONDS="40")
     proxy = stack.start_proxy(env)
     web = stack.start_web(env, port, also_on=gateway)
     worker = stack.start_worker(env)

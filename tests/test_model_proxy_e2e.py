@@ -114,7 +114,8 @@ def test_from_inside_a_turn_the_accounts_other_endpoints_are_refused_and_never_r
     assert not {p for p in paths if "files" in p or "models" in p or "batches" in p or p.startswith("//")}, paths
     # The proxy's log names the session for each refusal.
     log = stack_env["proxy"].log_path.read_text(errors="replace")
-    assert f"refused GET '/v1/files' for session {sid}" in log and f"refused POST '//v1/files' for session {sid}" in log
+    for line in ("GET '/v1/files'", "POST '/v1/messages/batches'", "POST '/v1/messages/%2e%2e/files'"):
+        assert f"refused {line} for session {sid}" in log, line
 
 
 def test_a_credential_taken_in_a_turn_works_only_while_a_turn_of_its_session_runs_and_never_once_it_stopped(
@@ -245,16 +246,20 @@ def test_a_container_holding_5000_idle_connections_to_the_proxy_leaves_other_ses
     sh(box, "rm -f /tmp/flood.mark.*", stdin_file=("/tmp/flood.py", FLOOD))
     procs = 10
     flood = api.chat(attacker, f"RUN: python3 /tmp/flood.py {stack_env['gateway']} {port} 5000 {procs} "
-                               f"{idle + 40} /tmp/flood.mark")["id"]
+                               f"{idle + 30} /tmp/flood.mark")["id"]
     wait_for(lambda: sh(box, "ls /tmp/flood.mark.* 2>/dev/null | wc -l")[1].strip() == str(procs), 90,
              what="the flood to open its connections")
     held_at_start = connections_to(box, port)
-    assert 0 < held_at_start <= share + 1, held_at_start  # its share (and Claude Code's own connection) at most
-    started = time.monotonic()
-    turn = api.finished_turn(api.chat(neighbour, "SAY: still served")["id"])
+    # Its share (Claude Code's own keep-alive connection may hold a place of it), and no more.
+    assert share // 2 <= held_at_start <= share, held_at_start
+    model = stack_env["model"]
+    before = len(model.targets())
+    served = api.chat(neighbour, "SAY: still served")["id"]
+    # The neighbour's Claude Code reached the model through the proxy while the flood held its connections open.
+    wait_for(lambda: len(model.targets()) > before, idle, what="the neighbour's turn to reach the model")
+    assert connections_to(box, port) >= share // 2
+    turn = api.finished_turn(served)
     assert (turn["status"], turn["result"]) == ("succeeded", "still served"), turn
-    # The neighbour was served while the flood still held its connections open.
-    assert time.monotonic() - started < idle and connections_to(box, port) > 0
     finished = api.finished_turn(flood, timeout=idle + 90)
     assert finished["status"] == "succeeded", finished
     summary = json.loads(finished["result"].removeprefix("BASH-RESULT:").strip())
