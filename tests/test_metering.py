@@ -170,6 +170,8 @@ def test_reported_figures_fit_their_columns_whatever_the_line_holds():
     assert reported_figures({"duration_ms": 1500.0, "usage": {"input_tokens": 3}}) == {
         "result": None, "usage": {"input_tokens": 3}, "reported_cost_usd": None, "duration_ms": 1500}
     assert not math.isnan(float(reported_figures({"total_cost_usd": 0.5})["reported_cost_usd"]))
+    nul = reported_figures({"result": "a\x00b", "usage": {"k\x00": ["\x00"], "n": 1}})
+    assert (nul["result"], nul["usage"]) == ("a\ufffdb", {"k\ufffd": ["\ufffd"], "n": 1})
 
 
 # The proxy, metering into the run's real database.
@@ -298,3 +300,19 @@ def test_a_credential_without_a_turn_still_charges_its_session(db, proxy, model,
     with transaction(db) as s:
         assert s.get(Session, uuid.UUID(sid)).cost_usd == expected > 0
         assert s.get(Turn, uuid.UUID(tid)).cost_usd == 0
+
+
+def test_a_stream_the_client_cuts_short_is_still_charged_no_less_than_the_model_reported(db, proxy, model, settings):
+    sid, tid = session_with_turn(db)
+    before = len(model.answers)
+    conn, resp = post(proxy.url, {"x-api-key": mint_model_credential(settings.jwt_secret, sid, 60, tid)},
+                      body_of("claude-sonnet-4-5", True, "x").replace(b"SAY: x", b"SLOW: 2"))
+    assert resp.status == 200 and b"message_start" in resp.read1(65536)
+    conn.sock.close()  # gone before the answer's closing usage
+    conn.close()
+    wait_for(lambda: session_cost(db, sid) > 0, 20, what="the cut stream to be charged")
+    reported = model.answers[before]["usage"]
+    with transaction(db) as s:
+        counts = s.get(Turn, uuid.UUID(tid)).metered_usage["claude-sonnet-4-5"]
+    assert counts["input_tokens"] == reported["input_tokens"]
+    assert counts["output_tokens"] >= reported["output_tokens"], (counts, reported)

@@ -48,7 +48,7 @@ FORGER = textwrap.dedent("""
             time.sleep(0.05)
         line = {"type": "result", "subtype": "success", "is_error": False, "duration_ms": cost,
                 "num_turns": 1, "result": "forged", "session_id": "forged", "total_cost_usd": cost,
-                "usage": {"input_tokens": cost, "output_tokens": cost}}
+                "usage": {"input_tokens": cost, "output_tokens": cost, "note": "\\u0000"}}
         os.write(out, (json.dumps(line) + "\\n").encode())
         os._exit(0)
     print(f"forging a result line for Claude Code {claude}")
@@ -120,6 +120,7 @@ def test_a_forged_result_line_is_shown_but_not_counted_and_does_not_wedge_the_tu
     assert turn["result"] == "forged" and turn["reported_cost_usd"] == shown, turn
     # ... and the turn was recorded once, by its first worker, with the figures made to fit.
     assert turn["status"] == "succeeded" and turn["attempt"] == 1 and turn["duration_ms"] is None, turn
+    assert turn["usage"]["note"] == "\ufffd", turn  # Postgres stores no NUL: it is replaced
     session = api.call("GET", f"/api/v1/sessions/{sid}", 200)
     assert Decimal(str(session["totals"]["cost_usd"])) == expected > 0
     final = [e for e in api.call("GET", f"/api/v1/sessions/{sid}/events?limit=1000", 200)["items"]

@@ -272,7 +272,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             log.warning("model endpoint unreachable: %s", exc)
             upstream.close()
             return self._refuse(Refusal(502, "api_error", f"the model endpoint is unreachable: {exc}"))
-        meter = UsageMeter(response.status, response.getheader("content-type"), response.getheader("content-encoding"))
+        meter = UsageMeter(response.status, response.getheader("content-type"),
+                           response.getheader("content-encoding"))
         try:
             self._relay(response, meter)
         except (OSError, http.client.HTTPException):  # either side went away mid-answer: end both

@@ -37,6 +37,17 @@ def reported_cost(value: Any) -> Decimal | None:
     return max(-MAX_COST_USD, min(MAX_COST_USD, cost)).quantize(MICRO_DOLLAR)
 
 
+def storable(value: Any) -> Any:
+    """The value with every NUL in its strings (keys too) replaced: Postgres text and JSONB refuse NUL."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    return value
+
+
 def reported_figures(result: dict[str, Any] | None) -> dict[str, Any]:
     """What a turn's row and final event show of its result line, each value made to fit its column. The line may
     be the agent's own forgery (it can write to Claude Code's stdout): shown, never counted, never a failed write."""
@@ -46,7 +57,7 @@ def reported_figures(result: dict[str, Any] | None) -> dict[str, Any]:
         text = json.dumps(text)
     if isinstance(duration, float) and duration.is_integer():
         duration = int(duration)
-    return {"result": text, "usage": usage if isinstance(usage, dict) and usage else None,
+    return {"result": storable(text), "usage": storable(usage) if isinstance(usage, dict) and usage else None,
             "reported_cost_usd": reported_cost(result.get("total_cost_usd")),
             "duration_ms": duration if isinstance(duration, int) and not isinstance(duration, bool)
             and 0 <= duration <= MAX_INT4 else None}

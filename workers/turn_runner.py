@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import redis
 from sqlalchemy import case, or_, select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, StatementError
 
 from core import batches
 from core.db import transaction
@@ -25,7 +25,7 @@ from workers.lifecycle import wake
 from workers.model_proxy import mint_model_credential
 from workers.publisher import SERVICE_DOWN, Publisher, retry_while_down
 from workers.runtime import WRAPPER, ExecResult, NotRunning
-from workers.turn_output import TurnOutput, reported_figures
+from workers.turn_output import TurnOutput, reported_figures, storable
 
 log = logging.getLogger(__name__)
 
@@ -340,6 +340,7 @@ class TurnRunner:
         if turn.get("lost"):
             return False
         status, error, reason = ending
+        error = storable(error)  # it may quote the result line
         # The result line's figures are shown, fitted to their columns; the spend is what the model proxy metered.
         reported = reported_figures(output.result)
         text, reported_cost = reported["result"], reported["reported_cost_usd"]
@@ -359,8 +360,18 @@ class TurnRunner:
                 return False
         values = dict(status=status, **reported, error=error, reason=reason, first_event_id=mark.get("first"),
                       last_event_id=last_id, finished_at=utcnow(), lease_holder=None, lease_expires_at=None)
-        done = retry_while_down(lambda: self._record(session, turn, values, output.saw_init),
-                                what=f"record turn {turn['id']}'s result")
+        def record() -> bool:
+            return self._record(session, turn, values, output.saw_init)
+        try:
+            done = retry_while_down(record, what=f"record turn {turn['id']}'s result")
+        except StatementError as exc:
+            if isinstance(exc, OperationalError):
+                raise
+            # Whatever the result line held, the turn is recorded: without its figures, never re-attached forever.
+            log.warning("turn %s: its result line's figures could not be stored (%s); recorded without them",
+                        turn["id"], type(exc.orig or exc).__name__)
+            values.update(result=None, usage=None, reported_cost_usd=None, duration_ms=None)
+            done = retry_while_down(record, what=f"record turn {turn['id']}'s result")
         if not done:
             log.warning("turn %s was taken from us before it finished; result dropped", turn["id"])
             return False
