@@ -9,12 +9,14 @@ import sys
 import uuid
 
 import pytest
+import requests
 from sqlalchemy.engine import make_url
 
 from client.tokens import mint_token
 from tests import stack
 from tests.conftest import RUN_ID, wait_for
 from tests.model_server import ModelServer
+from tests.stack import ROOT
 from tests.test_e2e import Api
 from tests.test_spawn_e2e import spawn_and_wait
 from tests.test_workspaces_e2e import new_session
@@ -67,3 +69,14 @@ def test_make_run_gives_agents_a_spawn_tool_whose_child_answers_into_the_parents
                         what="the child session")
     assert [c["parent_id"] for c in children] == [root] and json.dumps(children).count(marker) >= 1
     assert "agents get the spawn tools" in run.log_path.read_text(errors="replace")  # and make run said so
+
+
+def test_make_run_keeps_a_webhook_secret_so_webhooks_are_on(make_run, settings):
+    api = Api(make_run["base"], mint_token(settings.jwt_secret, "make-run-owner", 900))
+    sid = new_session(api)["id"]
+    # A loopback receiver is refused for its address (webhook_not_allowed), not for webhooks being off: nothing is
+    # delivered anywhere, and the server had a secret to sign with.
+    resp = requests.post(f"{make_run['base']}/api/v1/sessions/{sid}/chat", headers=api.headers, timeout=30,
+                         json={"prompt": "SAY: hi", "webhook": "http://127.0.0.1:9/hook"})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "webhook_not_allowed", resp.text
+    assert len((ROOT / ".run" / "webhook_secret").read_text().strip()) >= 32
