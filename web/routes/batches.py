@@ -17,6 +17,7 @@ from core.resources import batch_body
 from core.webhooks import check_url
 from web.api import (api, body_bytes, claim_idempotency_key, enqueue, json_data, page, query,
                      remember_idempotency_key)
+from web.auth import refuse_agent_webhook
 from web.context import ctx, unit_of_work
 from web.schemas import (MAX_BATCH_ITEMS, BatchItemSpec, BatchOptions, CreateBatch, PageQuery, PromptTooLong,
                          ResultsQuery)
@@ -87,6 +88,7 @@ def create_batch():
     """Stores every item (all validated first), answers 202 at once, and starts the first ones."""
     raw, options = read_submission()
     items = validate_items(raw)
+    refuse_agent_webhook(g.claims, options.webhook)  # batches are the owner's already; this says why too
     if options.webhook:
         check_url(options.webhook, ctx().settings.webhook_allow_private)
     with unit_of_work() as db:
