@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Mapping
 
 from core.errors import ConfigError
+from core.session_tokens import TOKEN_SLACK_SECONDS
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/ccd"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -39,6 +40,8 @@ class Settings:
     key_prefix: str = "ccd"
     host_name: str = field(default_factory=socket.gethostname)
     events_maxlen: int = 100_000
+    events_max_bytes: int = 67_108_864
+    events_page_max_bytes: int = 4_194_304
     max_body_bytes: int = 1_048_576
     max_prompt_chars: int = 500_000
     max_batch_bytes: int = 67_108_864
@@ -49,6 +52,8 @@ class Settings:
     owner_max_running_turns: int = 20
     owner_max_queued_turns: int = 1000
     idempotency_ttl_seconds: int = 86400
+    max_token_ttl_seconds: int = 2_592_000
+    owner_revocations_per_hour: int = 100
     webhook_secret: str = field(default="", repr=False)
     webhook_allow_private: bool = False
     webhook_max_attempts: int = 8
@@ -118,7 +123,9 @@ class Settings:
                      "idempotency_ttl_seconds", "webhook_max_attempts", "ws_ping_seconds", "max_children",
                      "idle_check_seconds", "max_upload_bytes", "files_timeout_seconds",
                      "lease_seconds", "worker_lost_seconds", "reap_seconds", "max_event_bytes", "max_turn_output_bytes", "max_prompt_chars",
-                     "model_proxy_port", "tmp_mb", "stream_buffer_events", "stream_send_timeout_seconds"):
+                     "model_proxy_port", "tmp_mb", "stream_buffer_events", "stream_send_timeout_seconds",
+                     "events_max_bytes", "events_page_max_bytes", "max_token_ttl_seconds",
+                     "owner_revocations_per_hour"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
         if self.warm_pool_size < 0:
@@ -128,6 +135,15 @@ class Settings:
         if self.idempotency_ttl_seconds < 86400:
             raise ConfigError("CCD_IDEMPOTENCY_TTL_SECONDS must be at least 86400 (24 h): "
                               "clients may retry a request a day later")
+        if self.events_max_bytes < self.max_event_bytes:
+            raise ConfigError(f"CCD_EVENTS_MAX_BYTES ({self.events_max_bytes}) must be at least CCD_MAX_EVENT_BYTES "
+                              f"({self.max_event_bytes}): a session's stream must hold its largest event")
+        # A session token lives for its turn's timeout (at most CONTAINER_TIMEOUT_DEFAULT) and a slack.
+        agent_ttl = self.container_timeout_default + TOKEN_SLACK_SECONDS
+        if self.max_token_ttl_seconds < agent_ttl:
+            raise ConfigError(f"CCD_MAX_TOKEN_TTL_SECONDS ({self.max_token_ttl_seconds}) must be at least "
+                              f"CONTAINER_TIMEOUT_DEFAULT + {TOKEN_SLACK_SECONDS} ({agent_ttl}): "
+                              "agents' session tokens live that long")
         if not self.key_prefix.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"CCD_KEY_PREFIX may hold letters, digits, - and _ only, got {self.key_prefix!r}")
 
@@ -165,6 +181,8 @@ ENV_NAMES = {
     "key_prefix": "CCD_KEY_PREFIX",
     "host_name": "CCD_HOST_NAME",
     "events_maxlen": "CCD_EVENTS_MAXLEN",
+    "events_max_bytes": "CCD_EVENTS_MAX_BYTES",
+    "events_page_max_bytes": "CCD_EVENTS_PAGE_MAX_BYTES",
     "max_body_bytes": "CCD_MAX_BODY_BYTES",
     "max_prompt_chars": "CCD_MAX_PROMPT_CHARS",
     "max_batch_bytes": "CCD_MAX_BATCH_BYTES",
@@ -175,6 +193,8 @@ ENV_NAMES = {
     "owner_max_running_turns": "CCD_OWNER_MAX_RUNNING_TURNS",
     "owner_max_queued_turns": "CCD_OWNER_MAX_QUEUED_TURNS",
     "idempotency_ttl_seconds": "CCD_IDEMPOTENCY_TTL_SECONDS",
+    "max_token_ttl_seconds": "CCD_MAX_TOKEN_TTL_SECONDS",
+    "owner_revocations_per_hour": "CCD_OWNER_REVOCATIONS_PER_HOUR",
     "webhook_secret": "CCD_WEBHOOK_SECRET",
     "webhook_allow_private": "CCD_WEBHOOK_ALLOW_PRIVATE",
     "webhook_max_attempts": "CCD_WEBHOOK_MAX_ATTEMPTS",

@@ -40,10 +40,11 @@ class OutOfScope(DomainError):
     code = "token_scope"
 
 
-def decode_token(token: str, secret: str, audience: str = "", issuer: str = "") -> dict:
+def decode_token(token: str, secret: str, audience: str = "", issuer: str = "", max_ttl: int = 0) -> dict:
     """The token's claims; Unauthorized (with a stable code) for anything but a valid, current token.
 
     `audience` and `issuer`, when not empty, must match the token's `aud` and `iss`, which are then required.
+    `max_ttl` (seconds, 0 for none) bounds the token's lifetime: `exp - iat`, or `exp - now` without `iat`.
     """
     required = ["exp", "sub"] + (["aud"] if audience else []) + (["iss"] if issuer else [])
     try:
@@ -62,6 +63,11 @@ def decode_token(token: str, secret: str, audience: str = "", issuer: str = "") 
     if jti is not None and (not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI_LENGTH):
         raise Unauthorized(f"invalid token: jti must be a string of 1 to {MAX_JTI_LENGTH} characters",
                            code="invalid_token")
+    # The bound is what lets a revocation entry expire (core/revocations.py): no accepted token outlives it.
+    issued = claims.get("iat") if isinstance(claims.get("iat"), (int, float)) else time.time()
+    if max_ttl and claims["exp"] - issued > max_ttl:
+        raise Unauthorized(f"invalid token: it lives longer than CCD_MAX_TOKEN_TTL_SECONDS ({max_ttl} s); "
+                           "mint a shorter one", code="invalid_token")
     return claims
 
 
@@ -78,7 +84,7 @@ def token_from_request(allow_query: bool) -> str:
 def authenticate(settings: Settings, revocations: Revocations, allow_query: bool = False) -> dict:
     """Checks the request's token, remembers its owner in g.owner and its claims in g.claims."""
     claims = decode_token(token_from_request(allow_query), settings.jwt_secret,
-                          settings.jwt_audience, settings.jwt_issuer)
+                          settings.jwt_audience, settings.jwt_issuer, settings.max_token_ttl_seconds)
     if "jti" in claims and is_revoked(revocations, claims):
         raise Unauthorized("this token was revoked; mint a new one (ccd token)", code="token_revoked")
     g.owner, g.claims = claims["sub"], claims
