@@ -95,13 +95,17 @@ def command(ws, message: dict, timeout: float = 30) -> dict:
     raise AssertionError(f"no reply to {message} within {timeout:.0f}s")
 
 
-def close_of(ws, timeout: float = 30) -> tuple[int, str]:
-    """Reads frames until the server's close frame: its code and reason."""
+def close_of(ws, timeout: float = 30, replies: list | None = None) -> tuple[int, str]:
+    """Reads frames until the server's close frame: its code and reason; command replies go in `replies`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         opcode, frame = ws.recv_data_frame(True)
         if opcode == websocket.ABNF.OPCODE_CLOSE:
             return struct.unpack("!H", frame.data[:2])[0], frame.data[2:].decode()
+        if opcode == websocket.ABNF.OPCODE_TEXT and replies is not None:
+            message = json.loads(frame.data)
+            if message.get("type") == "reply":
+                replies.append(message)
     raise AssertionError(f"the socket was still open after {timeout:.0f}s")
 
 
@@ -190,11 +194,14 @@ def test_an_agent_socket_closes_when_its_token_is_revoked_and_refuses_the_next_c
     try:
         assert command(ws, {"type": "chat", "prompt": "SAY: before", "id": "b"})["ok"] is True
         api.call("POST", "/api/v1/tokens/revoke", 200, json={"token": token})
-        ws.send(json.dumps({"type": "chat", "prompt": "SAY: after", "id": "a"}))
-        code, reason = close_of(ws)
+        ws.send(json.dumps({"type": "chat", "prompt": "SAY: after", "id": "a"}))  # before the next 2 s check
+        replies: list[dict] = []
+        code, reason = close_of(ws, replies=replies)
     finally:
         ws.close()
     assert code == 4401 and reason.startswith("token_revoked:"), (code, reason)
+    # Answered (when the command came before the periodic check closed the socket) with the reason, never run.
+    assert all(r["ok"] is False and r["error"]["code"] == "token_revoked" for r in replies), replies
     assert [t["prompt"] for t in turns_of(api, sid)].count("SAY: after") == 0
 
 

@@ -215,11 +215,11 @@ def handle_command(claims: dict, session_id: str, raw: str) -> dict:
                 "error": {"code": "invalid_json", "message": "send JSON objects with a type"}}
     reply = {"type": "reply", "id": message.get("id")}
     try:
-        try:
-            recheck(ctx().db, revocations(), claims, session_id)
-        except (Unauthorized, NotFound) as exc:
-            raise TokenEnded(close_reason(exc), {**reply, "ok": False,
-                                                 "error": {"code": exc.code, "message": exc.message}}) from None
+        recheck(ctx().db, revocations(), claims, session_id)
+    except (Unauthorized, NotFound) as exc:
+        raise TokenEnded(close_reason(exc), {**reply, "ok": False,
+                                             "error": {"code": exc.code, "message": exc.message}}) from None
+    try:
         if message.get("type") == "chat":
             spec = ChatRequest.model_validate({k: v for k, v in message.items() if k in ("prompt", "webhook")})
             return {**reply, "ok": True, "turn": submit_chat(claims, session_id, spec)}
