@@ -135,6 +135,12 @@ def test_an_agent_token_may_not_set_a_webhook_on_chat_batches_or_the_websocket(s
                          json={"items": [{"prompt": "SAY: exfiltrate", "session_id": sid}], "webhook": receiver.url})
     assert resp.status_code == 403 and resp.json()["error"]["code"] == "token_scope", resp.text
 
+    # Spawn takes no webhook at all: the field is refused, and no child is made.
+    resp = requests.post(f"{stack_env['base']}/api/v1/sessions/{sid}/spawn", headers=as_agent(token), timeout=30,
+                         json={"prompt": "SAY: exfiltrate", "webhook": receiver.url})
+    assert resp.status_code == 400 and resp.json()["error"]["field"] == "webhook", resp.text
+    assert api.call("GET", f"/api/v1/sessions/{sid}/children", 200)["items"] == []
+
     ws = ws_connect(stack_env, sid, token)
     try:
         reply = command(ws, {"type": "chat", "prompt": "SAY: exfiltrate", "webhook": receiver.url, "id": "w1"})
