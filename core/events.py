@@ -7,6 +7,7 @@ from typing import Iterable, Sequence
 import redis
 
 from core.envelope import Event, EnvelopeError
+from core.settings import Settings
 
 
 def parse_stream_id(value: str) -> tuple[int, int]:
@@ -36,30 +37,95 @@ def is_stream_id(value: str) -> bool:
 
 # Marks outlive any turn by far; they only matter while a turn can still be re-attached.
 MARK_TTL_SECONDS = 7 * 86400
+# Every stream has two caps: entries (CCD_EVENTS_MAXLEN) and bytes (CCD_EVENTS_MAX_BYTES). The bytes are
+# the entries' field names and values, kept in a counter key next to the stream, so a publish pays for a
+# counter update, and for the oldest entries it trims (never the newest), not for a scan. The counter
+# counts from the first publish that had it: a stream written before it existed is undercounted by what
+# it held then (never below zero), until that is trimmed.
+# cap(stream, counter, added, maxlen, max_bytes) records `added` bytes, then trims the oldest entries
+# until both caps hold.
+CAP = """
+local function cap(stream, counter, added, maxlen, max_bytes)
+  local bytes = redis.call('INCRBY', counter, added)
+  local length = redis.call('XLEN', stream)
+  if length <= maxlen and bytes <= max_bytes then
+    return
+  end
+  local removed, freed, after, threshold = 0, 0, '-', nil
+  while threshold == nil do
+    local entries = redis.call('XRANGE', stream, after, '+', 'COUNT', math.min(64, math.max(2, length - maxlen - removed + 1)))
+    if #entries == 0 then
+      break
+    end
+    for _, entry in ipairs(entries) do
+      if (length - removed <= maxlen and bytes - freed <= max_bytes) or length - removed <= 1 then
+        threshold = entry[1]
+        break
+      end
+      local size, fields = 0, entry[2]
+      for k = 1, #fields do
+        size = size + #fields[k]
+      end
+      removed, freed, after = removed + 1, freed + size, '(' .. entry[1]
+    end
+  end
+  if threshold ~= nil and removed > 0 then
+    redis.call('XTRIM', stream, 'MINID', threshold)
+  end
+  if bytes - freed < 0 then
+    freed = bytes
+  end
+  redis.call('DECRBY', counter, freed)
+end
+
+local function fields_size(args, first, last)
+  local size = 0
+  for k = first, last do
+    size = size + #args[k]
+  end
+  return size
+end
+"""
+# Events of one session, capped. KEYS: stream, byte counter. ARGV: maxlen, max bytes, then per event:
+# field count, field names and values. Returns the ids.
+PUBLISH_CAPPED = CAP + """
+local ids, added, i = {}, 0, 3
+while i <= #ARGV do
+  local count = tonumber(ARGV[i])
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + 2 * count))
+  added = added + fields_size(ARGV, i + 1, i + 2 * count)
+  i = i + 1 + 2 * count
+end
+cap(KEYS[1], KEYS[2], added, tonumber(ARGV[1]), tonumber(ARGV[2]))
+return ids
+"""
 # Fenced: nothing is published (nil) when a later attempt took the turn or its final event is out, so a
 # worker that lost its turn cannot publish. Otherwise each event gets its id, or false for a line already
 # published (a "last" event numbered at or below the mark) or an event after the final one; the mark
 # (last number, the ids of the first, last and final events, the attempt) is updated once.
-# ARGV: maxlen, mark ttl, attempt, then per event: number, id field, field count, field names and values.
-PUBLISH_MARKED = """
+# KEYS: stream, mark, byte counter. ARGV: maxlen, mark ttl, attempt, max bytes, then per event: number,
+# id field, field count, field names and values.
+PUBLISH_MARKED = CAP + """
 local attempt = ARGV[3]
 if tonumber(redis.call('HGET', KEYS[2], 'attempt') or '0') > tonumber(attempt)
    or redis.call('HEXISTS', KEYS[2], 'final') == 1 then
   return false
 end
 local number = redis.call('HGET', KEYS[2], 'number') or '-1'
-local ids, marked, ended, i = {}, {}, false, 4
+local ids, marked, ended, added, i = {}, {}, false, 0, 5
 while i <= #ARGV do
   local n, field, count = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   local id = false
   if not ended and not (field == 'last' and tonumber(n) <= tonumber(number)) then
-    id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, i + 3, i + 2 + 2 * count))
+    id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 3, i + 2 + 2 * count))
+    added = added + fields_size(ARGV, i + 3, i + 2 + 2 * count)
     number, marked[field], ended = n, id, field == 'final'
   end
   ids[#ids + 1] = id
   i = i + 3 + 2 * count
 end
 if next(marked) then
+  cap(KEYS[1], KEYS[3], added, tonumber(ARGV[1]), tonumber(ARGV[4]))
   local update = {'number', number, 'attempt', attempt}
   for field, id in pairs(marked) do
     update[#update + 1] = field
@@ -80,26 +146,31 @@ return redis.call('HGETALL', KEYS[1])
 
 
 class EventLog:
-    """The events of every session, one Redis stream per session, trimmed to a maximum length."""
+    """The events of every session, one Redis stream per session, trimmed to a maximum length and size."""
 
-    def __init__(self, client: redis.Redis, prefix: str, maxlen: int) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, maxlen: int,
+                 max_bytes: int = Settings.events_max_bytes) -> None:
         self.redis = client
         self.prefix = prefix
         self.maxlen = maxlen
+        self.max_bytes = max_bytes
 
     @classmethod
     def from_settings(cls, settings) -> "EventLog":
         # A bounded connect: an unreachable Redis is a quick 503 (redis_unavailable), not a hung request.
         return cls(redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=5),
-                   settings.key_prefix, settings.events_maxlen)
+                   settings.key_prefix, settings.events_maxlen, settings.events_max_bytes)
 
     def key(self, session_id: str) -> str:
         return f"{self.prefix}:events:{session_id}"
 
+    def bytes_key(self, session_id: str) -> str:
+        """The counter of the bytes the session's stream holds (see CAP)."""
+        return f"{self.prefix}:events-bytes:{session_id}"
+
     def publish(self, event: Event) -> str:
         """Appends one event and returns its stream id."""
-        return self.redis.xadd(self.key(event.session_id), event.to_fields(),
-                               maxlen=self.maxlen, approximate=True)
+        return self.publish_many([event])[0]
 
     def publish_marked(self, event: Event, turn_id: str, number: int, id_field: str = "last",
                        attempt: int = 1) -> str | None:
@@ -134,12 +205,13 @@ class EventLog:
         """`publish_marked_many` for entries already encoded (Event.to_fields), as (number, id field, fields)."""
         if not entries:
             return []
-        args: list = [self.maxlen, MARK_TTL_SECONDS, attempt]
+        args: list = [self.maxlen, MARK_TTL_SECONDS, attempt, self.max_bytes]
         for number, id_field, fields in entries:
             args += [number, id_field, len(fields)]
             for name, value in fields.items():
                 args += [name, value]
-        return self._script(PUBLISH_MARKED)(keys=[self.key(session_id), self.mark_key(turn_id)], args=args)
+        return self._script(PUBLISH_MARKED)(keys=[self.key(session_id), self.mark_key(turn_id),
+                                                  self.bytes_key(session_id)], args=args)
 
     def take_mark(self, turn_id: str, attempt: int) -> dict[str, str]:
         """Fences off earlier attempts' publishing and returns the turn's mark: `number` (the last
@@ -158,12 +230,23 @@ class EventLog:
         return f"{self.prefix}:turnmark:{turn_id}"
 
     def publish_many(self, events: Iterable[Event]) -> list[str]:
-        """Appends events in one round trip, in order."""
-        pipe = self.redis.pipeline(transaction=False)
-        for event in events:
-            pipe.xadd(self.key(event.session_id), event.to_fields(),
-                      maxlen=self.maxlen, approximate=True)
-        return pipe.execute()
+        """Appends events in one round trip, in order; their ids, in the same order."""
+        by_session: dict[str, list[int]] = {}
+        args: dict[str, list] = {}
+        for index, event in enumerate(events):
+            by_session.setdefault(event.session_id, []).append(index)
+            fields = event.to_fields()
+            args.setdefault(event.session_id, [self.maxlen, self.max_bytes]).append(len(fields))
+            for name, value in fields.items():
+                args[event.session_id] += [name, value]
+        script, pipe = self._script(PUBLISH_CAPPED), self.redis.pipeline(transaction=False)
+        for session_id in by_session:
+            script(keys=[self.key(session_id), self.bytes_key(session_id)], args=args[session_id], client=pipe)
+        ids: list[str] = [""] * sum(map(len, by_session.values()))
+        for indexes, found in zip(by_session.values(), pipe.execute(), strict=True):
+            for index, stream_id in zip(indexes, found, strict=True):
+                ids[index] = stream_id
+        return ids
 
     def read(self, session_id: str, since: str | None = None, count: int = 500) -> list[Event]:
         """Stored events after `since` (exclusive), or from the start, oldest first."""
@@ -205,7 +288,7 @@ class EventLog:
         return None
 
     def delete(self, session_id: str) -> None:
-        self.redis.delete(self.key(session_id))
+        self.redis.delete(self.key(session_id), self.bytes_key(session_id))
 
     @staticmethod
     def _decode(entries) -> list[Event]:

@@ -7,6 +7,8 @@ import uuid
 import jwt
 
 SCOPE_CLAIM = "ccd_session"
+# A session token outlives its turn by this much, so a spawn tool call at the very end still works.
+TOKEN_SLACK_SECONDS = 300
 
 
 def mint_session_token(secret: str, owner: str, session_id: str, ttl_seconds: int,

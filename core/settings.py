@@ -10,6 +10,7 @@ from typing import Mapping
 from core.errors import ConfigError
 from core.limits import DEFAULT_LIMITS, host_cpus, host_memory_mb
 from core.pricing import PriceTable
+from core.session_tokens import TOKEN_SLACK_SECONDS
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/ccd"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -49,6 +50,8 @@ class Settings:
     key_prefix: str = "ccd"
     host_name: str = field(default_factory=socket.gethostname)
     events_maxlen: int = 100_000
+    events_max_bytes: int = 67_108_864
+    events_page_max_bytes: int = 4_194_304
     max_body_bytes: int = 1_048_576
     max_prompt_chars: int = 500_000
     max_batch_bytes: int = 67_108_864
@@ -68,6 +71,8 @@ class Settings:
     max_idle_seconds: int = 86400
     nofile: int = 4096
     idempotency_ttl_seconds: int = 86400
+    max_token_ttl_seconds: int = 2_592_000
+    owner_revocations_per_hour: int = 100
     webhook_secret: str = field(default="", repr=False)
     webhooks_enabled: bool = True
     webhook_allow_private: bool = False
@@ -178,7 +183,9 @@ class Settings:
                      "model_proxy_port", "model_proxy_idle_seconds", "model_proxy_client_connections",
                      "tmp_mb", "stream_buffer_events", "stream_send_timeout_seconds",
                      "owner_max_pending_items", "max_idle_seconds", "nofile",
-                     "disk_mb_default", "max_disk_mb", "disk_check_seconds"):
+                     "disk_mb_default", "max_disk_mb", "disk_check_seconds",
+                     "events_max_bytes", "events_page_max_bytes", "max_token_ttl_seconds",
+                     "owner_revocations_per_hour"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
         for name in ("owner_max_memory_mb", "owner_max_cpus", "max_turn_seconds"):
@@ -206,6 +213,15 @@ class Settings:
             PriceTable.parse(self.model_prices)
         except ValueError as exc:
             raise ConfigError(f"CCD_MODEL_PRICES: {exc}") from None
+        if self.events_max_bytes < self.max_event_bytes:
+            raise ConfigError(f"CCD_EVENTS_MAX_BYTES ({self.events_max_bytes}) must be at least CCD_MAX_EVENT_BYTES "
+                              f"({self.max_event_bytes}): a session's stream must hold its largest event")
+        # A session token lives for its turn's timeout (at most the turn ceiling) and a slack.
+        agent_ttl = self.turn_ceiling + TOKEN_SLACK_SECONDS
+        if self.max_token_ttl_seconds < agent_ttl:
+            raise ConfigError(f"CCD_MAX_TOKEN_TTL_SECONDS ({self.max_token_ttl_seconds}) must be at least the turn "
+                              f"ceiling (CCD_MAX_TURN_SECONDS, else CONTAINER_TIMEOUT_DEFAULT) + {TOKEN_SLACK_SECONDS} "
+                              f"({agent_ttl}): agents' session tokens live that long")
         if not self.key_prefix.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"CCD_KEY_PREFIX may hold letters, digits, - and _ only, got {self.key_prefix!r}")
 
@@ -277,6 +293,8 @@ ENV_NAMES = {
     "key_prefix": "CCD_KEY_PREFIX",
     "host_name": "CCD_HOST_NAME",
     "events_maxlen": "CCD_EVENTS_MAXLEN",
+    "events_max_bytes": "CCD_EVENTS_MAX_BYTES",
+    "events_page_max_bytes": "CCD_EVENTS_PAGE_MAX_BYTES",
     "max_body_bytes": "CCD_MAX_BODY_BYTES",
     "max_prompt_chars": "CCD_MAX_PROMPT_CHARS",
     "max_batch_bytes": "CCD_MAX_BATCH_BYTES",
@@ -296,6 +314,8 @@ ENV_NAMES = {
     "max_idle_seconds": "CCD_MAX_IDLE_SECONDS",
     "nofile": "CCD_NOFILE",
     "idempotency_ttl_seconds": "CCD_IDEMPOTENCY_TTL_SECONDS",
+    "max_token_ttl_seconds": "CCD_MAX_TOKEN_TTL_SECONDS",
+    "owner_revocations_per_hour": "CCD_OWNER_REVOCATIONS_PER_HOUR",
     "webhook_secret": "CCD_WEBHOOK_SECRET",
     "webhooks_enabled": "CCD_WEBHOOKS_ENABLED",
     "webhook_allow_private": "CCD_WEBHOOK_ALLOW_PRIVATE",

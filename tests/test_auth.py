@@ -377,3 +377,67 @@ def test_with_redis_down_tokens_still_pass_and_revoking_is_503(api_settings, tok
     assert down.get("/api/v1/sessions", headers=bearer(token("redisless"))).status_code == 200
     resp = down.post("/api/v1/tokens/revoke", headers=bearer(token("redisless")))
     assert resp.status_code == 503 and resp.get_json()["error"]["code"] == "redis_unavailable"
+
+
+@pytest.fixture
+def serve():
+    """Serves an app on a real HTTP server for the test; its base URL."""
+    from werkzeug.serving import make_server
+
+    servers = []
+
+    def start(app) -> str:
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def test_a_far_future_revocation_cannot_write_a_key_that_outlives_the_longest_token(app, serve, token, api_settings):
+    import requests
+
+    base = serve(app)
+    owner = f"immortal-{uuid.uuid4().hex[:8]}"
+    resp = requests.post(f"{base}/api/v1/tokens/revoke", json={"jti": "made-up", "exp": 4_102_444_800},
+                         headers=bearer(token(owner)), timeout=10)
+    assert resp.status_code == 200 and resp.json()["revoked"] is True, resp.text
+    ttl = redis.Redis.from_url(api_settings.redis_url).ttl(f"{api_settings.key_prefix}:revoked:{owner}:made-up")
+    assert 0 < ttl <= api_settings.max_token_ttl_seconds, ttl
+    # What makes the cap safe: no token that lives longer than that is accepted, so none outlives its entry.
+    now = int(time.time())
+    too_long = jwt.encode({"sub": owner, "iat": now, "exp": now + api_settings.max_token_ttl_seconds + 1,
+                           "jti": "made-up-too"}, api_settings.jwt_secret, algorithm="HS256")
+    no_iat = jwt.encode({"sub": owner, "exp": now + api_settings.max_token_ttl_seconds + 60},
+                        api_settings.jwt_secret, algorithm="HS256")
+    for refused in (too_long, no_iat):
+        resp = requests.get(f"{base}/api/v1/sessions", headers=bearer(refused), timeout=10)
+        assert resp.status_code == 401 and "CCD_MAX_TOKEN_TTL_SECONDS" in resp.json()["error"]["message"], resp.text
+    longest = mint_token(api_settings.jwt_secret, owner, api_settings.max_token_ttl_seconds)
+    assert requests.get(f"{base}/api/v1/sessions", headers=bearer(longest), timeout=10).status_code == 200
+
+
+def test_revocation_requests_are_rate_limited_per_owner(api_settings, serve, token):
+    import requests
+    from web import create_app
+
+    base = serve(create_app(replace(api_settings, owner_revocations_per_hour=3)))
+    flooder, other = f"flood-{uuid.uuid4().hex[:8]}", f"calm-{uuid.uuid4().hex[:8]}"
+    for n in range(3):
+        resp = requests.post(f"{base}/api/v1/tokens/revoke", json={"jti": f"j{n}", "exp": int(time.time()) + 60},
+                             headers=bearer(token(flooder)), timeout=10)
+        assert resp.status_code == 200, resp.text
+    resp = requests.post(f"{base}/api/v1/tokens/revoke", json={"jti": "j3", "exp": int(time.time()) + 60},
+                         headers=bearer(token(flooder)), timeout=10)
+    assert resp.status_code == 429, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "revocation_limit" and error["limit"] == 3
+    assert 0 < int(resp.headers["Retry-After"]) <= 3600 and error["retry_after"] == int(resp.headers["Retry-After"])
+    keys = redis.Redis.from_url(api_settings.redis_url)
+    assert not keys.exists(f"{api_settings.key_prefix}:revoked:{flooder}:j3")  # refused, so nothing was written
+    # Another owner is not held back by the flooder.
+    resp = requests.post(f"{base}/api/v1/tokens/revoke", json={"jti": "j0", "exp": int(time.time()) + 60},
+                         headers=bearer(token(other)), timeout=10)
+    assert resp.status_code == 200, resp.text

@@ -3,11 +3,13 @@ checked for signature, algorithm, `exp`/`nbf`, `sub`, the configured `aud`/`iss`
 
 A token with a `ccd_session` claim (minted for an agent's in-container tools) reaches only
 that session and the sessions below it, through the endpoints in SCOPED_ENDPOINTS, and only
-while that session is live.
+while that session is live; it may not set a webhook. A token may live at most
+CCD_MAX_TOKEN_TTL_SECONDS (from its `iat`, or from now without one).
 """
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import jwt
@@ -16,6 +18,7 @@ from flask import g, request
 from sqlalchemy import select
 
 from core import trees
+from core.db import transaction
 from core.errors import DomainError, NotFound, Unauthorized
 from core.models import Session, Turn
 from core.revocations import MAX_JTI_LENGTH, Revocations
@@ -25,6 +28,7 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 # One algorithm, fixed here and never taken from the token: no `none`, no RS/HS confusion.
 ALGORITHM = "HS256"
+ENDED_HOLDER_STATES = ("stopping", "stopped", "failed", "deleted")
 SCOPED_ENDPOINTS = frozenset({
     "api.get_session", "api.spawn", "api.list_children", "api.chat", "api.list_turns", "api.get_turn",
     "api.cancel_turn", "api.events", "api.stream", "api.stop_session", "api.delete_session",
@@ -36,10 +40,11 @@ class OutOfScope(DomainError):
     code = "token_scope"
 
 
-def decode_token(token: str, secret: str, audience: str = "", issuer: str = "") -> dict:
+def decode_token(token: str, secret: str, audience: str = "", issuer: str = "", max_ttl: int = 0) -> dict:
     """The token's claims; Unauthorized (with a stable code) for anything but a valid, current token.
 
     `audience` and `issuer`, when not empty, must match the token's `aud` and `iss`, which are then required.
+    `max_ttl` (seconds, 0 for none) bounds the token's lifetime: `exp - iat`, or `exp - now` without `iat`.
     """
     required = ["exp", "sub"] + (["aud"] if audience else []) + (["iss"] if issuer else [])
     try:
@@ -58,6 +63,11 @@ def decode_token(token: str, secret: str, audience: str = "", issuer: str = "") 
     if jti is not None and (not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI_LENGTH):
         raise Unauthorized(f"invalid token: jti must be a string of 1 to {MAX_JTI_LENGTH} characters",
                            code="invalid_token")
+    # The bound is what lets a revocation entry expire (core/revocations.py): no accepted token outlives it.
+    issued = claims.get("iat") if isinstance(claims.get("iat"), (int, float)) else time.time()
+    if max_ttl and claims["exp"] - issued > max_ttl:
+        raise Unauthorized(f"invalid token: it lives longer than CCD_MAX_TOKEN_TTL_SECONDS ({max_ttl} s); "
+                           "mint a shorter one", code="invalid_token")
     return claims
 
 
@@ -74,7 +84,7 @@ def token_from_request(allow_query: bool) -> str:
 def authenticate(settings: Settings, revocations: Revocations, allow_query: bool = False) -> dict:
     """Checks the request's token, remembers its owner in g.owner and its claims in g.claims."""
     claims = decode_token(token_from_request(allow_query), settings.jwt_secret,
-                          settings.jwt_audience, settings.jwt_issuer)
+                          settings.jwt_audience, settings.jwt_issuer, settings.max_token_ttl_seconds)
     if "jti" in claims and is_revoked(revocations, claims):
         raise Unauthorized("this token was revoked; mint a new one (ccd token)", code="token_revoked")
     g.owner, g.claims = claims["sub"], claims
@@ -95,16 +105,9 @@ def is_revoked(revocations: Revocations, claims: dict) -> bool:
 
 def check_scope(db, claims: dict) -> None:
     """For a session-scoped token: the endpoint is one it may use, on its own subtree, while live."""
-    scope = claims.get(SCOPE_CLAIM)
-    if scope is None:
+    if claims.get(SCOPE_CLAIM) is None:
         return
-    try:
-        top = uuid.UUID(str(scope))
-    except ValueError:
-        raise Unauthorized("invalid token: bad session scope", code="invalid_token") from None
-    holder = db.get(Session, top)
-    if holder is None or holder.owner != g.owner or holder.status in ("stopping", "stopped", "failed", "deleted"):
-        raise Unauthorized("this session token ended with its session", code="token_expired")
+    top = scope_holder(db, claims)
     if request.endpoint not in SCOPED_ENDPOINTS:
         raise OutOfScope("a session token may only reach its own session and the sessions it spawned")
     args = request.view_args or {}
@@ -113,6 +116,40 @@ def check_scope(db, claims: dict) -> None:
         target = db.scalar(select(Turn.session_id).where(Turn.id == _uuid(args["turn_id"], "turn")))
     if target is None or not trees.in_subtree(db, top, _uuid(str(target), "session")):
         raise NotFound(f"no session or turn with id {args.get('session_id') or args.get('turn_id')}")
+
+
+def scope_holder(db, claims: dict) -> uuid.UUID:
+    """The session a session-scoped token was minted for; token_expired once that session ended."""
+    try:
+        top = uuid.UUID(str(claims[SCOPE_CLAIM]))
+    except ValueError:
+        raise Unauthorized("invalid token: bad session scope", code="invalid_token") from None
+    holder = db.get(Session, top)
+    if holder is None or holder.owner != claims["sub"] or holder.status in ENDED_HOLDER_STATES:
+        raise Unauthorized("this session token ended with its session", code="token_expired")
+    return top
+
+
+def recheck(db_factory, revocations: Revocations, claims: dict, session_id: str) -> None:
+    """The handshake's checks again, for a connection that outlives it: the token has not expired or
+    been revoked since, and a session token's session is live and still reaches `session_id`."""
+    if claims["exp"] <= time.time():
+        raise Unauthorized("token expired; mint a new one (ccd token)", code="token_expired")
+    if "jti" in claims and is_revoked(revocations, claims):
+        raise Unauthorized("this token was revoked; mint a new one (ccd token)", code="token_revoked")
+    if claims.get(SCOPE_CLAIM) is None:
+        return
+    with transaction(db_factory) as db:
+        top = scope_holder(db, claims)
+        if not trees.in_subtree(db, top, _uuid(session_id, "session")):
+            raise NotFound(f"no session with id {session_id}")
+
+
+def refuse_agent_webhook(claims: dict, webhook: str | None) -> None:
+    """A session token may not set a webhook: its delivery would carry the owner's results to a server
+    of the agent's choosing."""
+    if webhook is not None and claims.get(SCOPE_CLAIM) is not None:
+        raise OutOfScope("a session token may not set a webhook; only the owner's tokens may", field="webhook")
 
 
 def _uuid(value: str, what: str) -> uuid.UUID:

@@ -29,7 +29,7 @@ IMPLICIT_METHODS = {"HEAD", "OPTIONS"}
 ERROR_TEXT = {400: "Bad request: a validation error names the field (`field`, `details`)",
               401: "Missing, invalid, expired or revoked token",
               402: "The spawn tree's budget (`max_budget_usd`) is spent (`budget_exhausted`)",
-              403: "A session token used outside its session's subtree (`token_scope`)",
+              403: "A session token used outside its session's subtree, or setting a webhook (`token_scope`)",
               404: "No such resource of the caller's (another owner's id is a 404 too)",
               409: "The resource is in a state that does not allow this (`wrong_state` and more specific codes)",
               413: "Too large: request body, prompt, batch, upload, unpacked archive or download (the limit is in "
@@ -182,11 +182,14 @@ once and in order, then live ones; plus one reply per client command:
 
 Client → server, JSON text frames:
 `{"type": "chat", "prompt": "...", "webhook": "<optional>", "id": "<optional, echoed>"}` queues a turn
-(the same rules as POST .../chat); `{"type": "cancel", "turn_id": "...", "id": "<optional>"}` cancels one.
+(the same rules as POST .../chat); `{"type": "cancel", "turn_id": "...", "id": "<optional>"}` cancels one
+of this session's turns (another session's is `wrong_session`, and nothing is done).
 A frame larger than CCD_MAX_BODY_BYTES closes the socket (1009).
 
 Heartbeats are WebSocket pings every CCD_WS_PING_SECONDS. The socket closes with 1000 when the session
-is deleted, and 1011 when the event store stays away: reconnect with `?since=<the last id received>`."""
+is deleted, and 1011 when the event store stays away: reconnect with `?since=<the last id received>`.
+The token is checked again on every command and every 2 s: once it has expired or been revoked, or a
+session token's session stopped, the socket closes with 4401 and the reason `<code>: <message>`."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ Heartbeats are WebSocket pings every CCD_WS_PING_SECONDS; clients answer them au
 When Redis stays away the socket closes with 1011; reconnect with ?since=<the last id received>.
 A client that falls more than CCD_STREAM_BUFFER_EVENTS events behind is closed with 4008 and the reason
 "slow client: more than N events behind; resume with since=<the last id it was sent>".
+The token is checked again on every command and every TOKEN_CHECK_SECONDS: once it expires or is revoked, or
+a session token's session stops, the command is refused and the socket closes with 4401 "<code>: <why>".
 """
 from __future__ import annotations
 
@@ -25,11 +27,13 @@ from typing import Iterator
 from flask import current_app, g, request
 from flask_sock import ConnectionClosed, Sock
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from wsproto.events import TextMessage
 
 from core.envelope import Event
-from core.errors import DomainError
-from web.api import api
+from core.errors import DomainError, NotFound, Unauthorized
+from web.api import api, revocations
+from web.auth import recheck
 from web.context import ctx
 from web.follow import StreamInterrupted, tail_batches
 from web.hub import SlowClient, frame_json
@@ -41,6 +45,8 @@ from web.schemas import ChatRequest
 log = logging.getLogger(__name__)
 sock = Sock()
 SLOW_CLIENT_CLOSE = 4008  # a private close code (4000-4999): the client fell too far behind; resume with since=
+TOKEN_ENDED_CLOSE = 4401  # the token that opened the socket is no longer good (expired, revoked, its session ended)
+TOKEN_CHECK_SECONDS = 2.0
 CHUNK_BYTES = 64 * 1024
 
 
@@ -163,8 +169,43 @@ def send_within(sock, data: bytes, seconds: float) -> None:
             poller.poll(left * 1000)
 
 
-def handle_command(owner: str, session_id: str, raw: str) -> dict:
-    """Runs one client command and returns its reply."""
+class TokenEnded(Exception):
+    """The socket's token stopped being good; the reply is sent, then the socket closes with 4401."""
+
+    def __init__(self, reason: str, reply: dict) -> None:
+        super().__init__(reason)
+        self.reason, self.reply = reason, reply
+
+
+def close_reason(exc: DomainError) -> str:
+    """'<code>: <message>', within the 123 bytes a close frame's reason may hold."""
+    return f"{exc.code}: {exc.message}".encode()[:123].decode(errors="ignore")
+
+
+def token_check(claims: dict, session_id: str):
+    """A check of the socket's token (see recheck) that runs at most every TOKEN_CHECK_SECONDS: the
+    close reason once the token is no longer good, else None. A database blip ends no socket."""
+    db_factory, revoked = ctx().db, revocations()
+    checked = time.monotonic()
+
+    def ended() -> str | None:
+        nonlocal checked
+        if time.monotonic() - checked < TOKEN_CHECK_SECONDS:
+            return None
+        checked = time.monotonic()
+        try:
+            recheck(db_factory, revoked, claims, session_id)
+        except (Unauthorized, NotFound) as exc:
+            return close_reason(exc)
+        except SQLAlchemyError:
+            pass
+        return None
+    return ended
+
+
+def handle_command(claims: dict, session_id: str, raw: str) -> dict:
+    """Runs one client command, once the token is checked again, and returns its reply; TokenEnded
+    (carrying the reply) when the token is no longer good."""
     try:
         message = json.loads(raw)
     except ValueError:
@@ -174,13 +215,16 @@ def handle_command(owner: str, session_id: str, raw: str) -> dict:
                 "error": {"code": "invalid_json", "message": "send JSON objects with a type"}}
     reply = {"type": "reply", "id": message.get("id")}
     try:
+        recheck(ctx().db, revocations(), claims, session_id)
+    except (Unauthorized, NotFound) as exc:
+        raise TokenEnded(close_reason(exc), {**reply, "ok": False,
+                                             "error": {"code": exc.code, "message": exc.message}}) from None
+    try:
         if message.get("type") == "chat":
             spec = ChatRequest.model_validate({k: v for k, v in message.items() if k in ("prompt", "webhook")})
-            return {**reply, "ok": True, "turn": submit_chat(owner, session_id, spec)}
+            return {**reply, "ok": True, "turn": submit_chat(claims, session_id, spec)}
         if message.get("type") == "cancel":
-            body, _ = cancel(owner, str(message.get("turn_id")))
-            if body["session_id"] != session_id:
-                raise DomainError("that turn belongs to another session", code="wrong_session")
+            body, _ = cancel(claims["sub"], str(message.get("turn_id")), session_id)
             return {**reply, "ok": True, "turn": body}
         raise DomainError("type must be chat or cancel", code="unknown_command")
     except ValidationError as exc:
@@ -194,7 +238,7 @@ def handle_command(owner: str, session_id: str, raw: str) -> dict:
     return {**reply, "ok": False, "error": error}
 
 
-def serve_commands(app, socket: Socket, owner: str, session_id: str) -> None:
+def serve_commands(app, socket: Socket, claims: dict, session_id: str) -> None:
     """Reads client frames until the socket closes, answering each command."""
     with app.app_context():
         try:
@@ -202,7 +246,13 @@ def serve_commands(app, socket: Socket, owner: str, session_id: str) -> None:
                 raw = socket.ws.receive()
                 if raw is None:
                     continue
-                socket.send(json.dumps(handle_command(owner, session_id, raw)))
+                try:
+                    answer = handle_command(claims, session_id, raw)
+                except TokenEnded as ended:
+                    socket.send(json.dumps(ended.reply))
+                    socket.close(TOKEN_ENDED_CLOSE, ended.reason)
+                    return
+                socket.send(json.dumps(answer))
         except ConnectionClosed:
             return
 
@@ -214,9 +264,9 @@ def stream(ws, session_id: str) -> None:
     # In a copy of this context: the commands' log lines (and the turns they send) carry the request's ids.
     commands = threading.Thread(target=contextvars.copy_context().run, name=f"ws-commands-{session_id[:8]}",
                                 daemon=True, args=(serve_commands, current_app._get_current_object(), client,
-                                                   g.owner, session_id))
+                                                   g.claims, session_id))
     commands.start()
-    lag = LagMeter("ws")
+    lag, token_ended = LagMeter("ws"), token_check(g.claims, session_id)
     try:
         for batch in tail_batches(ctx().events, session_id, request.args.get("since"), session_alive(session_id)):
             if batch:
@@ -224,6 +274,11 @@ def stream(ws, session_id: str) -> None:
                 for event in batch:
                     lag.delivered(event)
             elif not ws.connected:
+                return
+            reason = token_ended()
+            if reason is not None:
+                log.info("stream of session %s closed: %s", session_id, reason)
+                client.close(TOKEN_ENDED_CLOSE, reason)
                 return
         client.close(1000, "session deleted")
     except StreamInterrupted as exc:  # 1011: try again later, with since=<the last id received>

@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError, StatementError
 from core import batches
 from core.db import transaction
 from core.logs import bind_log_ids
-from core.session_tokens import mint_session_token
+from core.session_tokens import TOKEN_SLACK_SECONDS, mint_session_token
 from core.settings import Settings
 from core.models import Session, Turn, utcnow
 from core.turns import SESSIONS, TURNS, claim_turn, final_event_type, next_turn_id, renew_lease
@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 # How long a turn whose process vanished waits for its container's state to say why.
 STATE_SETTLE_SECONDS = 3.0
 CANCEL_POLL_SECONDS = 1.0
-# A session token outlives its turn by this much, so a spawn tool call at the very end still works.
-TOKEN_SLACK_SECONDS = 300
 
 
 def turn_timeout(config: dict, settings: Settings) -> int:

@@ -19,6 +19,7 @@ from core.settings import Settings
 from core.webhooks import check_enabled, check_url
 from web.api import (api, body_bytes, claim_idempotency_key, enqueue, json_data, page, query,
                      remember_idempotency_key)
+from web.auth import refuse_agent_webhook
 from web.context import ctx, unit_of_work
 from web.schemas import (MAX_BATCH_ITEMS, BatchItemSpec, BatchOptions, CreateBatch, PageQuery,
                          PromptTooLong, ResultsQuery)
@@ -92,6 +93,7 @@ def create_batch():
     """Stores every item (all validated first), answers 202 at once, and starts the first ones."""
     raw, options = read_submission()
     items = validate_items(raw, ctx().settings)
+    refuse_agent_webhook(g.claims, options.webhook)  # batches are the owner's already; this says why too
     if options.webhook:
         check_enabled(ctx().settings.webhooks_enabled)
         check_url(options.webhook, ctx().settings.webhook_allow_private)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Callable
 
 from flask import Response, g, request
 
@@ -10,6 +11,7 @@ from core import sessions as session_cmds
 from core import tree_events as tree_cursor
 from core import trees
 from core.db import transaction
+from core.envelope import Event
 from core.errors import ValidationFailed
 from core.events import is_stream_id
 from core.models import Session
@@ -17,9 +19,13 @@ from web.api import api, query
 from web.context import ctx, unit_of_work
 from web import stalls
 from web.follow import gap_event, sse_stream, tail
+from web.hub import frame_json
 from web.schemas import EventsQuery
 
 
+# A page is read in chunks: the first this size, the next ones sized to what is left of the byte budget.
+FIRST_CHUNK_EVENTS = 16
+MAX_CHUNK_EVENTS = 200
 # Followers of one session share its answer for this long: one query, not one per follower.
 ALIVE_FOR_SECONDS = 1.0
 _alive: dict[tuple[int, str], tuple[float, bool]] = {}
@@ -86,11 +92,44 @@ def events(session_id: str):
     trimmed = log.gap_after(sid, since or "0-0")
     if trimmed:
         items.append(gap_event(sid, since or "0-0", trimmed))
-    batch = log.read(sid, since, count=q.limit + 1)
-    more = len(batch) > q.limit
-    items += batch[:q.limit]
-    cursor = items[-1].id if items and items[-1].id else since
-    return {"items": [e.frame() for e in items], "next_since": cursor, "has_more": more}
+    cursor = since
+
+    def fetch(count: int) -> list[Event]:
+        nonlocal cursor
+        batch = log.read(sid, cursor, count=count)
+        cursor = batch[-1].id if batch else cursor
+        return batch
+
+    batch, more = fill_page(fetch, q.limit, ctx().settings.events_page_max_bytes - sum(map(frame_size, items)))
+    items += batch
+    next_since = items[-1].id if items and items[-1].id else since
+    return {"items": [e.frame() for e in items], "next_since": next_since, "has_more": more}
+
+
+def frame_size(event: Event) -> int:
+    """What the event adds to a page's body: its frame as the JSON encoder writes it (ASCII), and a comma."""
+    return len(frame_json(event)) + 1
+
+
+def fill_page(fetch: Callable[[int], list[Event]], limit: int, budget: int) -> tuple[list[Event], bool]:
+    """Up to `limit` events from `fetch(count)` (the next `count` stored events, or fewer at the end)
+    whose frames fit in `budget` bytes, and whether more are left. The first event is taken whatever
+    its size, so every page moves on. Read in chunks sized from the events seen so far, so a page of
+    large events never holds much more than the budget in memory."""
+    items: list[Event] = []
+    size, want = 0, min(limit + 1, FIRST_CHUNK_EVENTS)
+    while True:
+        batch = fetch(want)
+        for event in batch:
+            cost = frame_size(event)
+            if len(items) == limit or (items and size + cost > budget):
+                return items, True
+            items.append(event)
+            size += cost
+        if len(batch) < want:
+            return items, False
+        average = max(1, size // max(1, len(items)))
+        want = max(1, min(limit + 1 - len(items), MAX_CHUNK_EVENTS, (budget - size) // average + 1))
 
 
 def sse_body(events):
@@ -108,7 +147,9 @@ def tree_events(session_id: str, since: str | None, live: bool, limit: int):
     if live:
         return Response(sse_body(tree_cursor.tail(log, members, positions)), 200,
                         {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, mimetype="text/event-stream")
-    batch = tree_cursor.read(log, members() or [], positions, limit + 1)
-    items = batch[:limit]
+    found = members() or []
+    # read() moves `positions` past what it returns, so each call goes on where the last one stopped.
+    items, more = fill_page(lambda count: tree_cursor.read(log, found, positions, count), limit,
+                            ctx().settings.events_page_max_bytes)
     return {"items": [e.frame() for e in items], "next_since": items[-1].id if items else since,
-            "has_more": len(batch) > limit}
+            "has_more": more}

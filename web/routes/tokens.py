@@ -38,8 +38,11 @@ class NotRevocable(DomainError):
 
 @api.post("/tokens/revoke")
 def revoke_token():
-    """Refuses a token of the caller's from now until it expires (401 `token_revoked`)."""
+    """Refuses a token of the caller's from now until it expires (401 `token_revoked`); at most
+    CCD_OWNER_REVOCATIONS_PER_HOUR requests an hour (429 `revocation_limit`)."""
     spec = json_body(RevokeRequest)
+    settings = ctx().settings
+    revocations().admit(g.owner, settings.owner_revocations_per_hour)
     if spec.jti is not None:
         jti, exp = spec.jti, spec.exp
     else:
@@ -50,15 +53,16 @@ def revoke_token():
             raise NotRevocable("this token has no jti, so it cannot be revoked alone; mint tokens with "
                                "`ccd token` (they carry one), or change JWT_SECRET to end every token")
         jti, exp = claims["jti"], int(claims["exp"])
-    revoked = revocations().revoke(g.owner, jti, exp)
-    return {"jti": jti, "exp": exp, "revoked": revoked}, 200
+    until = revocations().revoke(g.owner, jti, exp, settings.max_token_ttl_seconds)
+    return {"jti": jti, "exp": exp, "revoked": until is not None}, 200
 
 
 def other_token(token: str) -> dict | None:
     """The claims of a token the caller wants revoked (genuine, the caller's own); None once it expired."""
     settings = ctx().settings
     try:
-        claims = decode_token(token, settings.jwt_secret, settings.jwt_audience, settings.jwt_issuer)
+        claims = decode_token(token, settings.jwt_secret, settings.jwt_audience, settings.jwt_issuer,
+                              settings.max_token_ttl_seconds)
     except Unauthorized as exc:
         if exc.code == "token_expired":
             return None

@@ -11,11 +11,13 @@ from core import admission
 from core import sessions as session_cmds
 from core import turns as turn_cmds
 from core.db import transaction
+from core.errors import DomainError
 from core.models import FINISHED_TURN_STATUSES, Turn
 from core.resources import turn_body
 from core.webhooks import check_enabled, check_url
 from web.api import (api, claim_idempotency_key, enqueue, json_body, page, query,
                      remember_idempotency_key)
+from web.auth import refuse_agent_webhook
 from web.context import ctx, unit_of_work
 from web import stalls
 from web.follow import FINAL_TYPES, SSE_HEARTBEAT, sse_frame, turn_events
@@ -33,7 +35,7 @@ def chat(session_id: str):
     """Queues a turn behind the session's earlier ones; answers at once, after `wait`, or as a stream."""
     spec = json_body(ChatRequest)
     settings = ctx().settings
-    body = submit_chat(g.owner, session_id, spec, idempotent=True)
+    body = submit_chat(g.claims, session_id, spec, idempotent=True)
     if spec.stream:
         return stream_turn(body)
     if spec.wait:
@@ -41,9 +43,10 @@ def chat(session_id: str):
     return body, 202, {"Location": body["links"]["self"]}
 
 
-def submit_chat(owner: str, session_id: str, spec: ChatRequest, idempotent: bool = False) -> dict:
-    """Queues the turn (or finds the one an earlier request with the same key queued)."""
-    settings = ctx().settings
+def submit_chat(claims: dict, session_id: str, spec: ChatRequest, idempotent: bool = False) -> dict:
+    """Queues the turn for the token's owner (or finds the one an earlier request with the same key queued)."""
+    settings, owner = ctx().settings, claims["sub"]
+    refuse_agent_webhook(claims, spec.webhook)
     if spec.webhook:
         check_enabled(settings.webhooks_enabled)
         check_url(spec.webhook, settings.webhook_allow_private)
@@ -77,10 +80,13 @@ def submit_chat(owner: str, session_id: str, spec: ChatRequest, idempotent: bool
     return body
 
 
-def cancel(owner: str, turn_id: str) -> tuple[dict, bool]:
-    """Cancels a turn; True when it ended now (it was queued), False when its worker was signalled."""
+def cancel(owner: str, turn_id: str, session_id: str | None = None) -> tuple[dict, bool]:
+    """Cancels a turn (of `session_id` only, when given); True when it ended now (it was queued), False
+    when its worker was signalled."""
     with unit_of_work() as db:
         turn = turn_cmds.get_owned_turn(db, owner, turn_id)
+        if session_id is not None and str(turn.session_id) != session_id:  # checked before anything is done
+            raise DomainError("that turn belongs to another session", code="wrong_session")
         session_cmds.get_owned(db, owner, str(turn.session_id), lock=True)
         db.refresh(turn)  # as it is now that no worker can claim it under us
         ended = turn_cmds.request_cancel(db, turn)
