@@ -5,6 +5,7 @@ The prompt chooses the script. In the newest user message:
   SAY: <text>        reply with <text>
   FAIL: <status>     answer the request with that HTTP error status
   SLOW: <seconds>    stream the reply's text slowly, over about that many seconds
+  WAIT: <seconds>    wait that long before answering at all (no headers yet)
 A tool result is answered with "BASH-RESULT: <output>". Anything else gets "OK".
 
   CALL: <tool name> <json object>    call that tool (e.g. mcp__ccd__spawn_child) with that input
@@ -31,7 +32,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-DIRECTIVE = re.compile(r"^(RUN|SAY|FAIL|SLOW):\s*(.+)$", re.MULTILINE)
+DIRECTIVE = re.compile(r"^(RUN|SAY|FAIL|SLOW|WAIT):\s*(.+)$", re.MULTILINE)
 CALL = re.compile(r"^CALL:[ \t]*(\S+)[ \t]*(.*)$", re.MULTILINE)
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
@@ -128,6 +129,8 @@ def plan_reply(body: dict[str, Any]) -> dict[str, Any]:
         return {"status": int(arg)}
     if kind == "SLOW":
         return {"text": "SLOW-DONE", "slow": float(arg)}
+    if kind == "WAIT":
+        return {"text": "WAIT-DONE", "wait": float(arg)}
     return {"text": arg}
 
 
@@ -229,6 +232,7 @@ class ModelServer:
                     # without it Claude Code retries a 5xx for over a minute.
                     return self._json(plan["status"], _error(kind, "scripted failure"),
                                       {"x-should-retry": "false"})
+                time.sleep(plan.get("wait", 0.0))
                 message = _message(body, content_blocks(plan))
                 server.answered(message["model"], message["usage"])
                 if body.get("stream"):

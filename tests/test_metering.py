@@ -316,3 +316,28 @@ def test_a_stream_the_client_cuts_short_is_still_charged_no_less_than_the_model_
         counts = s.get(Turn, uuid.UUID(tid)).metered_usage["claude-sonnet-4-5"]
     assert counts["input_tokens"] == reported["input_tokens"]
     assert counts["output_tokens"] >= reported["output_tokens"], (counts, reported)
+
+
+def test_a_client_that_resets_before_the_answer_arrives_is_still_charged_its_input(db, proxy, model, settings):
+    """The client sends its request and resets the connection at once: the proxy's relay fails before anything
+    reached it, and the upstream's answer must still be metered (read on to its message_start)."""
+    import socket
+    import struct
+
+    sid, tid = session_with_turn(db)
+    before = len(model.answers)
+    body = body_of("claude-sonnet-4-5", True, "x").replace(b"SAY: x", b"WAIT: 2")
+    host, port = proxy.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+    head = (f"POST /v1/messages?beta=true HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"x-api-key: {mint_model_credential(settings.jwt_secret, sid, 60, tid)}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    asked = len(model.requests)
+    sock.sendall(head + body)
+    wait_for(lambda: len(model.requests) > asked, 20, what="the model to take the request")
+    sock.close()  # while the model has not answered yet: the proxy's first write to this client fails
+    wait_for(lambda: session_cost(db, sid) > 0, 20, what="the reset request to be charged")
+    with transaction(db) as s:
+        counts = s.get(Turn, uuid.UUID(tid)).metered_usage["claude-sonnet-4-5"]
+    assert counts["input_tokens"] == model.answers[before]["usage"]["input_tokens"] > 0

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 LINE_CAP = 256 * 1024  # an SSE line longer than this is no message_start or message_delta: skipped, not held
 JSON_CAP = 8 * 1024 * 1024  # a whole answer of the largest output the API allows is far smaller
 DECODE_STEP = 64 * 1024
+DRAIN_CAP = 1024 * 1024  # read on past a vanished client until message_start, at most this much
 MAX_TOKENS = 10 ** 10  # per count, per answer: whatever an upstream says, a cost column cannot overflow
 MAX_MODEL_CHARS = 100
 # Without its closing usage (the client went away mid-stream), an answer is charged one output token per this many
@@ -165,6 +166,13 @@ class UsageMeter:
             if not self.stream and response is not None and not self.oversized and not self.unreadable:
                 while not response.isclosed() and (data := response.read1(DECODE_STEP)):
                     self.feed(data)
+            # A client that hung up before the stream's message_start (even before its headers were sent) must not
+            # dodge the input it already cost: read on, a bounded amount, to the counts.
+            drained = 0
+            while (self.stream and not self.started and response is not None and drained < DRAIN_CAP
+                   and not response.isclosed() and (data := response.read1(DECODE_STEP))):
+                self.feed(data)
+                drained += len(data)
         except Exception:  # the upstream went away too: charge what arrived
             pass
         try:
