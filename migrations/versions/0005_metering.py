@@ -19,8 +19,12 @@ def upgrade() -> None:
     op.add_column('turns', sa.Column('cost_usd', sa.Numeric(precision=14, scale=6), nullable=False,
                                      server_default='0'))
     op.add_column('turns', sa.Column('metered_usage', postgresql.JSONB(astext_type=sa.Text()), nullable=True))
-    # Turns from before metering have only the figure Claude Code printed, and their sessions' totals hold it.
-    op.execute("UPDATE turns SET cost_usd = reported_cost_usd WHERE reported_cost_usd IS NOT NULL")
+    # Turns from before metering have only the figure Claude Code printed. A negative one was forged (the agent
+    # can write that line): it counts as nothing, and the sessions' totals are summed again from what stands, so
+    # an old forgery leaves no room in a budget.
+    op.execute("UPDATE turns SET cost_usd = GREATEST(reported_cost_usd, 0) WHERE reported_cost_usd IS NOT NULL")
+    op.execute("UPDATE sessions SET cost_usd = COALESCE((SELECT SUM(t.cost_usd) FROM turns t "
+               "WHERE t.session_id = sessions.id), 0)")
 
 
 def downgrade() -> None:
