@@ -151,6 +151,16 @@ def test_every_process_refuses_to_start_with_a_weak_secret_and_says_what_to_set(
     assert says in proc.stderr and "openssl rand -hex 32" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_the_webhook_consumer_refuses_to_start_without_a_secret_to_sign_with():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "workers", "webhooks"], env={"PATH": "/usr/bin:/bin", "JWT_SECRET": SECRET},
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=60)
+    assert proc.returncode == 2 and "set CCD_WEBHOOK_SECRET" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_the_unpacked_archive_cap_defaults_to_ten_uploads_and_the_archive_caps_are_checked():
     assert Settings.from_env({"JWT_SECRET": SECRET, "CCD_MAX_UPLOAD_BYTES": "1000"}).unpacked_limit == 10_000
     assert Settings.from_env({"JWT_SECRET": SECRET, "CCD_MAX_UNPACKED_BYTES": "5"}).unpacked_limit == 5

@@ -50,6 +50,10 @@ def main(argv: list[str]) -> int:
         print(json.dumps(body))
         return 0 if status == 200 else 1
     if args.role == "webhooks":
+        if not settings.webhook_secret:  # it would sign deliveries already queued with an empty key
+            print("error: the webhook consumer signs every delivery: set CCD_WEBHOOK_SECRET (32 bytes or more: "
+                  "openssl rand -hex 32), the same as the web's", file=sys.stderr)
+            return 2
         from workers.webhook_worker import create_webhook_app  # and nothing that imports the Docker runtime
 
         app, _ = create_webhook_app(settings)
