@@ -66,9 +66,9 @@ class Settings:
     owner_max_pending_items: int = 100_000
     max_memory_mb: int = field(default_factory=host_memory_mb)
     max_cpus: float = field(default_factory=host_cpus)
-    max_pids: int = 4096
+    max_pids: int = 32768  # the most the schema took before ceilings were settings
     max_turn_seconds: int = 0  # 0: CONTAINER_TIMEOUT_DEFAULT
-    max_idle_seconds: int = 86400
+    max_idle_seconds: int = 30 * 86400  # likewise
     nofile: int = 4096
     idempotency_ttl_seconds: int = 86400
     max_token_ttl_seconds: int = 2_592_000

@@ -52,7 +52,7 @@ def test_ceilings_and_quotas_default_to_the_host_and_to_todays_limits():
     s = Settings.from_env({"JWT_SECRET": "s" * 32})
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
     assert s.max_memory_mb == max(memory, 2048) and s.max_cpus == max(float(os.cpu_count()), 1.0)
-    assert (s.max_pids, s.max_idle_seconds, s.nofile, s.owner_max_pending_items) == (4096, 86400, 4096, 100_000)
+    assert (s.max_pids, s.max_idle_seconds, s.nofile, s.owner_max_pending_items) == (32768, 30 * 86400, 4096, 100_000)
     # The turn ceiling is CONTAINER_TIMEOUT_DEFAULT unless set; owner quotas are CCD_OWNER_MAX_SESSIONS
     # default sessions' worth unless set.
     assert s.turn_ceiling == 3600 and (s.owner_memory_quota, s.owner_cpu_quota) == (100 * 2048, 100.0)
