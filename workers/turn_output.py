@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from core.pricing import MICRO_DOLLAR
+
 # How much of an oversized line an event keeps, so a reader still sees what it was.
 TRUNCATED_HEAD_CHARS = 2048
 LINE_TYPE = re.compile(r'"type"\s*:\s*"([A-Za-z_]{1,40})"')
 MAX_COST_USD = Decimal("99999999.999999")  # what a cost column (Numeric(14, 6)) holds
-MICRO_DOLLAR = Decimal("0.000001")
 MAX_INT4 = 2 ** 31 - 1
 
 
