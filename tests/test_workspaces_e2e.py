@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 import requests
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, update
 
 from core.models import Workspace
 from core.storage import storage_from_settings
@@ -234,3 +234,62 @@ def test_a_sparse_terabyte_is_not_saved_the_old_snapshot_stays_and_the_stop_comp
     turn = run(api, third["id"], "RUN: cat /workspace/notes.txt; ls /workspace")
     assert marker in turn["result"] and "bomb" not in turn["result"] and "changed" not in turn["result"], turn
     stop(api, third["id"])
+
+
+def old_snapshot(settings, name: str, members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+    """Puts an archive as the workspace's newest snapshot, as one saved before snapshots were checked might be: the
+    saved agent home (its conversation) and `members`."""
+    data, storage = io.BytesIO(), storage_from_settings(settings)
+    with storage.open(snapshot_key(OWNER, name)) as source:
+        saved = tarfile.open(fileobj=io.BytesIO(source.read()), mode="r:gz")
+    with tarfile.open(fileobj=data, mode="w:gz") as tar:
+        for member in saved:
+            if member.name.startswith("home/"):
+                tar.addfile(member, saved.extractfile(member) if member.isfile() else None)
+        for member, content in members:
+            member.size = len(content)
+            tar.addfile(member, io.BytesIO(content) if content else None)
+    data.seek(0)
+    stored = storage.put(snapshot_key(OWNER, name), data)
+    engine = create_engine(settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(update(Workspace).where(Workspace.owner == OWNER, Workspace.name == name).values(
+            sha256=stored.sha256, size_bytes=stored.size, generation=Workspace.generation + 1))
+    engine.dispose()
+
+
+def entry(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    member = tarfile.TarInfo(name)
+    member.type, member.linkname, member.mode = kind, linkname, 0o755 if kind == tarfile.DIRTYPE else 0o644
+    return member
+
+
+def test_a_restore_leaves_out_fifos_devices_and_outside_links_and_refuses_a_snapshot_past_the_disk_limit(
+        stack_env, api):
+    settings, name, marker = stack_env["settings"], f"old-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    first = new_session(api, {"type": "persistent", "name": name}, limits={"disk_mb": 16})
+    run(api, first["id"], "RUN: echo saved > /workspace/notes.txt")
+    stop(api, first["id"])
+    old_snapshot(settings, name, [
+        (entry("workspace", tarfile.DIRTYPE), b""), (entry("workspace/notes.txt"), marker.encode()),
+        (entry("workspace/pipe", tarfile.FIFOTYPE), b""), (entry("workspace/tty", tarfile.CHRTYPE), b""),
+        (entry("workspace/passwd", tarfile.LNKTYPE, "etc/passwd"), b""),
+        (entry("workspace/same", tarfile.LNKTYPE, "workspace/notes.txt"), b""),
+        (entry("workspace/up", tarfile.SYMTYPE, "../etc"), b""), (entry("etc/ccd-restored"), b"x")])
+    second = new_session(api, {"type": "persistent", "name": name}, limits={"disk_mb": 16})
+    turn = run(api, second["id"], "RUN: ls -A /workspace; readlink /workspace/up; cat /workspace/same; "
+                                  "test -e /etc/ccd-restored || echo absent")
+    listing = turn["result"]
+    assert "notes.txt\nsame\nup\n../etc\n" in listing and marker in listing, listing  # the rest is left out
+    assert "absent" in listing, listing
+    stop(api, second["id"])
+
+    # 17 MiB of zeros is 17 KiB of gzip: restoring it would pass the new session's 16 MB disk limit.
+    old_snapshot(settings, name, [(entry("workspace/zeros"), bytes(17 << 20))])
+    third = new_session(api, {"type": "persistent", "name": name}, limits={"disk_mb": 16})
+    failed = api.session_status(third["id"], "failed", timeout=90)
+    assert "more than the session's disk limit" in failed["error"] and "not restored" in failed["error"], failed
+    def failed_events():  # published once the container is stopped, after the row says failed
+        events = api.call("GET", f"/api/v1/sessions/{third['id']}/events?limit=1000", 200)["items"]
+        return [e["data"].get("reason") for e in events if e["data"].get("status") == "failed"]
+    assert wait_for(failed_events, 30, what="the failed status event") == ["snapshot_too_large"]
