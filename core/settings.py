@@ -84,6 +84,7 @@ class Settings:
     host_firewall: str = "true"
     host_firewall_status: str = ""
     session_bridge: str = ""
+    firewall_check_seconds: int = 10
     idle_check_seconds: int = 60
     max_upload_bytes: int = 104_857_600
     max_unpacked_bytes: int = 0  # an uploaded archive once decompressed; 0: ten times max_upload_bytes
@@ -183,7 +184,7 @@ class Settings:
                      "model_proxy_port", "model_proxy_idle_seconds", "model_proxy_client_connections",
                      "tmp_mb", "stream_buffer_events", "stream_send_timeout_seconds",
                      "owner_max_pending_items", "max_idle_seconds", "nofile",
-                     "disk_mb_default", "max_disk_mb", "disk_check_seconds",
+                     "disk_mb_default", "max_disk_mb", "disk_check_seconds", "firewall_check_seconds",
                      "events_max_bytes", "events_page_max_bytes", "max_token_ttl_seconds",
                      "owner_revocations_per_hour"):
             if getattr(self, name) <= 0:
@@ -326,6 +327,7 @@ ENV_NAMES = {
     "session_api_url": "CCD_SESSION_API_URL",
     "host_firewall": "CCD_HOST_FIREWALL",
     "host_firewall_status": "CCD_HOST_FIREWALL_STATUS",
+    "firewall_check_seconds": "CCD_FIREWALL_CHECK_SECONDS",
     "session_bridge": "CCD_SESSION_BRIDGE",
     "idle_check_seconds": "CCD_IDLE_CHECK_SECONDS",
     "max_upload_bytes": "CCD_MAX_UPLOAD_BYTES",

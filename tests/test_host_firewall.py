@@ -274,6 +274,42 @@ def test_the_worker_puts_back_rules_removed_under_it_before_the_next_session_sta
         worker.stop()
 
 
+def test_a_running_worker_puts_back_rules_dropped_under_it_with_no_session_starting(private_stack):
+    """A firewall reload (or an engine restart) drops the rules while sessions and pool containers run: the worker's
+    periodic check puts them back within CCD_FIREWALL_CHECK_SECONDS, with no session start to trigger it."""
+    period = 2
+    env = {**private_stack["env"], "CCD_HOST_FIREWALL": "true", "CCD_FIREWALL_CHECK_SECONDS": str(period)}
+    worker = stack.start_worker(env, name="worker-fc-watch", concurrency=1)
+    bridge, ports = private_stack["bridge"], host_firewall.allowed_ports(settings_of(env))
+    try:
+        wait_for(lambda: host_firewall.missing(bridge, ports) == [], timeout=30, what="the worker's rules")
+        time.sleep(period)  # past the worker's first check, so the deletions below are what the next one finds
+        subprocess.run(["iptables", "-D", "INPUT", "-i", bridge, "-j", "DROP"], check=True)
+        subprocess.run(["iptables", "-D", "DOCKER-USER", "-o", bridge, "-j", "DROP"], check=True)
+        subprocess.run(["ip6tables", "-D", "INPUT", "-i", bridge, "-j", "DROP"], check=True)
+        dropped = time.monotonic()
+        assert host_firewall.missing(bridge, ports)
+        # One period, and a pass's own time (iptables-save under this machine's load: seconds, at worst).
+        wait_for(lambda: host_firewall.missing(bridge, ports) == [], timeout=period + 15, what="the rules back")
+        assert time.monotonic() - dropped < period + 15
+        log = worker.tail(300)
+        assert f"host firewall rules for {bridge} were missing" in log and "installed them again" in log, log
+        assert "ready in container" not in log  # no session start put them back
+    finally:
+        worker.stop()
+
+
+def test_a_running_worker_that_cannot_check_the_rules_says_so_periodically(private_stack):
+    env = {**private_stack["env"], "CCD_HOST_FIREWALL": "external", "CCD_FIREWALL_CHECK_SECONDS": "1",
+           "CCD_HOST_FIREWALL_STATUS": str(private_stack["status"]) + ".none"}
+    worker = stack.start_worker(env, name="worker-fc-watch-external", concurrency=1)
+    try:
+        wait_for(lambda: worker.tail(300).count("running sessions on this host are not guarded") >= 2, timeout=20,
+                 what="the periodic error")
+    finally:
+        worker.stop()
+
+
 def settings_of(env: dict):
     from core.settings import Settings
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
+import time
 import uuid
 
 import pytest
 import requests
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, update
 
 from core.models import Workspace
 from core.storage import storage_from_settings
@@ -38,6 +40,19 @@ def run(api: Api, sid: str, prompt: str) -> dict:
     return turn
 
 
+def stop(api: Api, sid: str, timeout: float = 60) -> dict:
+    api.call("POST", f"/api/v1/sessions/{sid}/stop", 202)
+    return api.session_status(sid, "stopped", timeout=timeout)
+
+
+def workspace_row(settings, name: str):
+    engine = create_engine(settings.database_url)
+    with engine.connect() as conn:
+        row = conn.execute(select(Workspace).where(Workspace.owner == OWNER, Workspace.name == name)).one()
+    engine.dispose()
+    return row
+
+
 def prompts_seen(model, since: int) -> list[str]:
     """Every user message text in the agent's model requests after the first `since` of them."""
     return [message_text(m) for body in model.tool_requests()[since:] for m in body["messages"]
@@ -50,13 +65,9 @@ def test_a_persistent_workspace_survives_stop_and_is_restored_with_its_conversat
     first = new_session(api, {"type": "persistent", "name": name})
     marker = uuid.uuid4().hex
     run(api, first["id"], f"RUN: echo {marker} > /workspace/notes.txt && cat /workspace/notes.txt")
-    api.call("POST", f"/api/v1/sessions/{first['id']}/stop", 202)
-    api.session_status(first["id"], "stopped")
+    stop(api, first["id"])
 
-    engine = create_engine(settings.database_url)
-    with engine.connect() as conn:
-        saved = conn.execute(select(Workspace).where(Workspace.owner == OWNER, Workspace.name == name)).one()
-    engine.dispose()
+    saved = workspace_row(settings, name)
     assert saved.generation == 1 and saved.holder_id is None
     assert saved.snapshot_key == snapshot_key(OWNER, name)
     with storage_from_settings(settings).open(saved.snapshot_key) as source:
@@ -169,3 +180,116 @@ def test_an_idle_session_is_stopped_and_the_next_chat_resumes_it(stack_env, api)
     assert starting and starting[0]["data"]["reason"]
     wait_for(lambda: api.call("GET", f"/api/v1/sessions/{sid}", 200)["status"] in ("ready", "stopped"),
              what="the session to settle")
+
+
+def tree_io(pid: int) -> dict[str, int]:
+    """Bytes read and written (rchar, wchar: sockets and files alike) by a process and its children so far."""
+    totals, pending = {"rchar": 0, "wchar": 0}, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            for line in open(f"/proc/{current}/io").read().splitlines():
+                key, _, value = line.partition(": ")
+                if key in totals:
+                    totals[key] += int(value)
+            for task in os.listdir(f"/proc/{current}/task"):
+                pending += [int(c) for c in open(f"/proc/{current}/task/{task}/children").read().split()]
+        except FileNotFoundError:  # it ended meanwhile
+            continue
+    return totals
+
+
+def test_a_sparse_terabyte_is_not_saved_the_old_snapshot_stays_and_the_stop_completes(stack_env, api):
+    """`truncate -s 1T` uses no disk (the disk watcher sees nothing), but a snapshot would read, gzip and later
+    restore the whole terabyte: the save is refused on the file's header, within the session's disk limit."""
+    settings, worker = stack_env["settings"], stack_env["worker"]
+    name, disk_mb, marker = f"sparse-{uuid.uuid4().hex[:6]}", 64, uuid.uuid4().hex
+    first = new_session(api, {"type": "persistent", "name": name}, limits={"disk_mb": disk_mb})
+    run(api, first["id"], f"RUN: echo {marker} > /workspace/notes.txt")
+    stop(api, first["id"])
+    before = workspace_row(settings, name)
+    assert before.generation == 1
+
+    second = new_session(api, {"type": "persistent", "name": name}, limits={"disk_mb": disk_mb})
+    run(api, second["id"], "RUN: truncate -s 1T /workspace/bomb && echo changed > /workspace/notes.txt && du -sh /workspace")
+    io_before, started = tree_io(worker.proc.pid), time.monotonic()
+    stopped = stop(api, second["id"], timeout=120)
+    took, io_after = time.monotonic() - started, tree_io(worker.proc.pid)
+    assert took < 60, f"the refused save took {took:.0f} s"
+    cap = disk_mb << 20
+    # The worker read (from the engine) and wrote (to its spool) at most the cap, not the terabyte.
+    assert io_after["rchar"] - io_before["rchar"] < cap + (32 << 20), (io_before, io_after)
+    assert io_after["wchar"] - io_before["wchar"] < cap + (32 << 20), (io_before, io_after)
+    assert "more than the session's disk limit" in stopped["error"] and "not saved" in stopped["error"], stopped
+    events = api.call("GET", f"/api/v1/sessions/{second['id']}/events?limit=1000", 200)["items"]
+    final = [e for e in events if e["type"] == "session.status" and e["data"]["status"] == "stopped"]
+    assert final and final[-1]["data"]["reason"] == "snapshot_too_large", final
+    after = workspace_row(settings, name)
+    assert (after.generation, after.sha256, after.holder_id) == (1, before.sha256, None)
+    with storage_from_settings(settings).open(after.snapshot_key) as source:
+        assert hashlib.sha256(source.read()).hexdigest() == before.sha256
+
+    # The next session of the workspace gets the old snapshot, without the bomb.
+    third = new_session(api, {"type": "persistent", "name": name}, limits={"disk_mb": disk_mb})
+    turn = run(api, third["id"], "RUN: cat /workspace/notes.txt; ls /workspace")
+    assert marker in turn["result"] and "bomb" not in turn["result"] and "changed" not in turn["result"], turn
+    stop(api, third["id"])
+
+
+def old_snapshot(settings, name: str, members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+    """Puts an archive as the workspace's newest snapshot, as one saved before snapshots were checked might be: the
+    saved agent home (its conversation) and `members`."""
+    data, storage = io.BytesIO(), storage_from_settings(settings)
+    with storage.open(snapshot_key(OWNER, name)) as source:
+        saved = tarfile.open(fileobj=io.BytesIO(source.read()), mode="r:gz")
+    with tarfile.open(fileobj=data, mode="w:gz") as tar:
+        for member in saved:
+            if member.name.startswith("home/"):
+                tar.addfile(member, saved.extractfile(member) if member.isfile() else None)
+        for member, content in members:
+            member.size = len(content)
+            tar.addfile(member, io.BytesIO(content) if content else None)
+    data.seek(0)
+    stored = storage.put(snapshot_key(OWNER, name), data)
+    engine = create_engine(settings.database_url)
+    with engine.begin() as conn:
+        conn.execute(update(Workspace).where(Workspace.owner == OWNER, Workspace.name == name).values(
+            sha256=stored.sha256, size_bytes=stored.size, generation=Workspace.generation + 1))
+    engine.dispose()
+
+
+def entry(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    member = tarfile.TarInfo(name)
+    member.type, member.linkname, member.mode = kind, linkname, 0o755 if kind == tarfile.DIRTYPE else 0o644
+    return member
+
+
+def test_a_restore_leaves_out_fifos_devices_and_outside_links_and_refuses_a_snapshot_past_the_disk_limit(
+        stack_env, api):
+    settings, name, marker = stack_env["settings"], f"old-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    first = new_session(api, {"type": "persistent", "name": name}, limits={"disk_mb": 16})
+    run(api, first["id"], "RUN: echo saved > /workspace/notes.txt")
+    stop(api, first["id"])
+    old_snapshot(settings, name, [
+        (entry("workspace", tarfile.DIRTYPE), b""), (entry("workspace/notes.txt"), marker.encode()),
+        (entry("workspace/pipe", tarfile.FIFOTYPE), b""), (entry("workspace/tty", tarfile.CHRTYPE), b""),
+        (entry("workspace/passwd", tarfile.LNKTYPE, "etc/passwd"), b""),
+        (entry("workspace/same", tarfile.LNKTYPE, "workspace/notes.txt"), b""),
+        (entry("workspace/up", tarfile.SYMTYPE, "../etc"), b""), (entry("etc/ccd-restored"), b"x")])
+    second = new_session(api, {"type": "persistent", "name": name}, limits={"disk_mb": 16})
+    turn = run(api, second["id"], "RUN: ls -A /workspace; readlink /workspace/up; cat /workspace/same; "
+                                  "test -e /etc/ccd-restored || echo absent")
+    listing = turn["result"]
+    assert "notes.txt\nsame\nup\n../etc\n" in listing and marker in listing, listing  # the rest is left out
+    assert "absent" in listing, listing
+    stop(api, second["id"])
+
+    # 17 MiB of zeros is 17 KiB of gzip: restoring it would pass the new session's 16 MB disk limit.
+    old_snapshot(settings, name, [(entry("workspace/zeros"), bytes(17 << 20))])
+    third = new_session(api, {"type": "persistent", "name": name}, limits={"disk_mb": 16})
+    failed = api.session_status(third["id"], "failed", timeout=90)
+    assert "more than the session's disk limit" in failed["error"] and "not restored" in failed["error"], failed
+    def failed_events():  # published once the container is stopped, after the row says failed
+        events = api.call("GET", f"/api/v1/sessions/{third['id']}/events?limit=1000", 200)["items"]
+        return [e["data"].get("reason") for e in events if e["data"].get("status") == "failed"]
+    assert wait_for(failed_events, 30, what="the failed status event") == ["snapshot_too_large"]

@@ -84,6 +84,7 @@ def main(argv: list[str]) -> int:
         logging.getLogger("workers").error("no session will start on this host until this is fixed: %s", exc)
     health_server.start(settings)
     disk_quota.watch(settings)
+    host_firewall.watch(settings)
     run_worker(app, settings, f"{settings.placement_queue},{settings.host_queue()}",
                args.concurrency or settings.worker_concurrency, f"ccd@{settings.host_name}", plain)
     return 0

@@ -18,6 +18,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -246,6 +247,28 @@ class Gate:
         if problems:
             raise FirewallMissing("the host firewall keeper's rules are not in place for this network: "
                                   + "; ".join(problems))
+
+
+def watch(settings: Settings) -> threading.Thread:
+    """Checks the rules every CCD_FIREWALL_CHECK_SECONDS in a thread of the worker's main process, and with
+    CCD_HOST_FIREWALL=true puts back what a firewall reload or an engine restart dropped: running sessions and warm
+    pool containers are guarded between starts too, not only when one starts."""
+    from workers.runtime import DockerRuntime  # here: the runtime imports this module
+
+    def loop() -> None:
+        runtime = DockerRuntime(settings)
+        while True:
+            time.sleep(settings.firewall_check_seconds)
+            try:
+                runtime.require_firewall(fresh=True)  # logs a warning when it puts rules back
+            except FirewallMissing as exc:
+                log.error("host firewall: running sessions on this host are not guarded: %s", exc)
+            except Exception:  # e.g. the engine is restarting: the next pass looks again
+                log.exception("host firewall: the periodic check failed")
+
+    thread = threading.Thread(target=loop, name="firewall-watcher", daemon=True)
+    thread.start()
+    return thread
 
 
 def write_status(path: str, status: dict) -> None:

@@ -57,7 +57,8 @@ def start_session(ctx: WorkerContext, session_id: str, spec: dict | None = None)
             failed.status, failed.error = "failed", f"container failed to start: {exc}"
             workspaces.release(db, failed)
         ctx.runtime.stop(session_id)
-        publish_status(ctx, session_id, "failed", f"container failed to start: {exc}")
+        reason = exc.code if isinstance(exc, snapshots.SnapshotTooLarge) else None
+        publish_status(ctx, session_id, "failed", f"container failed to start: {exc}", reason)
         return
     with transaction(ctx.db) as db:
         ready = db.execute(update(SESSIONS).where(c.id == sid, c.status == "creating").values(
@@ -119,21 +120,23 @@ def wake(ctx: WorkerContext, session_id: str, owner: str, config: dict) -> str:
     return container_id
 
 
-def save_workspace(ctx: WorkerContext, session_id: str) -> str | None:
-    """Snapshots a persistent workspace; returns the error instead of raising, so a stop still completes."""
+def save_workspace(ctx: WorkerContext, session_id: str) -> tuple[str | None, str | None]:
+    """Snapshots a persistent workspace; returns the error and its reason (`snapshot_too_large`) instead of
+    raising, so a stop still completes."""
     try:
         snapshots.save(ctx, session_id)
-        return None
+        return None, None
     except Exception as exc:
         log.error("session %s: saving the workspace failed: %s", session_id, exc)
-        return f"saving the workspace failed: {exc}; the volumes on {ctx.settings.host_name} still hold it"
+        reason = exc.code if isinstance(exc, snapshots.SnapshotTooLarge) else None
+        return f"saving the workspace failed: {exc}; the volumes on {ctx.settings.host_name} still hold it", reason
 
 
 def stop_session(ctx: WorkerContext, session_id: str, reason: str | None = None) -> None:
     """Stops the container and saves a persistent workspace; volumes stay, so the next turn resumes.
     With a `reason` (the service stopped it, e.g. disk_quota), the session keeps the error that says why."""
     ctx.runtime.stop(session_id)
-    error = save_workspace(ctx, session_id)
+    error, save_reason = save_workspace(ctx, session_id)
     with transaction(ctx.db) as db:
         row = _locked(db, session_id)
         if row is None or row.status != "stopping":
@@ -143,7 +146,7 @@ def stop_session(ctx: WorkerContext, session_id: str, reason: str | None = None)
         row.updated_at = utcnow()
         workspaces.release(db, row)
         error = row.error
-    publish_status(ctx, session_id, "stopped", error, reason)
+    publish_status(ctx, session_id, "stopped", error, reason or save_reason)  # why it stopped comes first
     log.info("session %s stopped", session_id)
 
 

@@ -152,10 +152,11 @@ class DockerRuntime:
                 return config["Gateway"]
         raise Unavailable(f"network {self.settings.session_network} has no gateway address")
 
-    def require_firewall(self) -> None:
+    def require_firewall(self, fresh: bool = False) -> None:
         """Returns when session containers may start: the host firewall guards the sessions' network (see
-        workers/host_firewall.py); FirewallMissing, saying what to do, when it does not."""
-        if not self.firewall.passed_recently():
+        workers/host_firewall.py); FirewallMissing, saying what to do, when it does not. `fresh`: look again even
+        when a check just passed."""
+        if fresh or not self.firewall.passed_recently():
             network = self.ensure_network()
             self.firewall.require(network, self._gateway_of(network))
 
