@@ -16,7 +16,8 @@ JSON), e.g. `CALL: mcp__ccd__wait_for_child {"session_id": "{{session_id}}"}`. A
 CALL's result the reply is "TOOL-RESULT: <its text>"; a tool the request does not offer gets
 "NO-TOOL: <name>" instead of a call, and a CALL whose input is not a JSON object "BAD-CALL: ...".
 Every request body is recorded, so a test can check what the model was sent; every request's method and
-target (path and query, whatever the method) in `seen`, so a test can check what reached it; and every
+target (path and query, whatever the method) in `seen`, and its headers in `heard`, so a test can check what
+reached it; and every
 answer's model and `usage` (`answers`), so a test can price what the model reported. Usage is worked out from
 the request and the reply as the real API reports it: the prompt split into uncached input, cache writes and
 cache reads, and output tokens; a stream sends the input and cache counts in `message_start` and the output in
@@ -148,6 +149,7 @@ class ModelServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.requests: list[dict[str, Any]] = []
         self.seen: list[tuple[str, str]] = []  # (method, target) of every request, in arrival order
+        self.heard: list[dict[str, str]] = []  # every request's headers (names lowercased, repeats joined), same order
         self.answers: list[dict[str, Any]] = []  # {"model", "usage"} of each message answered, in order
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
@@ -171,9 +173,10 @@ class ModelServer:
         with self._lock:
             self.requests.append(body)
 
-    def saw(self, method: str, target: str) -> None:
+    def saw(self, method: str, target: str, headers: dict[str, str]) -> None:
         with self._lock:
             self.seen.append((method, target))
+            self.heard.append(headers)
 
     def targets(self) -> list[tuple[str, str]]:
         with self._lock:
@@ -200,7 +203,8 @@ class ModelServer:
             def parse_request(self) -> bool:
                 parsed = super().parse_request()
                 if parsed:
-                    server.saw(self.command, self.path)
+                    names = {k.lower() for k in self.headers.keys()}
+                    server.saw(self.command, self.path, {k: ", ".join(self.headers.get_all(k)) for k in names})
                 return parsed
 
             def do_GET(self) -> None:  # the Messages API has no GET: recorded (above), then not found

@@ -353,12 +353,13 @@ def test_a_credential_reaches_the_model_only_while_its_session_has_a_turn_runnin
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "[::]", "0"])
 def test_the_proxy_will_not_listen_on_every_address_unless_told_it_may(settings, host):
     with pytest.raises(ConfigError, match="CCD_MODEL_PROXY_ALLOW_ANY_ADDRESS=true") as caught:
-        build_server(settings, host, 0, gate=lambda sid: None)
+        build_server(settings, host, 0, gate=lambda *claims: None)
     assert "would listen on every address" in caught.value.message
 
 
 def test_the_proxy_listens_on_every_address_when_the_setting_allows_it(settings):
-    server = build_server(replace(settings, model_proxy_allow_any_address=True), "0.0.0.0", 0, gate=lambda sid: None)
+    server = build_server(replace(settings, model_proxy_allow_any_address=True), "0.0.0.0", 0,
+                          gate=lambda *claims: None)
     try:
         assert server.server_address[0] == "0.0.0.0"
     finally:

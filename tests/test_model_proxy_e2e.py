@@ -118,7 +118,7 @@ def test_from_inside_a_turn_the_accounts_other_endpoints_are_refused_and_never_r
         assert f"refused {line} for session {sid}" in log, line
 
 
-def test_a_credential_taken_in_a_turn_works_only_while_a_turn_of_its_session_runs_and_never_once_it_stopped(
+def test_a_credential_taken_in_a_turn_is_refused_between_turns_in_a_later_turn_and_once_its_session_stopped(
         api, stack_env, docker_client, settings):
     model = stack_env["model"]
     sid = started_session(api)
@@ -133,15 +133,17 @@ def test_a_credential_taken_in_a_turn_works_only_while_a_turn_of_its_session_run
     assert answer["error"]["message"] == f"session {sid} has no turn running; its credential reaches the model " \
                                          "only during a turn", answer
     assert len(model.targets()) == before
-    # While a turn runs, the same credential gets through (the gate is the turn, not the key's age) ...
+    # A later turn of the session does not bring it back: a credential is good only during its own turn (the gate
+    # is the turn it was minted for, not the key's age), while that later turn's own Claude Code reaches the model.
     slow = api.chat(sid, "SLOW: 12")["id"]
     wait_for(lambda: api.call("GET", f"/api/v1/turns/{slow}", 200)["status"] == "running"
              and len(model.targets()) > before, 60, what="the slow turn to reach the model")
     status, answer = proxy_call(url, key)
-    assert status == 200 and answer["type"] == "message", answer
+    assert (status, answer["error"]["type"]) == (403, "permission_error"), answer
+    assert answer["error"]["message"].startswith("turn ") and f"of session {sid} is not running" in \
+        answer["error"]["message"], answer
     assert api.call("GET", f"/api/v1/turns/{slow}", 200)["status"] == "running"  # it was still running
     assert api.finished_turn(slow)["status"] == "succeeded"
-    # ... and once it has ended, no longer.
     assert proxy_call(url, key)[0] == 403
     api.call("POST", f"/api/v1/sessions/{sid}/stop", 202)
     api.session_status(sid, "stopped")

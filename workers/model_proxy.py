@@ -28,6 +28,7 @@ from core.pricing import PriceTable
 from core.settings import Settings
 from core.trees import ENDED_STATES, BudgetExhausted, check_budget
 from workers.metering import ACCEPT_ENCODING, Usage, UsageMeter, usage_recorder
+from workers.model_calls import refused_call
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +107,20 @@ def forwarded_target(method: str, target: str) -> str | None:
 
 
 # Whether the session has a turn running: asked in the same statement that reads the session row.
-TURN_RUNNING = (select(Turn.id).where(Turn.session_id == Session.id, Turn.status == "running")
-                .exists().label("turn_running"))
+RUNNING = select(Turn.id).where(Turn.session_id == Session.id, Turn.status == "running")
+TURN_RUNNING = RUNNING.exists().label("turn_running")
 
 
-def session_gate(settings: Settings, factory) -> Callable[[uuid.UUID], None]:
-    """Checks, for every request, that the session still exists, is live, has a turn running and has budget left."""
+def session_gate(settings: Settings, factory) -> Callable[[uuid.UUID, uuid.UUID | None], None]:
+    """Checks, for every request, that the session still exists, is live, has a turn running (the credential's
+    own, when it names one: a credential left behind by an earlier turn is dead) and has budget left."""
 
-    def check(session_id: uuid.UUID) -> None:
+    def check(session_id: uuid.UUID, turn_id: uuid.UUID | None = None) -> None:
+        own = RUNNING.where(Turn.id == turn_id) if turn_id is not None else RUNNING
         try:
             with transaction(factory) as db:
-                found = db.execute(select(Session, TURN_RUNNING).where(Session.id == session_id)).first()
+                found = db.execute(select(Session, TURN_RUNNING, own.exists().label("own_turn_running"))
+                                   .where(Session.id == session_id)).first()
                 row = found[0] if found else None
                 if row is None or row.status in ENDED_STATES:
                     state = "gone" if row is None else row.status
@@ -125,6 +129,9 @@ def session_gate(settings: Settings, factory) -> Callable[[uuid.UUID], None]:
                 if not found.turn_running:
                     raise Refusal(403, "permission_error", f"session {session_id} has no turn running; its "
                                                            "credential reaches the model only during a turn")
+                if not found.own_turn_running:
+                    raise Refusal(403, "permission_error", f"turn {turn_id} of session {session_id} is not running; "
+                                                           "its credential reaches the model only during that turn")
                 check_budget(db, row)
         except BudgetExhausted as exc:
             raise Refusal(402, "billing_error", str(exc)) from None
@@ -143,7 +150,8 @@ class ProxyServer(ThreadingHTTPServer):
     request_queue_size = socket.SOMAXCONN  # a burst of connects waits to be accepted (or turned away), not dropped
 
     def __init__(self, address: tuple[str, int], secret: str, api_key: str, upstream: str,
-                 gate: Callable[[uuid.UUID], None], record: Callable[[uuid.UUID, uuid.UUID | None, Usage], None],
+                 gate: Callable[[uuid.UUID, uuid.UUID | None], None],
+                 record: Callable[[uuid.UUID, uuid.UUID | None, Usage], None],
                  idle_seconds: float = 60, client_connections: int = 32) -> None:
         super().__init__(address, ProxyHandler)
         self.secret, self.api_key, self.gate, self.record = secret, api_key, gate, record
@@ -256,8 +264,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if target is None:
                 raise Refusal(403, "permission_error", f"{self.command} {self.path[:200]} is not a call the model "
                                                        f"proxy forwards: it forwards only {ALLOWED}")
-            self.server.gate(session_id)
+            self.server.gate(*self.claims)
             body = self._read_body()
+            if (problem := refused_call(self.headers, body)) is not None:  # parsed once; the bytes go on as sent
+                raise Refusal(*problem)
         except Refusal as exc:
             (log.warning if exc.status == 403 else log.info)(
                 "refused %s %r for session %s from %s: %s", self.command, self.path[:200], session_id or "-",
@@ -369,7 +379,8 @@ def every_address(host: str) -> bool:
     return any(ipaddress.ip_address(address[4][0].split("%")[0]).is_unspecified for address in found)
 
 
-def build_server(settings: Settings, host: str, port: int, gate: Callable[[uuid.UUID], None] | None = None
+def build_server(settings: Settings, host: str, port: int,
+                 gate: Callable[[uuid.UUID, uuid.UUID | None], None] | None = None
                  ) -> ProxyServer:
     """A proxy for these settings on host:port (port 0: any free one); `gate` defaults to the database check.
 
