@@ -78,12 +78,6 @@ def read_model_claims(secret: str, credential: str) -> tuple[uuid.UUID, uuid.UUI
         return None
 
 
-def read_model_credential(secret: str, credential: str) -> uuid.UUID | None:
-    """The session a credential was minted for; None when it is not a valid, current model credential."""
-    claims = read_model_claims(secret, credential)
-    return claims[0] if claims is not None else None
-
-
 class Refusal(Exception):
     """A request the proxy answers itself, with an error in the Messages API's shape."""
 
