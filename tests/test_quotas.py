@@ -125,6 +125,18 @@ def test_a_stopped_session_cannot_restart_past_the_quota(api, api_settings):
     assert api("GET", f"/sessions/{stopped}/turns").json()["total"] == 0  # nothing was queued
 
 
+def test_a_file_request_cannot_restart_a_stopped_session_past_the_quota(api, api_settings):
+    stopped = stopped_session(api, api_settings, limits={"memory_mb": 4096})
+    engine = create_engine(api_settings.database_url)
+    with engine.begin() as conn:  # placed on a host, as a session that ran is (no worker serves that queue here)
+        conn.execute(text("UPDATE sessions SET host_queue = 'nowhere' WHERE id = :id"), {"id": stopped})
+    engine.dispose()
+    assert create(api, limits={"memory_mb": 4096}).status_code == 201
+    resp = api("GET", f"/sessions/{stopped}/workspace/files/notes.txt")
+    error_of(resp, 429, "memory_quota")  # refused before any worker is asked to start it
+    assert api("GET", f"/sessions/{stopped}").json()["status"] == "stopped"
+
+
 def test_a_batch_item_for_a_stopped_session_waits_while_its_restart_would_pass_the_quota(api, api_settings):
     stopped = stopped_session(api, api_settings, limits={"memory_mb": 4096})
     assert create(api, limits={"memory_mb": 4096}).status_code == 201

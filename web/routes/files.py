@@ -7,7 +7,7 @@ import uuid
 from flask import Response, g, request
 from werkzeug.routing import PathConverter
 
-from core import files, workspaces
+from core import admission, files, workspaces
 from core import sessions as session_cmds
 from core.errors import DomainError, TooLarge, Unavailable, WrongState
 from web.api import api, enqueue
@@ -48,7 +48,8 @@ def ask_worker(session_id: str, op: str, path: str | None = None, upload=None) -
         if row.status in ("deleted", "failed") or row.host_queue is None:
             raise WrongState(f"session {row.id} is {row.status} and has no workspace to reach",
                              code="workspace_unavailable")
-        if row.status == "stopped":  # the request starts it again, so it must hold its workspace
+        if row.status == "stopped":  # the request starts it again: it must fit the owner's quotas, hold its workspace
+            admission.admit_restart(db, row, settings)
             workspaces.hold(db, row)
         host_queue, sid = row.host_queue, str(row.id)
     if upload is not None:
