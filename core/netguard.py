@@ -8,16 +8,16 @@ the name, never the address.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
-from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+if TYPE_CHECKING:
+    from urllib3 import HTTPConnectionPool
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -102,35 +102,43 @@ def open_socket(vetted: Vetted, timeout: float | None,
     raise type(error)(f"{vetted.host} at {', '.join(a[0] for _, a in vetted.sockaddrs)}: {error}")
 
 
-class _PinnedConnection(HTTPConnection):
-    """urllib3's connection with its socket opened by open_socket (urllib3 would resolve the host again)."""
+@functools.cache
+def _pool_classes() -> tuple[type, type]:
+    """urllib3's pools, their connections opened by open_socket. Made on first use, not on import: the web imports
+    this module for vet(), and urllib3's references to ssl must not be loaded before gevent patches ssl (gevent
+    warns, and such references would bypass its patch)."""
+    from urllib3 import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-    def __init__(self, *args, vetted: Vetted, opened: list[socket.socket], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.vetted, self.opened = vetted, opened
+    class _PinnedConnection(HTTPConnection):
+        """urllib3's connection with its socket opened by open_socket (urllib3 would resolve the host again)."""
 
-    def _new_conn(self) -> socket.socket:
-        timeout = self.timeout if isinstance(self.timeout, (int, float)) else None
-        try:
-            sock = open_socket(self.vetted, timeout, self.socket_options or ())
-            self.opened.append(sock)  # for deadline()
-            return sock
-        except TimeoutError as exc:
-            raise ConnectTimeoutError(self, f"connecting timed out: {exc}") from exc
-        except OSError as exc:
-            raise NewConnectionError(self, f"could not connect: {exc}") from exc
+        def __init__(self, *args, vetted: Vetted, opened: list[socket.socket], **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.vetted, self.opened = vetted, opened
 
+        def _new_conn(self) -> socket.socket:
+            timeout = self.timeout if isinstance(self.timeout, (int, float)) else None
+            try:
+                sock = open_socket(self.vetted, timeout, self.socket_options or ())
+                self.opened.append(sock)  # for deadline()
+                return sock
+            except TimeoutError as exc:
+                raise ConnectTimeoutError(self, f"connecting timed out: {exc}") from exc
+            except OSError as exc:
+                raise NewConnectionError(self, f"could not connect: {exc}") from exc
 
-class _PinnedTLSConnection(_PinnedConnection, HTTPSConnection):
-    """TLS on the vetted socket; SNI and the certificate check use the pool's host, the name."""
+    class _PinnedTLSConnection(_PinnedConnection, HTTPSConnection):
+        """TLS on the vetted socket; SNI and the certificate check use the pool's host, the name."""
 
+    class _PinnedPool(HTTPConnectionPool):
+        ConnectionCls = _PinnedConnection
 
-class _PinnedPool(HTTPConnectionPool):
-    ConnectionCls = _PinnedConnection
+    class _PinnedTLSPool(HTTPSConnectionPool):
+        ConnectionCls = _PinnedTLSConnection
 
-
-class _PinnedTLSPool(HTTPSConnectionPool):
-    ConnectionCls = _PinnedTLSConnection
+    return _PinnedPool, _PinnedTLSPool
 
 
 def pool(scheme: str, vetted: Vetted, timeout: float, ca_certs: str | None = None) -> HTTPConnectionPool:
@@ -141,11 +149,12 @@ def pool(scheme: str, vetted: Vetted, timeout: float, ca_certs: str | None = Non
     environment applies: the connection is direct, to what was vetted.
     """
     opened: list[socket.socket] = []
+    plain_pool, tls_pool = _pool_classes()
     if scheme == "https":
-        http = _PinnedTLSPool(vetted.host, vetted.port, timeout=timeout, maxsize=1, retries=False,
+        http = tls_pool(vetted.host, vetted.port, timeout=timeout, maxsize=1, retries=False,
                               cert_reqs="CERT_REQUIRED", ca_certs=ca_certs, vetted=vetted, opened=opened)
     elif scheme == "http":
-        http = _PinnedPool(vetted.host, vetted.port, timeout=timeout, maxsize=1, retries=False, vetted=vetted,
+        http = plain_pool(vetted.host, vetted.port, timeout=timeout, maxsize=1, retries=False, vetted=vetted,
                            opened=opened)
     else:
         raise ValueError(f"no pool for scheme {scheme!r}")

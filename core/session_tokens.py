@@ -6,9 +6,9 @@ import uuid
 
 import jwt
 
+from core.settings import TOKEN_SLACK_SECONDS  # noqa: F401 (the worker takes it from here)
+
 SCOPE_CLAIM = "ccd_session"
-# A session token outlives its turn by this much, so a spawn tool call at the very end still works.
-TOKEN_SLACK_SECONDS = 300
 
 
 def mint_session_token(secret: str, owner: str, session_id: str, ttl_seconds: int,

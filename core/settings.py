@@ -10,8 +10,10 @@ from typing import Mapping
 from core.errors import ConfigError
 from core.limits import DEFAULT_LIMITS, host_cpus, host_memory_mb
 from core.pricing import PriceTable
-from core.session_tokens import TOKEN_SLACK_SECONDS
 
+# A session token outlives its turn by this much, so a spawn tool call at the very end still works. Here, not in
+# core/session_tokens.py: settings must not import jwt (its ssl references, loaded before gevent patches ssl).
+TOKEN_SLACK_SECONDS = 300
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/ccd"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # HS256 keys shorter than the hash are guessable offline from one token (RFC 7518 3.2 asks for 256 bits).

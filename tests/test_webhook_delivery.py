@@ -148,7 +148,7 @@ def test_the_webhook_consumer_has_only_the_delivery_task_and_loads_no_docker_cli
     """What `python -m workers webhooks` builds, in a fresh interpreter: the Docker SDK is never even imported."""
     probe = ("import sys; from core.settings import Settings; import workers.__main__; "
              "from workers.webhook_worker import create_webhook_app; "
-             "app, ctx = create_webhook_app(Settings.from_env({'JWT_SECRET': 'x'})); "
+             "app, ctx = create_webhook_app(Settings.from_env({'JWT_SECRET': 'x' * 32})); "
              "print(sorted(t for t in app.tasks if t.startswith('ccd.')), 'docker' in sys.modules, "
              "hasattr(ctx, 'runtime'))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout

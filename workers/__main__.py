@@ -17,7 +17,7 @@ from core.errors import ConfigError
 from core.logs import LineLogger, setup_logging
 from core.metrics import use_private_multiprocess_dir
 from core.settings import Settings
-from workers import disk_quota, health_server, host_firewall
+from workers import health_server, host_firewall
 
 
 def main(argv: list[str]) -> int:
@@ -83,6 +83,8 @@ def main(argv: list[str]) -> int:
     except host_firewall.FirewallMissing as exc:  # the worker serves; its session starts fail with this reason
         logging.getLogger("workers").error("no session will start on this host until this is fixed: %s", exc)
     health_server.start(settings)
+    from workers import disk_quota  # the Docker SDK: only the worker loads it (the webhook consumer must not)
+
     disk_quota.watch(settings)
     host_firewall.watch(settings)
     run_worker(app, settings, f"{settings.placement_queue},{settings.host_queue()}",
