@@ -121,11 +121,23 @@ def _save(tool: str) -> str:
     return proc.stdout
 
 
+def _with_others(bridge: str, ports: list[int], saved_ipv4: str) -> list[int]:
+    """Our ports and those the bridge's rules already let through: another worker of this host (a second stack, a
+    worker being replaced) may guard the same bridge for other ports, and neither may take the other's away (they
+    would rewrite each other's rules on every check)."""
+    found = set(ports)
+    for chain, flag in (("INPUT", "--dport"), ("DOCKER-USER", "--ctorigdstport")):
+        for spec in _ours(saved_ipv4, chain, bridge):
+            if flag in spec and spec[-1] == "ACCEPT" and spec[spec.index(flag) + 1].isdigit():
+                found.add(int(spec[spec.index(flag) + 1]))
+    return sorted(found)
+
+
 def missing(bridge: str, ports: list[int]) -> list[str]:
     """What is wrong with the bridge's rules ("iptables INPUT", …), empty when all are in place and in order."""
     tools = _tools()
     wrong, saved = [], {tool: _save(path) for tool, path in tools.items()}
-    for (tool, chain), specs in rules(bridge, ports).items():
+    for (tool, chain), specs in rules(bridge, _with_others(bridge, ports, saved["iptables"])).items():
         if tool in saved and _ours(saved[tool], chain, bridge) != [_normal(s) for s in specs]:
             wrong.append(f"{tool} {chain}")
     return wrong
@@ -134,7 +146,7 @@ def missing(bridge: str, ports: list[int]) -> list[str]:
 def install(bridge: str, ports: list[int]) -> None:
     """Puts the bridge's rules at the top of each chain, in order (idempotent: chains already right are left be)."""
     tools = _tools()
-    for (tool, chain), specs in rules(bridge, ports).items():
+    for (tool, chain), specs in rules(bridge, _with_others(bridge, ports, _save(tools["iptables"]))).items():
         if tool not in tools:
             continue
         exe = tools[tool]

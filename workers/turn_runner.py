@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 import uuid
-from decimal import Decimal
 
 import redis
 from sqlalchemy import case, or_, select, update
@@ -343,7 +342,7 @@ class TurnRunner:
         reported = reported_figures(output.result)
         text, reported_cost = reported["result"], reported["reported_cost_usd"]
         summary = {"status": status, "result": text, "error": error, "reason": reason, "usage": reported["usage"],
-                   "cost_usd": float(self._metered_cost(turn)),
+                   "cost_usd": self._metered_cost(turn),
                    "reported_cost_usd": float(reported_cost) if reported_cost is not None else None,
                    "duration_ms": reported["duration_ms"]}
         if isinstance(text, str) and len(text) > self.ctx.settings.max_event_bytes // 2:
@@ -377,12 +376,17 @@ class TurnRunner:
         metrics.turn_finished(turn, status)
         return True
 
-    def _metered_cost(self, turn: dict) -> Decimal:
-        """What the model proxy has metered for the turn so far."""
-        def read() -> Decimal:
+    def _metered_cost(self, turn: dict) -> float | None:
+        """What the model proxy has metered for the turn so far; None when the database does not answer right now:
+        the final event does not wait for it (the turn row has the figure, and the recording below retries)."""
+        try:
             with transaction(self.ctx.db) as db:
-                return db.scalar(select(TURNS.c.cost_usd).where(TURNS.c.id == uuid.UUID(turn["id"]))) or Decimal(0)
-        return retry_while_down(read, what=f"read turn {turn['id']}'s metered cost")
+                cost = db.scalar(select(TURNS.c.cost_usd).where(TURNS.c.id == uuid.UUID(turn["id"])))
+        except OperationalError as exc:
+            log.warning("turn %s: its metered cost could not be read for the final event (%s); sent without it",
+                        turn["id"], type(exc.orig or exc).__name__)
+            return None
+        return float(cost or 0)
 
     def _record(self, session: dict, turn: dict, values: dict, saw_init: bool) -> bool:
         """Records the turn's outcome and marks the session's conversation and activity (its spend and tokens are
