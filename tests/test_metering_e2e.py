@@ -5,13 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import textwrap
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 
 import pytest
 
-from core.pricing import PriceTable
 from tests.conftest import wait_for
 from tests.test_e2e import Api
+from tests.test_metering import expected_cost as price
 
 pytestmark = pytest.mark.docker
 OWNER = "metering-owner"
@@ -64,18 +64,6 @@ def forge(cost: str) -> str:
 @pytest.fixture(scope="module")
 def api(stack_env, token):
     return Api(stack_env["base"], token(OWNER))
-
-
-def price(answers: list[dict]) -> Decimal:
-    """What the answers cost by the price table's numbers, each rounded up to the micro-dollar as metered."""
-    table, total = PriceTable.parse(""), Decimal(0)
-    for answer in answers:
-        p, usage = table.price(answer["model"]), answer["usage"]
-        cost = (usage["input_tokens"] * p.input + usage["output_tokens"] * p.output
-                + usage["cache_creation_input_tokens"] * p.cache_write
-                + usage["cache_read_input_tokens"] * p.cache_read) / 10 ** 6
-        total += cost.quantize(Decimal("0.000001"), rounding=ROUND_CEILING)
-    return total
 
 
 def metered_turn(api: Api, model, sid: str, prompt: str, timeout: float = 120) -> tuple[dict, Decimal, list[dict]]:
