@@ -53,6 +53,10 @@ class Session(Base):
     input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cost_usd: Mapped[Decimal] = mapped_column(Numeric(14, 6), default=Decimal(0))  # metered at the model proxy
+    # The hot Claude Code process the session's container last reported (its model credential names it).
+    process_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True)
+    # Permission rules an owner's "remember" added to the session's approvals (Claude Code's rule syntax).
+    approval_rules: Mapped[list] = mapped_column(JSONB, default=list, server_default="[]")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     last_active_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -100,6 +104,8 @@ class Turn(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The process a credential minted for this turn names, should the turn start a new one (see the model proxy).
+    process_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True)
 
     __table_args__ = (
         UniqueConstraint("session_id", "seq", name="uq_turns_session_seq"),
@@ -181,3 +187,27 @@ class Workspace(Base):
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     saved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Approval(Base):
+    """One permission prompt of Claude Code's (a `can_use_tool` control request) and how it was answered."""
+
+    __tablename__ = "approvals"
+    __table_args__ = (UniqueConstraint("turn_id", "request_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
+    turn_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("turns.id", ondelete="CASCADE"))
+    session_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("sessions.id", ondelete="CASCADE"), index=True)
+    request_id: Mapped[str] = mapped_column(String(200))  # Claude Code's control request id
+    tool_name: Mapped[str] = mapped_column(String(200))
+    input: Mapped[dict | None] = mapped_column(JSONB, nullable=True)
+    suggestions: Mapped[list | None] = mapped_column(JSONB, nullable=True)
+    # pending, then allowed, denied, timed_out or cancelled (the turn ended first).
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    # What the answer said: updated_input, message, remember, and who decided.
+    decision: Mapped[dict | None] = mapped_column(JSONB, nullable=True)
+    decided_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

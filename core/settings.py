@@ -114,6 +114,9 @@ class Settings:
     stream_buffer_events: int = 1000
     stream_send_timeout_seconds: int = 30
     model_prices: str = ""
+    hot_seconds: int = 300
+    max_hot_per_host: int = 0  # 0: derived from the host's memory (see hot_limit)
+    approval_timeout_seconds: int = 600
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -188,10 +191,10 @@ class Settings:
                      "owner_max_pending_items", "max_idle_seconds", "nofile",
                      "disk_mb_default", "max_disk_mb", "disk_check_seconds", "firewall_check_seconds",
                      "events_max_bytes", "events_page_max_bytes", "max_token_ttl_seconds",
-                     "owner_revocations_per_hour"):
+                     "owner_revocations_per_hour", "approval_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be positive, got {getattr(self, name)}")
-        for name in ("owner_max_memory_mb", "owner_max_cpus", "max_turn_seconds"):
+        for name in ("owner_max_memory_mb", "owner_max_cpus", "max_turn_seconds", "hot_seconds", "max_hot_per_host"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{ENV_NAMES[name]} must be 0 (the default) or more, got {getattr(self, name)}")
         for name, default in (("max_memory_mb", "memory_mb"), ("max_cpus", "cpus"), ("max_pids", "pids")):
@@ -232,6 +235,12 @@ class Settings:
     def turn_ceiling(self) -> int:
         """The longest turn a session may ask for (CCD_MAX_TURN_SECONDS, else CONTAINER_TIMEOUT_DEFAULT)."""
         return self.max_turn_seconds or self.container_timeout_default
+
+    @property
+    def hot_limit(self) -> int:
+        """How many idle hot Claude Code processes one host keeps (CCD_MAX_HOT_PER_HOST, else one per GiB of the
+        host's memory: an idle one holds about 250 MB, so a quarter of the memory at most)."""
+        return self.max_hot_per_host or max(1, self.max_memory_mb // 1024)
 
     @property
     def owner_memory_quota(self) -> int:
@@ -358,4 +367,7 @@ ENV_NAMES = {
     "stream_buffer_events": "CCD_STREAM_BUFFER_EVENTS",
     "stream_send_timeout_seconds": "CCD_STREAM_SEND_TIMEOUT_SECONDS",
     "model_prices": "CCD_MODEL_PRICES",
+    "hot_seconds": "CCD_HOT_SECONDS",
+    "max_hot_per_host": "CCD_MAX_HOT_PER_HOST",
+    "approval_timeout_seconds": "CCD_APPROVAL_TIMEOUT_SECONDS",
 }

@@ -83,8 +83,16 @@ class SessionConfig(Strict):
     limits: Limits = Field(default_factory=Limits)
     max_budget_usd: float | None = Field(None, ge=0, le=1_000_000,
                                          description="on a root session: the whole spawn tree's cost limit")
+    # Who answers Claude Code's permission prompts: nobody (the container is the sandbox), or the API.
+    approvals: Literal["none", "ask"] = "none"
+    approval_rules: list[str] | None = Field(None, max_length=100,
+                                             description="with approvals ask: Claude Code permission rules "
+                                                         "(Bash(git *), Edit) that are allowed without asking")
+    approval_timeout_seconds: int | None = Field(None, ge=1, le=86400,
+                                                 description="a prompt nobody answers is denied after this "
+                                                             "(default CCD_APPROVAL_TIMEOUT_SECONDS)")
 
-    @field_validator("allowed_tools")
+    @field_validator("allowed_tools", "approval_rules")
     @classmethod
     def _tool_names(cls, tools: list[str] | None) -> list[str] | None:
         for tool in tools or []:
