@@ -216,7 +216,7 @@ class TurnRunner:
             renew_at, interrupted = time.monotonic() + renew_every, False
             while not done.is_set():
                 try:
-                    signalled = not interrupted and self.ctx.cancels.wait(turn["id"], CANCEL_POLL_SECONDS)
+                    signalled = not interrupted and self.ctx.cancels.wait(turn["id"], CANCEL_POLL_SECONDS) == "cancel"
                 except redis.RedisError:  # a Redis blip: cancels are also seen in Postgres below
                     signalled = False
                     done.wait(CANCEL_POLL_SECONDS)
