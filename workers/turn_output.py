@@ -148,6 +148,9 @@ class TurnOutput:
             return ("failed", f"a process of the turn was killed for using more than the session's memory "
                               f"limit (Claude Code exit code {code}); raise config.limits.memory_mb",
                     "out_of_memory")
+        if self.exit.get("process_lost"):
+            return ("failed", f"Claude Code's process ended during the turn (exit code {code}: killed or crashed); "
+                              "the next turn starts a new one and resumes the conversation", "process_lost")
         if self.invalid:
             return "failed", self.invalid, "invalid_output"
         if self.result is not None and self.result.get("is_error"):

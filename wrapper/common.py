@@ -22,7 +22,8 @@ DEFAULT_LOG_DIR = os.path.join(os.path.expanduser("~"), ".ccd", "turns")
 # Each option's placeholder in the usage line; a number of SECONDS is parsed as a float.
 OPTIONS = {"--turn-id": "ID", "--session-id": "ID", "--resume": "ID", "--model": "MODEL",
            "--allowed-tools": "TOOLS", "--permission-mode": "MODE", "--append-system-prompt": "PROMPT",
-           "--timeout": "SECONDS", "--grace": "SECONDS", "--log-dir": "DIR", "--claude": "PATH"}
+           "--timeout": "SECONDS", "--grace": "SECONDS", "--log-dir": "DIR", "--claude": "PATH",
+           "--hot": "SECONDS", "--approvals": "MODE"}
 COMMANDS = {"run": tuple(OPTIONS), "attach": ("--turn-id", "--log-dir"),
             "cancel": ("--turn-id", "--grace", "--log-dir")}
 DEFAULTS = {"timeout": 3600.0, "grace": 5.0, "log_dir": DEFAULT_LOG_DIR, "claude": "claude"}
@@ -137,4 +138,7 @@ def turn_running(base: str) -> bool:
             args = cmdline.read().split(b"\0")
     except (OSError, ValueError):
         return False
-    return os.path.basename(base).encode() in args and b"run" in args and pid_alive(pid)
+    # A turn of the hot process (wrapper/serve.py) names the serving process, which outlives the turn: its pid file
+    # goes when the turn ends.
+    ours = (os.path.basename(base).encode() in args and b"run" in args) or b"serve" in args
+    return ours and pid_alive(pid)

@@ -26,14 +26,28 @@ class ToolError(Exception):
 class Api:
     """The few cc-docker API calls the tools make, with errors turned into ToolError."""
 
-    def __init__(self, base_url: str, token: str, session_id: str) -> None:
+    def __init__(self, base_url: str, token: str, session_id: str, token_file: str = "") -> None:
         self.base_url = base_url.rstrip("/")
-        self.token = token
+        self._token = token
+        self.token_file = token_file
         self.session_id = session_id
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> "Api":
-        return cls(env.get("CCD_API_URL", ""), env.get("CCD_SESSION_TOKEN", ""), env.get("CCD_SESSION_ID", ""))
+        return cls(env.get("CCD_API_URL", ""), env.get("CCD_SESSION_TOKEN", ""), env.get("CCD_SESSION_ID", ""),
+                   env.get("CCD_SESSION_TOKEN_FILE", ""))
+
+    @property
+    def token(self) -> str:
+        """The session token: read again on every call when it lives in a file (a hot process's MCP server runs
+        for many turns, and each turn renews the token there)."""
+        if self.token_file:
+            try:
+                with open(self.token_file, encoding="utf-8") as file:
+                    return file.read().strip()
+            except OSError:
+                pass
+        return self._token
 
     def own_session(self) -> str:
         """This session's id, which spawning and listing children need."""
