@@ -19,9 +19,11 @@ from core.sessions import CHAT_STATES, parse_uuid
 TURNS, SESSIONS = Turn.__table__, Session.__table__
 OTHER = TURNS.alias("other")  # another turn of the same session
 # What a worker needs to run a turn.
-TURN_COLUMNS = (TURNS.c.id, TURNS.c.seq, TURNS.c.prompt, TURNS.c.attempt, TURNS.c.webhook, TURNS.c.batch_id)
+TURN_COLUMNS = (TURNS.c.id, TURNS.c.seq, TURNS.c.prompt, TURNS.c.attempt, TURNS.c.webhook, TURNS.c.batch_id,
+                TURNS.c.process_id)
 SESSION_COLUMNS = (SESSIONS.c.id, SESSIONS.c.owner, SESSIONS.c.config, SESSIONS.c.claude_session_id,
-                   SESSIONS.c.conversation_started, SESSIONS.c.host_queue)
+                   SESSIONS.c.conversation_started, SESSIONS.c.host_queue, SESSIONS.c.approval_rules,
+                   SESSIONS.c.process_id)
 
 
 def submit_turn(db: DbSession, session: Session, prompt: str) -> Turn:
@@ -163,7 +165,9 @@ def claim_turn(db: DbSession, turn_id: str, holder: str, lease_seconds: float) -
                                      or_(OTHER.c.status == "running",
                                          and_(OTHER.c.status == "queued", OTHER.c.seq < t.seq)))
     turn = db.execute(update(TURNS).where(t.id == turn_uuid, t.status == "queued", ~ahead.exists())
-                      .values(status="running", started_at=now, **lease).returning(*TURN_COLUMNS)).mappings().first()
+                      # The process a new Claude Code would be for this turn (its model credential names it).
+                      .values(status="running", started_at=now, process_id=uuid.uuid4(), **lease)
+                      .returning(*TURN_COLUMNS)).mappings().first()
     resumed = turn is None
     if resumed:
         turn = db.execute(update(TURNS).where(t.id == turn_uuid, t.status == "running", t.lease_expires_at < now)

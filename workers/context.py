@@ -44,7 +44,7 @@ class ServiceContext:
 class WorkerContext(ServiceContext):
     """A worker's: the event log, cancel signals, the Docker runtime and storage too."""
 
-    RESOURCES = ServiceContext.RESOURCES + ("events", "cancels", "runtime", "storage")
+    RESOURCES = ServiceContext.RESOURCES + ("events", "cancels", "hot", "runtime", "storage")
 
     @cached_property
     def events(self) -> EventLog:
@@ -53,6 +53,12 @@ class WorkerContext(ServiceContext):
     @cached_property
     def cancels(self) -> CancelSignals:
         return CancelSignals(self.events.redis, self.settings.key_prefix)
+
+    @cached_property
+    def hot(self):
+        from workers.hot import HotSessions
+
+        return HotSessions(self.events.redis, self.settings)
 
     @cached_property
     def runtime(self):

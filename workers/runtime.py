@@ -43,8 +43,10 @@ HELPER_DIR = "/"
 HELPER_OUTPUT_BYTES = 1 << 20
 # How long a container's turn agent (wrapper/serve.py) may take to accept a turn before the worker gives up on it.
 AGENT_ANSWER_SECONDS = 30.0
-# The agent's own lines around a run's records: "<marker>\t<nonce>[\t<exit code>]" (see wrapper/serve.py).
-AGENT_MARKERS = ("accepted", "start", "end", "stale")
+# The agent's own lines around a run's records: "<marker>\t<nonce>[\t<value>]" (see wrapper/serve.py).
+AGENT_MARKERS = ("accepted", "start", "end", "stale", "done")
+# How long a control command (an approval's answer, an interrupt) may take to be answered.
+CONTROL_ANSWER_SECONDS = 10.0
 
 
 def disk_limit_mb(config: dict, settings: Settings) -> int:
@@ -423,7 +425,7 @@ class DockerRuntime:
                                                  workdir), max_line)
 
     def turn_lines(self, container: str, args: list[str], env: dict[str, str], prompt: bytes,
-                   result: list[ExecResult], max_line: int = 0) -> Iterator[tuple[str, int]]:
+                   result: list[ExecResult], max_line: int = 0, on_start=None) -> Iterator[tuple[str, int]]:
         """Runs `wrapper <args>` for a turn, as `exec_lines` does: through the container's turn agent
         (wrapper/serve.py) when it has one, else (a container made before there was one) as an exec.
         NotRunning when the container is missing or stopped: an attach to a stopped container would wait."""
@@ -434,12 +436,13 @@ class DockerRuntime:
             # Claude Code works where it starts: the workspace (the turn agent starts its runs there too).
             yield from self.exec_lines(container, WRAPPER + args, env, prompt, result, max_line, "/workspace")
             return
-        yield from self._agent_lines(container, args, env, prompt, result, max_line)
+        yield from self._agent_lines(container, args, env, prompt, result, max_line, on_start)
 
     def _agent_lines(self, container: str, args: list[str], env: dict[str, str], prompt: bytes,
-                     result: list[ExecResult], max_line: int) -> Iterator[tuple[str, int]]:
+                     result: list[ExecResult], max_line: int, on_start=None) -> Iterator[tuple[str, int]]:
         """Asks the container's turn agent for a run and yields its lines (the agent's markers, and anything
-        before this run's start, left out)."""
+        before this run's start, left out). `on_start` is called with the id of the Claude Code process the
+        turn runs in, as the agent says so."""
         nonce = uuid.uuid4().hex
         request = {"nonce": nonce, "expires": time.time() + AGENT_ANSWER_SECONDS, "args": args, "env": env,
                    "prompt": prompt.decode("utf-8", "replace")}
@@ -467,6 +470,8 @@ class DockerRuntime:
                     raw.settimeout(None)
                 elif kind == "start":
                     started = True
+                    if on_start is not None:
+                        on_start(value)
                 elif kind == "end":
                     code = int(value or 0)
                     break
@@ -480,6 +485,33 @@ class DockerRuntime:
         finally:
             sock.close()
         result.append(ExecResult(code, stderr.decode("utf-8", "replace")[-4000:]))
+
+    def agent_control(self, container: str, command: dict) -> str:
+        """Sends the container's turn agent a control command (wrapper/serve.py: answer, interrupt, cool) through an
+        attach; its outcome (ok, unknown, idle, busy). NotRunning when the container is not running."""
+        nonce = uuid.uuid4().hex
+        request = {**command, "nonce": nonce, "expires": time.time() + CONTROL_ANSWER_SECONDS}
+        try:
+            sock = self.api.attach_socket(container, params={"stdin": 1, "stdout": 1, "stream": 1})
+        except APIError as exc:
+            if exc.status_code in (404, 409):
+                raise NotRunning(f"container {container} is not running: {exc.explanation or exc}") from None
+            raise
+        raw = getattr(sock, "_sock", sock)
+        try:
+            raw.settimeout(CONTROL_ANSWER_SECONDS)
+            raw.sendall(json.dumps(request).encode() + b"\n")
+            # The stream carries whatever the agent prints (a running turn's records too): only our answer counts.
+            marker = f"done\t{nonce}\t"
+            for line, _size in split_lines(stdout_of(read_frames(raw), bytearray()), 1 << 16):
+                if line.startswith(marker):
+                    return line[len(marker):]
+        except TimeoutError:
+            raise RuntimeError(f"the container's turn agent did not answer a control command within "
+                               f"{CONTROL_ANSWER_SECONDS:.0f} s") from None
+        finally:
+            sock.close()
+        raise NotRunning(f"container {container} stopped before its turn agent answered")
 
     def _running(self, container: str) -> dict | None:
         """The container's inspect, if it is running."""

@@ -49,17 +49,22 @@ def storable(value: Any) -> Any:
     return value
 
 
-def reported_figures(result: dict[str, Any] | None) -> dict[str, Any]:
+def reported_figures(result: dict[str, Any] | None, cost_before: Any = None) -> dict[str, Any]:
     """What a turn's row and final event show of its result line, each value made to fit its column. The line may
-    be the agent's own forgery (it can write to Claude Code's stdout): shown, never counted, never a failed write."""
+    be the agent's own forgery (it can write to Claude Code's stdout): shown, never counted, never a failed write.
+    `cost_before`: a hot process reports its cost so far, not the turn's; this is what it had reported before."""
     result = result or {}
+    cost = reported_cost(result.get("total_cost_usd"))
+    before = reported_cost(cost_before)
+    if cost is not None and before is not None and before > 0:
+        cost = max(Decimal(0), cost - before)
     text, usage, duration = result.get("result"), result.get("usage"), result.get("duration_ms")
     if text is not None and not isinstance(text, str):
         text = json.dumps(text)
     if isinstance(duration, float) and duration.is_integer():
         duration = int(duration)
     return {"result": storable(text), "usage": storable(usage) if isinstance(usage, dict) and usage else None,
-            "reported_cost_usd": reported_cost(result.get("total_cost_usd")),
+            "reported_cost_usd": cost,
             "duration_ms": duration if isinstance(duration, int) and not isinstance(duration, bool)
             and 0 <= duration <= MAX_INT4 else None}
 

@@ -21,6 +21,8 @@ from core.turns import SESSIONS, TURNS, claim_turn, final_event_type, next_turn_
 from workers.context import WorkerContext
 from workers import metrics
 from workers.lifecycle import wake
+from workers.approvals import TurnApprovals
+from workers.hot import cool
 from workers.model_proxy import mint_model_credential
 from workers.publisher import SERVICE_DOWN, Publisher, retry_while_down
 from workers.runtime import WRAPPER, ExecResult, NotRunning
@@ -39,24 +41,46 @@ def turn_timeout(config: dict, settings: Settings) -> int:
     return max(1, min(int(asked), settings.turn_ceiling))
 
 
-def wrapper_argv(turn_id: str, session: dict, timeout: int, grace: int) -> list[str]:
+def wrapper_argv(turn_id: str, session: dict, timeout: int, grace: int, hot_seconds: int = 0) -> list[str]:
     """The wrapper's arguments for a turn (after WRAPPER); the prompt goes on stdin, never here."""
     config = session["config"]
-    argv = ["run", "--turn-id", turn_id, "--timeout", str(timeout), "--grace", str(grace)]
+    argv = ["run", "--turn-id", turn_id, "--timeout", str(timeout), "--grace", str(grace),
+            "--hot", str(hot_seconds)]
     flag = "--resume" if session["conversation_started"] else "--session-id"
     argv += [flag, session["claude_session_id"]]
     if config.get("model"):
         argv += ["--model", config["model"]]
-    if config.get("allowed_tools"):
-        argv += ["--allowed-tools", ",".join(config["allowed_tools"])]
-    if config.get("permission_mode"):
-        argv += ["--permission-mode", config["permission_mode"]]
+    asking = config.get("approvals") == "ask"
+    # Rules that never ask: the session's own, those its approvals allow, and those an answer said to remember.
+    rules = list(config.get("allowed_tools") or [])
+    if asking:
+        rules += [r for r in [*(config.get("approval_rules") or []), *(session.get("approval_rules") or [])]
+                  if r not in rules]
+    if rules:
+        argv += ["--allowed-tools", ",".join(rules)]
+    mode = config.get("permission_mode")
+    if asking:
+        argv += ["--approvals", "ask"]
+        # Bypassing permissions would ask nobody: with approvals, Claude Code's own default mode asks.
+        mode = "default" if mode in (None, "bypassPermissions") else mode
+    if mode:
+        argv += ["--permission-mode", mode]
     if config.get("append_system_prompt"):
         argv += ["--append-system-prompt", config["append_system_prompt"]]
     return argv
 
 
+# Claude Code's control protocol lines: its permission prompts become approvals, not claude.* events.
+CONTROL_LINES = ("control_request", "control_cancel_request")
 GONE_WHILE_LOST = "the session container stopped while its worker was lost; the turn's process went with it"
+
+
+def poll_seconds(approvals: TurnApprovals) -> float:
+    """How long the watcher may wait for a signal: its poll, or less when a prompt's deadline comes first."""
+    deadline = approvals.next_deadline()
+    if deadline is None:
+        return CANCEL_POLL_SECONDS
+    return max(0.05, min(CANCEL_POLL_SECONDS, deadline - time.time()))
 
 
 class ContainerLost(Exception):
@@ -97,6 +121,7 @@ class TurnRunner:
             first_id = publisher.publish("turn.started", {"attempt": turn["attempt"]}, 0, "first")
             mark = {"number": "0", "first": first_id}
         failure, where = None, {}
+        turn["approvals"] = TurnApprovals(self.ctx, session, turn, where)
         # Watching starts before the container does: a long start or restore must not cost the lease.
         stop_watch = self._watch(turn, where, output)
         try:
@@ -131,6 +156,7 @@ class TurnRunner:
             status, error, reason = "cancelled", "cancelled by request", "cancelled"  # e.g. its container was stopped
         if self._finish(session, turn, output, (status, error, reason), mark, publisher):
             self._send_next(turn.get("next"), session["host_queue"])  # looked up as the turn was recorded
+            self._keep_hot(session, output)
             self._after(turn)
         else:
             self._start_next(session["id"], session["host_queue"])
@@ -212,16 +238,23 @@ class TurnRunner:
             except Exception:  # a crashed watcher would leave the turn without lease renewals
                 log.exception("turn %s: the lease and cancel watcher failed", turn["id"])
 
+        approvals = turn["approvals"]
+
         def watch_until_done() -> None:
             renew_at, interrupted = time.monotonic() + renew_every, False
+            answered = turn["resumed"]  # answers given while no worker held the turn are passed on first
             while not done.is_set():
                 try:
-                    signalled = not interrupted and self.ctx.cancels.wait(turn["id"], CANCEL_POLL_SECONDS) == "cancel"
+                    signal = None if interrupted else self.ctx.cancels.wait(turn["id"], poll_seconds(approvals))
                 except redis.RedisError:  # a Redis blip: cancels are also seen in Postgres below
-                    signalled = False
+                    signal = None
                     done.wait(CANCEL_POLL_SECONDS)
+                signalled = signal == "cancel"
                 if interrupted:
                     done.wait(CANCEL_POLL_SECONDS)
+                elif not done.is_set():
+                    answered = answered or signal == "answer"
+                    answered = not self._approvals_step(approvals, answered)
                 if time.monotonic() >= renew_at and not done.is_set():
                     renew_at = time.monotonic() + renew_every
                     if not self._renew(turn_uuid, turn["attempt"], lease):
@@ -246,6 +279,17 @@ class TurnRunner:
             self.ctx.cancels.clear(turn["id"])
         return stop
 
+    def _approvals_step(self, approvals: TurnApprovals, answered: bool) -> bool:
+        """Passes answers on (when one came) and denies prompts past their deadline; False to try again."""
+        try:
+            if answered:
+                approvals.deliver()
+            approvals.expire(time.time())
+            return True
+        except SERVICE_DOWN as exc:
+            log.warning("turn %s: approvals wait for the database (%s)", approvals.turn["id"], exc)
+            return False
+
     def _renew(self, turn_uuid: uuid.UUID, attempt: int, lease: float) -> bool:
         """Extends the lease; a database blip is not a lost lease (True: try again next time)."""
         try:
@@ -267,9 +311,19 @@ class TurnRunner:
         return retry_while_down(check, what=f"check turn {turn['id']} for a cancel")
 
     def _interrupt(self, container_id: str, turn: dict) -> bool:
-        """Stops Claude Code in the container: interrupt, then terminate, then kill. False if the container
-        could not be reached."""
+        """Stops the turn: first by asking Claude Code (the control protocol's interrupt: it ends the turn and stays
+        hot; the turn agent sends signals if it does not within the grace time), else (a run the agent does not
+        hold, a container made before there was one) interrupt, terminate, kill from a `wrapper cancel`. False if
+        the container could not be reached."""
         log.info("turn %s: cancel requested, interrupting Claude Code", turn["id"])
+        try:
+            if self.ctx.runtime.agent_control(container_id, {"control": "interrupt", "turn_id": turn["id"]}) == "ok":
+                return True
+        except NotRunning as exc:
+            log.warning("turn %s: could not interrupt: %s", turn["id"], exc)
+            return False
+        except Exception as exc:  # an agent that does not answer: the signals below
+            log.warning("turn %s: the turn agent did not take the interrupt (%s); stopping by signals", turn["id"], exc)
         grace = self.ctx.settings.cancel_grace_seconds
         try:
             code = self.ctx.runtime.run(container_id, WRAPPER + ["cancel", "--turn-id", turn["id"],
@@ -293,18 +347,24 @@ class TurnRunner:
             records = self.ctx.runtime.exec_lines(container_id, WRAPPER + ["attach", "--turn-id", turn["id"]], {},
                                                   b"", result, max_line=cap)
         else:
-            records = self.ctx.runtime.turn_lines(container_id,
-                                                  wrapper_argv(turn["id"], session, timeout,
-                                                               settings.cancel_grace_seconds),
-                                                  self._run_env(session, turn["id"], timeout), turn["prompt"].encode(),
-                                                  result,
-                                                  max_line=cap)
+            argv = wrapper_argv(turn["id"], session, timeout, settings.cancel_grace_seconds, settings.hot_seconds)
+            records = self.ctx.runtime.turn_lines(container_id, argv, self._run_env(session, turn, timeout),
+                                                  turn["prompt"].encode(), result, max_line=cap,
+                                                  on_start=lambda process: self._process_started(session, process))
+        approvals = turn["approvals"]
         try:
             for record, size in records:
                 line = output.take(record, size, cut=size > cap)
                 if turn.get("lost"):
                     return
-                if line is not None and output.number > published:
+                if line is None:
+                    pass
+                elif line["type"] in CONTROL_LINES:  # Claude Code asking (or no longer asking) for permission
+                    if line["type"] == "control_request":
+                        approvals.requested(line, output.number, publisher if output.number > published else None)
+                    else:
+                        approvals.withdrawn(line)
+                elif output.number > published:
                     publisher.add(f"claude.{line['type']}", line, output.number)
                 if output.exit is not None:
                     # The exit record is the wrapper's last: waiting for its process to end and asking the
@@ -316,20 +376,31 @@ class TurnRunner:
             log.warning("turn %s: wrapper ended without an exit record (exit code %s): %s",
                         turn["id"], result[0].exit_code, result[0].stderr[-500:])
 
-    def _run_env(self, session: dict, turn_id: str, timeout: int) -> dict[str, str]:
+    def _run_env(self, session: dict, turn: dict, timeout: int) -> dict[str, str]:
         """A new run's environment: the model through cc-docker's proxy, with a credential for this session only
-        (the real key stays out) that meters its spend to this turn, and with the spawn tools on, a token for the
-        agent's own subtree."""
+        (the real key stays out) that names the Claude Code process it would start (a hot process keeps its key
+        for its whole life: the proxy accepts it only while that process runs the session's turns, and meters
+        them), and with the spawn tools on, a token for the agent's own subtree (renewed every turn)."""
         settings = self.ctx.settings
-        env = {"ANTHROPIC_BASE_URL": self.ctx.runtime.model_proxy_url(),
+        process_id = str(turn["process_id"])
+        env = {"ANTHROPIC_BASE_URL": self.ctx.runtime.model_proxy_url(), "CCD_PROCESS_ID": process_id,
                "ANTHROPIC_API_KEY": mint_model_credential(settings.jwt_secret, session["id"],
-                                                          timeout + TOKEN_SLACK_SECONDS, turn_id)}
+                                                          settings.max_token_ttl_seconds, process_id=process_id)}
         if settings.session_api_url:
             env.update(CCD_API_URL=self.ctx.runtime.session_api_url(), CCD_SESSION_ID=session["id"],
                        CCD_SESSION_TOKEN=mint_session_token(settings.jwt_secret, session["owner"], session["id"],
                                                             timeout + TOKEN_SLACK_SECONDS,
                                                             settings.jwt_audience, settings.jwt_issuer))
         return env
+
+    def _process_started(self, session: dict, process_id: str) -> None:
+        """The turn agent says which Claude Code process runs the turn: the session's from now on."""
+        if not process_id or process_id == str(session.get("process_id") or ""):
+            return
+        session["process_id"] = process_id
+        with transaction(self.ctx.db) as db:
+            db.execute(update(SESSIONS).where(SESSIONS.c.id == uuid.UUID(session["id"]))
+                       .values(process_id=uuid.UUID(process_id)))
 
     def _finish(self, session: dict, turn: dict, output: TurnOutput, ending: tuple[str, str | None, str | None],
                 mark: dict[str, str], publisher: Publisher) -> bool:
@@ -339,7 +410,7 @@ class TurnRunner:
         status, error, reason = ending
         error = storable(error)  # it may quote the result line
         # The result line's figures are shown, fitted to their columns; the spend is what the model proxy metered.
-        reported = reported_figures(output.result)
+        reported = reported_figures(output.result, (output.exit or {}).get("cost_before"))
         text, reported_cost = reported["result"], reported["reported_cost_usd"]
         summary = {"status": status, "result": text, "error": error, "reason": reason, "usage": reported["usage"],
                    "cost_usd": self._metered_cost(turn),
@@ -406,6 +477,15 @@ class TurnRunner:
             head = next_turn_id(db, session_id)
             turn["next"] = str(head) if head is not None else None
         return True
+
+    def _keep_hot(self, session: dict, output: TurnOutput) -> None:
+        """The session's process is idle and hot now: the host's least recently used beyond its limit are ended."""
+        if self.ctx.settings.hot_seconds <= 0 or output.exit is None or output.exit.get("process_id") is None:
+            return
+        try:
+            cool(self.ctx.runtime, self.ctx.hot, self.ctx.hot.idle(session["id"]))
+        except redis.RedisError as exc:  # each process still ends by itself after CCD_HOT_SECONDS
+            log.warning("could not keep the host's hot processes within their limit: %s", exc)
 
     def _after(self, turn: dict) -> None:
         """The turn's webhook, and its batch's next items."""
