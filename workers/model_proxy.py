@@ -136,8 +136,8 @@ def gate_query(session_id: uuid.UUID, turn_id: uuid.UUID | None, process_id: uui
 
 def session_gate(settings: Settings, factory) -> Gate:
     """Checks, for every request, that the session still exists, is live, has a turn running (the credential's
-    own, when it names one: a credential left behind by an earlier turn is dead; one run by the credential's
-    process, when it names one: a credential left behind by an ended process is dead) and has budget left.
+    own, when it names one: a credential left behind by an earlier turn is dead; one its process runs, when it
+    names a process: a credential an ended process left behind is dead) and has budget left.
     Returns the turn the request's spend is metered to: the credential's turn, or the turn its process runs."""
 
     def check(session_id: uuid.UUID, turn_id: uuid.UUID | None = None,
