@@ -341,3 +341,35 @@ def test_a_client_that_resets_before_the_answer_arrives_is_still_charged_its_inp
     with transaction(db) as s:
         counts = s.get(Turn, uuid.UUID(tid)).metered_usage["claude-sonnet-4-5"]
     assert counts["input_tokens"] == model.answers[before]["usage"]["input_tokens"] > 0
+
+
+def test_a_hot_process_credential_charges_whichever_turn_of_its_session_the_process_runs(db, proxy, model, settings):
+    sid, first = session_with_turn(db)
+    process = uuid.uuid4()
+    with transaction(db) as s:
+        s.get(Turn, uuid.UUID(first)).process_id = process  # serve started the process for turn 1
+    credential = mint_model_credential(settings.jwt_secret, sid, 60, process_id=str(process))
+
+    def answer_once() -> list[dict]:
+        before = len(model.answers)
+        conn, resp = post(proxy.url, {"x-api-key": credential}, body_of("claude-sonnet-4-5", True, "hot " * 20))
+        assert resp.status == 200 and b"hot" in resp.read()
+        conn.close()
+        return model.answers[before:]
+
+    one = answer_once()
+    metered_cost(db, first, expected_cost(one))
+    # Turn 1 ends; turn 2 runs on the same hot process (the session reports it; turn 2 was minted another).
+    with transaction(db) as s:
+        s.get(Turn, uuid.UUID(first)).status = "succeeded"
+        s.get(Session, uuid.UUID(sid)).process_id = process
+        second = Turn(session_id=uuid.UUID(sid), seq=2, prompt="p", status="running", process_id=uuid.uuid4())
+        s.add(second)
+        s.flush()
+        second = str(second.id)
+    two = answer_once()
+    metered_cost(db, second, expected_cost(two))
+    wait_for(lambda: session_cost(db, sid) == expected_cost(one + two), 10, what="the session's metered cost")
+    with transaction(db) as s:
+        assert s.get(Turn, uuid.UUID(first)).cost_usd == expected_cost(one) > 0  # nothing of turn 2's on turn 1
+        assert set(s.get(Turn, uuid.UUID(second)).metered_usage) == {"claude-sonnet-4-5"}

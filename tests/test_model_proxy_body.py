@@ -1,7 +1,7 @@
 """The model proxy reads each request's body and betas (real proxy, real Postgres, a stand-in upstream that records
 what reaches it): what would make the upstream connect out, run code or read the account's files is refused with a
-403 naming the field and never forwarded; Claude Code's own requests go on byte for byte. A credential works only
-while its own turn runs."""
+403 naming the field and never forwarded; Claude Code's own requests go on byte for byte. A turn's credential works
+only while its own turn runs, a hot process's while that process runs a turn of its session."""
 from __future__ import annotations
 
 import gzip
@@ -13,9 +13,9 @@ import uuid
 import pytest
 
 from core.db import transaction
-from core.models import Turn
+from core.models import Session, Turn
 from tests.test_model_proxy import CHUNKS, db, new_session, post, proxy, upstream  # noqa: F401 (fixtures)
-from workers.model_proxy import mint_model_credential
+from workers.model_proxy import mint_model_credential, read_model_claims
 
 # The betas Claude Code 2.1.330 sends (measured through the scripted model, tests/model_server.py's `heard`).
 CLAUDE_CODE_BETAS = ("claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,"
@@ -247,3 +247,85 @@ def test_a_credential_reaches_the_model_only_while_its_own_turn_runs(db, proxy, 
         assert resp.status == 200 and resp.read() == b"".join(CHUNKS)
         conn.close()
     assert len(upstream.seen) == before + 2
+
+
+def set_processes(db, sid: str, session_process: uuid.UUID | None, turn_processes: dict[int, uuid.UUID | None]
+                  ) -> None:
+    """The process the session last reported, and per turn seq the process its credential was minted for."""
+    with transaction(db) as s:
+        s.execute(Session.__table__.update().where(Session.id == uuid.UUID(sid)).values(process_id=session_process))
+        for seq, process in turn_processes.items():
+            s.execute(Turn.__table__.update().where(Turn.session_id == uuid.UUID(sid), Turn.seq == seq)
+                      .values(process_id=process))
+
+
+def two_processes(db, settings) -> tuple[str, uuid.UUID, uuid.UUID, dict[uuid.UUID, str]]:
+    """A session whose turn 2 runs, two process ids and a model credential naming each."""
+    sid = new_session(db, turns=("succeeded", "running"))
+    processes = uuid.uuid4(), uuid.uuid4()
+    return sid, *processes, {p: mint_model_credential(settings.jwt_secret, sid, 60, process_id=str(p))
+                             for p in processes}
+
+
+def ask(proxy, credential: str) -> tuple[int, dict]:
+    """Claude Code's request with this credential: the status and the answer."""
+    conn, resp = post(proxy.url, {"x-api-key": credential}, json.dumps(claude_code_body()).encode())
+    answered = answer(resp)
+    conn.close()
+    return resp.status, answered
+
+
+def refusal(proxy, credential: str) -> str:
+    """The message of the 403 Claude Code's request with this credential gets."""
+    status, refused = ask(proxy, credential)
+    assert (status, refused["error"]["type"]) == (403, "permission_error"), refused
+    return refused["error"]["message"]
+
+
+def test_a_hot_process_credential_reaches_the_model_while_that_process_runs_a_turn_of_its_session(
+        db, proxy, upstream, settings):
+    upstream.release.set()
+    sid, started, reported, key = two_processes(db, settings)
+    before = len(upstream.seen)
+    # The turn's own process_id: the worker minted the key for a process serve starts for this turn.
+    set_processes(db, sid, None, {1: None, 2: started})
+    assert ask(proxy, key[started]) == (200, {"raw": b"".join(CHUNKS)})
+    assert "which has ended" in refusal(proxy, key[reported])
+    # sessions.process_id: serve said the process runs this turn (a hot one, started for an earlier turn).
+    set_processes(db, sid, reported, {2: uuid.uuid4()})
+    assert ask(proxy, key[reported]) == (200, {"raw": b"".join(CHUNKS)})
+    assert len(upstream.seen) == before + 2
+    # An earlier turn's process_id is no better than none: only the running turn's counts.
+    set_processes(db, sid, None, {1: started, 2: None})
+    assert refusal(proxy, key[started]) == (f"the credential belongs to Claude Code process {started} of session "
+                                           f"{sid}, which has ended; it reaches the model only while that process "
+                                           "runs the session's turns")
+    assert len(upstream.seen) == before + 2
+
+
+def test_a_hot_process_credential_is_refused_between_turns_and_once_a_new_process_took_over(
+        db, proxy, upstream, settings):
+    upstream.release.set()
+    sid, dead, alive, key = two_processes(db, settings)
+    before = len(upstream.seen)
+    # Turn 1 ran on `dead`; the process ended and serve started `alive` for turn 2: the dead process's key is refused.
+    set_processes(db, sid, alive, {1: dead, 2: alive})
+    assert refusal(proxy, key[dead]).startswith(f"the credential belongs to Claude Code process {dead} of session "
+                                                f"{sid}, which has ended")
+    assert ask(proxy, key[alive])[0] == 200
+    # Between turns the process is still the session's, and still refused: no turn runs.
+    with transaction(db) as s:
+        s.execute(Turn.__table__.update().where(Turn.session_id == uuid.UUID(sid)).values(status="succeeded"))
+    assert refusal(proxy, key[alive]) == (f"session {sid} has no turn running; its credential reaches the model "
+                                          "only during a turn")
+    assert len(upstream.seen) == before + 1
+
+
+def test_a_model_credential_names_its_turn_or_its_process_and_reads_back_what_it_names(settings):
+    sid, tid, pid = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    read = lambda credential: read_model_claims(settings.jwt_secret, credential)  # noqa: E731
+    assert read(mint_model_credential(settings.jwt_secret, str(sid), 60)) == (sid, None, None)
+    assert read(mint_model_credential(settings.jwt_secret, str(sid), 60, str(tid))) == (sid, tid, None)
+    assert read(mint_model_credential(settings.jwt_secret, str(sid), 60, process_id=str(pid))) == (sid, None, pid)
+    with pytest.raises(ValueError, match="not both"):
+        mint_model_credential(settings.jwt_secret, str(sid), 60, str(tid), str(pid))

@@ -1,5 +1,5 @@
 """Spend metering at the model proxy: reads a copy of each model answer's `usage` and adds its price to the turn
-and the session it was minted for."""
+and the session the proxy let its request through for."""
 from __future__ import annotations
 
 import json
@@ -218,7 +218,8 @@ ADD_TO_SESSION = text("UPDATE sessions SET cost_usd = cost_usd + :cost, input_to
 
 
 def usage_recorder(factory, prices: PriceTable) -> Callable[[uuid.UUID, uuid.UUID | None, Usage], None]:
-    """Adds an answer's cost and tokens to its turn (when the credential named one) and to its session."""
+    """Adds an answer's cost and tokens to its turn (the one the proxy's check gave: the credential's turn, or the
+    turn its process ran when the request came; none for a credential naming neither) and to its session."""
 
     def record(session_id: uuid.UUID, turn_id: uuid.UUID | None, usage: Usage) -> None:
         cost = usage.priced(prices)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import jwt
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.exc import OperationalError
 
 from core.db import make_engine, make_session_factory, transaction
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 AUDIENCE = "ccd-model-proxy"
 SESSION_CLAIM = "ccd_model_session"
 TURN_CLAIM = "ccd_model_turn"  # the turn the spend of the credential's requests is metered to
+# A hot Claude Code process's: it lives across turns (and never re-reads its key), so its credential names the
+# process instead, and reaches the model while that process runs a turn of the session.
+PROCESS_CLAIM = "ccd_model_process"
 DEFAULT_UPSTREAM = "https://api.anthropic.com"
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # the Messages API's own request limit
 UPSTREAM_TIMEOUT_SECONDS = 600  # between two reads of a response: a stream may pause, not stall forever
@@ -57,23 +60,32 @@ def _signing_key(secret: str) -> bytes:
     return hmac.new(secret.encode(), b"ccd-model-proxy", hashlib.sha256).digest()
 
 
-def mint_model_credential(secret: str, session_id: str, ttl_seconds: int, turn_id: str | None = None) -> str:
-    """The API key a session's Claude Code uses for one turn: good only at the proxy, only for that session;
-    what its requests spend is metered to `turn_id`."""
+def mint_model_credential(secret: str, session_id: str, ttl_seconds: int, turn_id: str | None = None,
+                          process_id: str | None = None) -> str:
+    """The API key a session's Claude Code uses: good only at the proxy, only for that session. With `turn_id`
+    it reaches the model during that turn only, and its spend is metered to it; with `process_id`, during any turn
+    that process runs (its spend metered to that turn)."""
+    if turn_id is not None and process_id is not None:
+        raise ValueError("a model credential names its turn or its process, not both")
     now = int(time.time())
     claims = {"aud": AUDIENCE, "sub": session_id, SESSION_CLAIM: session_id, "iat": now, "exp": now + ttl_seconds}
     if turn_id is not None:
         claims[TURN_CLAIM] = turn_id
+    if process_id is not None:
+        claims[PROCESS_CLAIM] = process_id
     return jwt.encode(claims, _signing_key(secret), algorithm="HS256")
 
 
-def read_model_claims(secret: str, credential: str) -> tuple[uuid.UUID, uuid.UUID | None] | None:
-    """The session and turn a credential was minted for; None when it is not a valid, current model credential."""
+def read_model_claims(secret: str, credential: str
+                      ) -> tuple[uuid.UUID, uuid.UUID | None, uuid.UUID | None] | None:
+    """The session, turn and process a credential was minted for; None when it is not a valid, current model
+    credential."""
     try:
         claims = jwt.decode(credential, _signing_key(secret), algorithms=["HS256"], audience=AUDIENCE,
                             options={"require": ["exp", "aud", SESSION_CLAIM]})
-        turn = claims.get(TURN_CLAIM)
-        return uuid.UUID(str(claims[SESSION_CLAIM])), uuid.UUID(str(turn)) if turn is not None else None
+        turn, process = claims.get(TURN_CLAIM), claims.get(PROCESS_CLAIM)
+        return (uuid.UUID(str(claims[SESSION_CLAIM])), uuid.UUID(str(turn)) if turn is not None else None,
+                uuid.UUID(str(process)) if process is not None else None)
     except (jwt.InvalidTokenError, ValueError):
         return None
 
@@ -103,18 +115,36 @@ def forwarded_target(method: str, target: str) -> str | None:
 # Whether the session has a turn running: asked in the same statement that reads the session row.
 RUNNING = select(Turn.id).where(Turn.session_id == Session.id, Turn.status == "running")
 TURN_RUNNING = RUNNING.exists().label("turn_running")
+# (session, turn claim, process claim) -> the turn the request's spend is metered to; raises Refusal.
+Gate = Callable[[uuid.UUID, uuid.UUID | None, uuid.UUID | None], uuid.UUID | None]
 
 
-def session_gate(settings: Settings, factory) -> Callable[[uuid.UUID, uuid.UUID | None], None]:
+def gate_query(session_id: uuid.UUID, turn_id: uuid.UUID | None, process_id: uuid.UUID | None):
+    """One statement: the session row, whether a turn of it runs, whether the credential's own turn does, and for a
+    process credential whether its process is the session's (or the running turn's) and which turn it runs."""
+    own = RUNNING.where(Turn.id == turn_id) if turn_id is not None else RUNNING
+    columns = [Session, TURN_RUNNING, own.exists().label("own_turn_running")]
+    if process_id is not None:
+        # The running turn's process_id names the process the worker minted for (should serve start one for the
+        # turn); sessions.process_id the one serve reported running it. Either is the process that holds the key.
+        columns.append(or_(Session.process_id.is_not_distinct_from(process_id),
+                           RUNNING.where(Turn.process_id == process_id).exists()).label("own_process"))
+        columns.append(RUNNING.order_by(Turn.process_id.is_distinct_from(process_id), Turn.seq.desc())
+                       .limit(1).scalar_subquery().label("running_turn"))
+    return select(*columns).where(Session.id == session_id)
+
+
+def session_gate(settings: Settings, factory) -> Gate:
     """Checks, for every request, that the session still exists, is live, has a turn running (the credential's
-    own, when it names one: a credential left behind by an earlier turn is dead) and has budget left."""
+    own, when it names one: a credential left behind by an earlier turn is dead; one its process runs, when it
+    names a process: a credential an ended process left behind is dead) and has budget left.
+    Returns the turn the request's spend is metered to: the credential's turn, or the turn its process runs."""
 
-    def check(session_id: uuid.UUID, turn_id: uuid.UUID | None = None) -> None:
-        own = RUNNING.where(Turn.id == turn_id) if turn_id is not None else RUNNING
+    def check(session_id: uuid.UUID, turn_id: uuid.UUID | None = None,
+              process_id: uuid.UUID | None = None) -> uuid.UUID | None:
         try:
             with transaction(factory) as db:
-                found = db.execute(select(Session, TURN_RUNNING, own.exists().label("own_turn_running"))
-                                   .where(Session.id == session_id)).first()
+                found = db.execute(gate_query(session_id, turn_id, process_id)).first()
                 row = found[0] if found else None
                 if row is None or row.status in ENDED_STATES:
                     state = "gone" if row is None else row.status
@@ -126,7 +156,13 @@ def session_gate(settings: Settings, factory) -> Callable[[uuid.UUID, uuid.UUID 
                 if not found.own_turn_running:
                     raise Refusal(403, "permission_error", f"turn {turn_id} of session {session_id} is not running; "
                                                            "its credential reaches the model only during that turn")
+                if process_id is not None and not found.own_process:
+                    raise Refusal(403, "permission_error", f"the credential belongs to Claude Code process "
+                                                           f"{process_id} of session {session_id}, which has ended; "
+                                                           "it reaches the model only while that process runs the "
+                                                           "session's turns")
                 check_budget(db, row)
+                return found.running_turn if process_id is not None else turn_id
         except BudgetExhausted as exc:
             raise Refusal(402, "billing_error", str(exc)) from None
         except OperationalError:
@@ -144,7 +180,7 @@ class ProxyServer(ThreadingHTTPServer):
     request_queue_size = socket.SOMAXCONN  # a burst of connects waits to be accepted (or turned away), not dropped
 
     def __init__(self, address: tuple[str, int], secret: str, api_key: str, upstream: str,
-                 gate: Callable[[uuid.UUID, uuid.UUID | None], None],
+                 gate: Gate,
                  record: Callable[[uuid.UUID, uuid.UUID | None, Usage], None],
                  idle_seconds: float = 60, client_connections: int = 32) -> None:
         super().__init__(address, ProxyHandler)
@@ -258,7 +294,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if target is None:
                 raise Refusal(403, "permission_error", f"{self.command} {self.path[:200]} is not a call the model "
                                                        f"proxy forwards: it forwards only {ALLOWED}")
-            self.server.gate(*self.claims)
+            metered_to = self.server.gate(*self.claims)
             body = self._read_body()
             if (problem := refused_call(self.headers, body)) is not None:  # parsed once; the bytes go on as sent
                 raise Refusal(*problem)
@@ -286,7 +322,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             usage = meter.finish(response)
             upstream.close()
             if usage is not None:
-                self.server.record(*self.claims, usage)
+                self.server.record(session_id, metered_to, usage)
 
     def _credential_session(self) -> uuid.UUID:
         """The session of the request's credential (x-api-key, or a bearer token); refused when it has none."""
@@ -374,7 +410,7 @@ def every_address(host: str) -> bool:
 
 
 def build_server(settings: Settings, host: str, port: int,
-                 gate: Callable[[uuid.UUID, uuid.UUID | None], None] | None = None
+                 gate: Gate | None = None
                  ) -> ProxyServer:
     """A proxy for these settings on host:port (port 0: any free one); `gate` defaults to the database check.
 
