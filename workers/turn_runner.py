@@ -262,6 +262,8 @@ class TurnRunner:
                         log.warning("turn %s: lost its lease to another worker; leaving the turn to it", turn["id"])
                         return
                     signalled = signalled or (not interrupted and self._cancel_requested(turn))
+                    # An answer whose signal Redis lost is found in Postgres, at least this often.
+                    answered = answered or approvals.next_deadline() is not None
                 if not interrupted and output.over_limit:
                     log.warning("turn %s: output passed %d bytes, stopping it", turn["id"], output.max_bytes)
                     signalled = True
