@@ -133,15 +133,16 @@ def test_a_credential_taken_in_a_turn_is_refused_between_turns_in_a_later_turn_a
     assert answer["error"]["message"] == f"session {sid} has no turn running; its credential reaches the model " \
                                          "only during a turn", answer
     assert len(model.targets()) == before
-    # A later turn of the session does not bring it back: a credential is good only during its own turn (the gate
-    # is the turn it was minted for, not the key's age), while that later turn's own Claude Code reaches the model.
+    # Once its Claude Code process has ended, a later turn of the session does not bring it back: a credential is
+    # good only while its own process runs the session's turns (the gate is the process it was minted for, not the
+    # key's age), while that later turn's new Claude Code reaches the model with its own.
+    sh(container_of(docker_client, settings, sid), "pkill -KILL -f '^claude -p --input-format' || true")
     slow = api.chat(sid, "SLOW: 12")["id"]
     wait_for(lambda: api.call("GET", f"/api/v1/turns/{slow}", 200)["status"] == "running"
              and len(model.targets()) > before, 60, what="the slow turn to reach the model")
     status, answer = proxy_call(url, key)
     assert (status, answer["error"]["type"]) == (403, "permission_error"), answer
-    assert answer["error"]["message"].startswith("turn ") and f"of session {sid} is not running" in \
-        answer["error"]["message"], answer
+    assert f"of session {sid}, which has ended" in answer["error"]["message"], answer
     assert api.call("GET", f"/api/v1/turns/{slow}", 200)["status"] == "running"  # it was still running
     assert api.finished_turn(slow)["status"] == "succeeded"
     assert proxy_call(url, key)[0] == 403

@@ -13,6 +13,7 @@ import _signal
 import json
 import os
 import time
+import uuid
 
 from wrapper.common import STOP_SIGNALS, Args, turn_base
 from wrapper.run import (MCP_TOOLS_RULE, STDERR_TAIL, STDOUT_STALL_SECONDS, oom_kills, prepare_conversation,
@@ -29,8 +30,11 @@ INTERRUPTED = "interrupt"
 
 def hot_command(args: Args, mcp_config: str | None) -> list[str]:
     """Claude Code's command line for a long-lived process with this turn's flags."""
+    # --replay-user-messages: Claude Code says when it starts and ends each message (command_lifecycle lines naming
+    # the message's uuid), so a turn's lines are told from a late line of the one before it, and from a result
+    # line the agent's own tools could forge.
     cmd = [args.claude, "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
-           "--include-partial-messages"]
+           "--include-partial-messages", "--replay-user-messages"]
     cmd += ["--session-id", args.session_id] if args.session_id else ["--resume", args.resume]
     if args.model:
         cmd += ["--model", args.model]
@@ -74,6 +78,7 @@ class Process:
         self.requests = 0
         self.kill_step: int | None = None  # while being ended: the next of STOP_SIGNALS
         self.kill_at = 0.0
+        self.lifecycle = False  # it has said when it starts and ends a message (command_lifecycle)
 
     def start(self, command: list[str], env: dict) -> None:
         in_r, in_w = os.pipe()
@@ -208,6 +213,9 @@ class HotTurn:
         self.cancelled = False
         self.stop_at: float | None = None  # when the stop escalates to signals (after an interrupt)
         self.result: dict | None = None
+        self.message_uuid = str(uuid.uuid4())  # Claude Code's lifecycle lines name the turn's message by it
+        self.began = False  # Claude Code said it started the turn's message
+        self.ended = False  # it said it finished (or cancelled) it; else the result line ends the turn
         self.ooms_before = oom_kills()
         self.cost_before = process.cost
 
@@ -223,7 +231,7 @@ class HotTurn:
         return self.running_since + max(0.0, self.args.timeout - self.used)
 
     def take(self, lines: list[bytes]) -> None:
-        """Records Claude Code's lines; notes the result line and its permission prompts."""
+        """Records Claude Code's lines; notes the result line, its permission prompts, and the turn's end."""
         records = []
         for line in lines:
             line = line.rstrip(b"\r\n")
@@ -232,12 +240,39 @@ class HotTurn:
             kind = line_type(line)
             if kind == b"control_response":
                 continue  # the answer to our initialize or interrupt
+            if kind == b"command_lifecycle":
+                self.lifecycle(line)
+                continue
+            if kind == b"user" and b'"isReplay":true' in line:
+                continue  # the turn's own prompt, echoed (--replay-user-messages)
+            if self.process.lifecycle and not self.began:
+                continue  # a late line of the turn before (its message had ended), or one no message owns
             if kind in (b"control_request", b"control_cancel_request", b"result"):
                 self.note(kind, line)
             self.lines += 1
             records.append(b"%d\t%s\n" % (self.lines, line))
         if records:
             self.record(b"".join(records).decode("utf-8", "replace").encode())
+
+    def lifecycle(self, line: bytes) -> None:
+        """Claude Code's word on a message: started, then completed or cancelled. Only this turn's count."""
+        try:
+            message = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(message, dict) or message.get("command_uuid") != self.message_uuid:
+            return
+        self.process.lifecycle = True
+        state = message.get("state")
+        if state == "started":
+            self.began = True
+        elif state in ("completed", "cancelled"):
+            self.began = self.ended = True
+
+    def over(self) -> bool:
+        """Whether the turn has ended: Claude Code finished its message (or, from a Claude Code that does not say
+        so, printed a result line)."""
+        return self.ended or (self.result is not None and not self.process.lifecycle)
 
     def note(self, kind: bytes, line: bytes) -> None:
         try:
@@ -369,7 +404,7 @@ def renew_token(log_dir: str, env: dict) -> str:
     return path
 
 
-def user_message(prompt: str) -> dict:
-    """A turn's prompt as the Agent SDK's client writes it."""
+def user_message(prompt: str, message_uuid: str) -> dict:
+    """A turn's prompt as the Agent SDK's client writes it, with the uuid Claude Code's lifecycle lines name."""
     return {"type": "user", "message": {"role": "user", "content": prompt}, "parent_tool_use_id": None,
-            "session_id": "default"}
+            "session_id": "default", "uuid": message_uuid}

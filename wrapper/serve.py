@@ -122,7 +122,7 @@ class Server:
             if turn.stop_at is not None and now >= turn.stop_at and process.kill_step is None:
                 process.kill_step, process.kill_at = 0, now  # it did not end the turn: the signals now
             process.escalate(now, self.grace)
-            if turn.result is not None:
+            if turn.over():
                 self.end_turn(0)
             elif process.gone():
                 self.end_turn(process.code)
@@ -189,7 +189,7 @@ class Server:
         turn.open()
         if os.path.exists(f"{turn.base}.cancel"):  # cancelled before it started
             turn.interrupt(time.monotonic(), "cancel")
-        process.send(user_message(request.get("prompt", "")))
+        process.send(user_message(request.get("prompt", ""), turn.message_uuid))
 
     # the select loop's inputs
 
