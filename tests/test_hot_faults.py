@@ -87,7 +87,7 @@ def test_two_sessions_alternating_on_a_host_that_keeps_one_hot_process_get_every
             turn = api.finished_turn(api.chat(sid, f"SAY: {word}")["id"], timeout=90)
             assert turn["status"] == "succeeded" and turn["result"] == word, turn
             words[sid].append(word)
-            asked = [r for r in model.tool_requests() if f"SAY: {word}" in json.dumps(r["messages"][-1])][-1]
+            asked = [r for r in model.tool_requests() if f"SAY: {word}" in json.dumps(r["messages"])][-1]
             seen = json.dumps(asked["messages"])
             assert all(f"SAY: {w}" in seen for w in words[sid])  # its own conversation, whole
             other = next(s for s in sessions if s != sid)

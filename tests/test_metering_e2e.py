@@ -108,7 +108,9 @@ def test_a_forged_result_line_is_shown_but_not_counted_and_does_not_wedge_the_tu
     final = [e for e in api.call("GET", f"/api/v1/sessions/{sid}/events?limit=1000", 200)["items"]
              if e["type"] == "turn.completed"]
     assert final and final[-1]["data"]["reported_cost_usd"] == shown, final
-    # The session goes on.
+    # The session goes on. (The turn Claude Code was still in when the forged line ended it may be taken into the
+    # next turn, which then ends where Claude Code ends it: the agent can confuse only its own session's turns.)
+    assert api.finished_turn(api.chat(sid, "SAY: next")["id"])["status"] == "succeeded"
     after = api.finished_turn(api.chat(sid, "SAY: still here")["id"])
     assert (after["status"], after["result"]) == ("succeeded", "still here"), after
 
