@@ -382,17 +382,21 @@ function showApproval(view, turnId, approval) {
   state.approvals.set(key, node);
   view.body.append(node);
   view.text = null;
-  if (approval.status && approval.status !== "pending") {
-    settleApproval(node, approval.status, approval.decided_by && `by ${approval.decided_by}`);
-  }
+  if (approval.status && approval.status !== "pending") settleApproval(node, approval.status, answeredBy(approval));
 }
 
 async function answerApproval(node, turnId, requestId, body) {
   for (const button of node.querySelectorAll("button")) button.disabled = true;
   try {
     const approval = await api("POST", `/turns/${turnId}/approvals/${encodeURIComponent(requestId)}`, body);
-    settleApproval(node, approval.status, `by ${approval.decided_by}`);
+    // Its approval.resolved may have come first over the socket, and says more (how it was answered).
+    if (node.dataset.status === "pending") settleApproval(node, approval.status, answeredBy(approval));
   } catch (error) {
+    if (error.code === "approval_resolved") {  // answered elsewhere or timed out: show how, from the API
+      const { approvals } = await api("GET", `/turns/${turnId}/approvals`);
+      const now = approvals.find((a) => a.request_id === requestId);
+      if (now && node.dataset.status === "pending") settleApproval(node, now.status, answeredBy(now));
+    }
     if (node.dataset.status === "pending") for (const button of node.querySelectorAll("button")) button.disabled = false;
     throw error;
   }
@@ -400,10 +404,19 @@ async function answerApproval(node, turnId, requestId, body) {
 
 function resolveApproval(view, turnId, data) {
   const node = state.approvals.get(`${turnId}/${data.request_id}`);
-  const who = [data.decided_by && `by ${data.decided_by}`, data.via && `via ${data.via}`].filter(Boolean).join(" ");
+  const who = decidedText(data.decided_by, data.via);
   const said = data.message ? `: ${data.message}` : "";
   if (node) settleApproval(node, data.status, who + said);
   else note(view.body, `approval ${data.request_id} ${data.status} ${who}${said}`);
+}
+
+function decidedText(decidedBy, via) {
+  return [decidedBy && `by ${decidedBy}`, via && `via ${via}`].filter(Boolean).join(" ");
+}
+
+// Who answered an approval resource, and how when its decision says.
+function answeredBy(approval) {
+  return decidedText(approval.decided_by, approval.decision && approval.decision.via);
 }
 
 // Shows how an approval was answered; its buttons go.
