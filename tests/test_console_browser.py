@@ -1,6 +1,7 @@
 """The web console at GET / in a real headless Chromium, against the real stack: a pasted token, a new
 session, a reply that streams into the page while the turn runs, the finished turn with cost and
-duration, a dropped socket that resumes from the last event, a folded tool call, cancel and stop."""
+duration, a dropped socket that resumes from the last event, a folded tool call, cancel and stop, and a turn's tool
+approvals answered with Allow and Deny."""
 from __future__ import annotations
 
 import re
@@ -10,6 +11,7 @@ import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect
 
+from tests.approval_requests import Approvals
 from tests.stack import LOG_DIR
 
 pytestmark = pytest.mark.docker
@@ -58,6 +60,13 @@ def sign_in_and_create_session(page: Page, jwt: str) -> str:
     return sid
 
 
+def new_owner_with_session(page: Page, stack_env, token) -> tuple[str, str, Owner, str]:
+    """A fresh owner signed in on the page with a new session: (owner, token, the API as the owner, session id)."""
+    owner = f"console-{secrets.token_hex(3)}"
+    jwt = token(owner)
+    return owner, jwt, Owner(stack_env["base"], jwt), sign_in_and_create_session(page, jwt)
+
+
 def send(page: Page, prompt: str) -> None:
     page.fill("#prompt", prompt)
     page.click("#prompt-form button")
@@ -70,10 +79,7 @@ def turn(page: Page, n: int):
 
 def test_console_streams_a_reply_live_resumes_after_a_drop_and_folds_tool_calls(console, stack_env, token):
     page, problems, sockets = console
-    owner = f"console-{secrets.token_hex(3)}"
-    jwt = token(owner)
-    api = Owner(stack_env["base"], jwt)
-    sid = sign_in_and_create_session(page, jwt)
+    _, jwt, api, sid = new_owner_with_session(page, stack_env, token)
     assert page.evaluate("localStorage.getItem('ccd.token')") == jwt
 
     # A slow scripted reply: its text is in the page while the turn is still running.
@@ -169,13 +175,8 @@ def test_console_shows_api_errors_cancels_a_running_turn_and_stops_the_session(c
 
 
 def test_console_shows_pending_approvals_and_answers_them_with_allow_and_deny(console, stack_env, token):
-    from tests.approval_requests import Approvals
-
     page, problems, _ = console
-    owner = f"console-{secrets.token_hex(3)}"
-    jwt = token(owner)
-    api = Owner(stack_env["base"], jwt)
-    sid = sign_in_and_create_session(page, jwt)
+    owner, _, api, sid = new_owner_with_session(page, stack_env, token)
     send(page, "SLOW: 90")
     running = turn(page, 0)
     expect(running).to_have_attribute("data-status", "running", timeout=TURN_SECONDS)
