@@ -9,7 +9,7 @@ from typing import Any
 # Event types cc-docker itself emits; a Claude Code line becomes "claude.<its type>".
 SERVICE_TYPES = frozenset({
     "session.status", "turn.queued", "turn.started", "turn.completed", "turn.failed",
-    "turn.cancelled", "stream.gap",
+    "turn.cancelled", "stream.gap", "approval.requested", "approval.resolved",
 })
 
 

@@ -8,7 +8,7 @@ from decimal import Decimal
 from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, MetaData, Numeric, String,
                         Text, UniqueConstraint)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 SESSION_STATUSES = ("creating", "ready", "busy", "stopping", "stopped", "failed", "deleted")
 TURN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "timed_out")
@@ -106,6 +106,10 @@ class Turn(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # The process a credential minted for this turn names, should the turn start a new one (see the model proxy).
     process_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True), nullable=True)
+    # What the turn's resource shows: loaded with one query per turn, or per page with selectinload.
+    pending_approvals: Mapped[list["Approval"]] = relationship(
+        primaryjoin="and_(Turn.id == foreign(Approval.turn_id), Approval.status == 'pending')",
+        order_by="Approval.created_at", viewonly=True, lazy="select")
 
     __table_args__ = (
         UniqueConstraint("session_id", "seq", name="uq_turns_session_seq"),
@@ -211,3 +215,9 @@ class Approval(Base):
     deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The turn's webhook, when it has one, also gets the request (approval.requested): delivered and claimed as the
+    # turn's is (workers/webhooks.py).
+    webhook: Mapped[str | None] = mapped_column(Text, nullable=True)
+    webhook_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    webhook_claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

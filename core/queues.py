@@ -121,7 +121,8 @@ class TaskSender:
                               queue=host_queue or self.settings.placement_queue)
 
     def deliver_webhook(self, kind: str, resource_id: str, attempt: int = 1, countdown: float = 0) -> None:
-        """Posts a finished turn's or batch's webhook (kind "turn" or "batch"), from the webhook consumer."""
+        """Posts a webhook from the webhook consumer: a finished turn's or batch's (kind "turn" or "batch"), or a
+        turn's approval request (kind "approval", the approval's id)."""
         self.celery.send_task(DELIVER_WEBHOOK, args=[kind, resource_id, attempt],
                               queue=self.settings.webhook_queue, countdown=countdown or None)
 

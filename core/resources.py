@@ -15,6 +15,24 @@ class Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
+class ApprovalOut(Out):
+    """A permission prompt of the turn's Claude Code and its answer (`decision`: behavior, updated_input, message,
+    remember, via)."""
+    id: uuid.UUID
+    turn_id: uuid.UUID
+    session_id: uuid.UUID
+    request_id: str
+    tool_name: str
+    input: dict[str, Any] | None
+    suggestions: list[Any] | None
+    status: str
+    decision: dict[str, Any] | None
+    decided_by: str | None
+    deadline: datetime | None
+    created_at: datetime
+    resolved_at: datetime | None
+
+
 class TurnOut(Out):
     id: uuid.UUID
     session_id: uuid.UUID
@@ -42,6 +60,8 @@ class TurnOut(Out):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    # Prompts waiting for an answer (POST /turns/{id}/approvals/{request_id}); empty unless approvals is "ask".
+    pending_approvals: list[ApprovalOut]
 
     def body(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
@@ -50,6 +70,7 @@ class TurnOut(Out):
         session = f"/api/v1/sessions/{self.session_id}"
         since = f"?since={self.queued_event_id}" if self.queued_event_id else ""
         data["links"] = {"self": f"/api/v1/turns/{self.id}", "cancel": f"/api/v1/turns/{self.id}/cancel",
+                         "approvals": f"/api/v1/turns/{self.id}/approvals",
                          "session": session, "events": f"{session}/events{since}", "stream": f"{session}/stream"}
         return data
 

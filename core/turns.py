@@ -5,7 +5,7 @@ import uuid
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, case, func, or_, select, update
-from sqlalchemy.orm import Session as DbSession
+from sqlalchemy.orm import Session as DbSession, selectinload
 
 from core import trees, workspaces
 from core.envelope import Event
@@ -123,7 +123,8 @@ def latest_turn(db: DbSession, session_id: uuid.UUID) -> Turn | None:
 def list_turns(db: DbSession, session_id: uuid.UUID, limit: int, offset: int) -> tuple[list[Turn], int]:
     """One page of a session's turns in seq order, and how many there are."""
     total = db.scalar(select(func.count()).select_from(Turn).where(Turn.session_id == session_id))
-    rows = db.scalars(select(Turn).where(Turn.session_id == session_id)
+    # The page's pending approvals in one query, not one per turn body.
+    rows = db.scalars(select(Turn).where(Turn.session_id == session_id).options(selectinload(Turn.pending_approvals))
                       .order_by(Turn.seq).limit(limit).offset(offset)).all()
     return list(rows), total or 0
 

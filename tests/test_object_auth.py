@@ -28,7 +28,9 @@ NO_ID_ENDPOINTS = {
     "api.revoke_token": "acts on the caller's tokens only (test_auth)",
 }
 # URL parameters that are not ids, and a value to fill them with.
-OTHER_PARAMS = {"path": "notes/readme.txt"}
+OTHER_PARAMS = {"path": "notes/readme.txt", "request_id": "toolu_01abc"}
+# Bodies for routes whose body is not a prompt: well-formed, so a 404 is about whose id it is, not the body.
+BODIES = {"api.answer_approval": {"behavior": "allow"}}
 # Query strings that take a route down another branch (streams, trees, long polls): each is walked too.
 QUERY_VARIANTS = {
     "api.events": ["tree=true", "limit=5", "since=1732450000000-0"],
@@ -98,7 +100,7 @@ def requests_for(rule, ids: dict):
                     yield method, f"{url}?{qs}", {}, None
                     yield method, f"{url}?{qs}", {"Accept": "text/event-stream"}, None
             else:
-                body = {"prompt": "mallory was here"}
+                body = BODIES.get(rule.endpoint, {"prompt": "mallory was here"})
                 yield method, url, {}, body
                 yield method, url, {"Idempotency-Key": IDEMPOTENCY_KEY}, body
 

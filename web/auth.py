@@ -3,7 +3,7 @@ checked for signature, algorithm, `exp`/`nbf`, `sub`, the configured `aud`/`iss`
 
 A token with a `ccd_session` claim (minted for an agent's in-container tools) reaches only
 that session and the sessions below it, through the endpoints in SCOPED_ENDPOINTS, and only
-while that session is live; it may not set a webhook. A token may live at most
+while that session is live; it may not set a webhook or answer approvals. A token may live at most
 CCD_MAX_TOKEN_TTL_SECONDS (from its `iat`, or from now without one).
 """
 from __future__ import annotations
@@ -31,8 +31,10 @@ ALGORITHM = "HS256"
 ENDED_HOLDER_STATES = ("stopping", "stopped", "failed", "deleted")
 SCOPED_ENDPOINTS = frozenset({
     "api.get_session", "api.spawn", "api.list_children", "api.chat", "api.list_turns", "api.get_turn",
-    "api.cancel_turn", "api.events", "api.stream", "api.stop_session", "api.delete_session",
+    "api.cancel_turn", "api.events", "api.stream", "api.stop_session", "api.delete_session", "api.list_approvals",
 })
+# Endpoints only the owner's own tokens may use, with what a session token is refused (403 `forbidden`).
+OWNER_ONLY_ENDPOINTS = {"api.answer_approval": "answer approvals"}
 
 
 class OutOfScope(DomainError):
@@ -108,6 +110,8 @@ def check_scope(db, claims: dict) -> None:
     if claims.get(SCOPE_CLAIM) is None:
         return
     top = scope_holder(db, claims)
+    if request.endpoint in OWNER_ONLY_ENDPOINTS:
+        refuse_agent(claims, OWNER_ONLY_ENDPOINTS[request.endpoint])
     if request.endpoint not in SCOPED_ENDPOINTS:
         raise OutOfScope("a session token may only reach its own session and the sessions it spawned")
     args = request.view_args or {}
@@ -150,6 +154,13 @@ def refuse_agent_webhook(claims: dict, webhook: str | None) -> None:
     of the agent's choosing."""
     if webhook is not None and claims.get(SCOPE_CLAIM) is not None:
         raise OutOfScope("a session token may not set a webhook; only the owner's tokens may", field="webhook")
+
+
+def refuse_agent(claims: dict, what: str) -> None:
+    """A session token may not answer approvals: the agent would be granting its own tool uses (or its
+    children's); the owner decides."""
+    if claims.get(SCOPE_CLAIM) is not None:
+        raise OutOfScope(f"a session token may not {what}; only the owner's tokens may", code="forbidden")
 
 
 def _uuid(value: str, what: str) -> uuid.UUID:

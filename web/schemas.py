@@ -185,6 +185,16 @@ class ChatRequest(Strict):
     _prompt = field_validator("prompt")(check_prompt)
 
 
+class ApprovalAnswer(Strict):
+    """The owner's answer to a permission prompt. updated_input and remember go with allow only (a 422
+    `invalid_answer` with deny), checked in core/approvals.py so the WebSocket's answers get the same rule."""
+    behavior: Literal["allow", "deny"]
+    updated_input: dict[str, Any] | None = Field(None, description="allow: run the tool with this input instead")
+    message: str | None = Field(None, max_length=10_000, description="deny: what the model is told")
+    remember: bool = Field(False, description="allow: also allow what the prompt suggested (or the tool) for the "
+                                              "rest of the session")
+
+
 class BatchItemSpec(Strict):
     prompt: str = Prompt
     session_id: uuid.UUID | None = None

@@ -3,6 +3,10 @@
 Client → server, JSON text frames:
     {"type": "chat", "prompt": "...", "id": "<optional, echoed>"}
     {"type": "cancel", "turn_id": "...", "id": "<optional, echoed>"}
+    {"type": "approve", "turn_id": "...", "request_id": "...", "behavior": "allow" | "deny",
+     "updated_input": {..}?, "message": "..."?, "remember": bool?, "id": "<optional, echoed>"}
+        answers a permission prompt as POST /turns/{id}/approvals/{request_id} does (any turn of the owner's,
+        a child session's too; a session token may not); the reply carries "approval": {..}
 Server → client: every event envelope, plus one reply per command:
     {"type": "reply", "id": .., "ok": true, "turn": {..}}   or   {"type": "reply", "id": .., "ok": false, "error": {code, message}}
 Heartbeats are WebSocket pings every CCD_WS_PING_SECONDS; clients answer them automatically.
@@ -38,9 +42,10 @@ from web.context import ctx
 from web.follow import StreamInterrupted, tail_batches
 from web.hub import SlowClient, frame_json
 from web.metrics import STREAM_DROPPED, LagMeter
+from web.routes.approvals import answer
 from web.routes.events import session_alive
 from web.routes.turns import cancel, submit_chat
-from web.schemas import ChatRequest
+from web.schemas import ApprovalAnswer, ChatRequest
 
 log = logging.getLogger(__name__)
 sock = Sock()
@@ -48,6 +53,7 @@ SLOW_CLIENT_CLOSE = 4008  # a private close code (4000-4999): the client fell to
 TOKEN_ENDED_CLOSE = 4401  # the token that opened the socket is no longer good (expired, revoked, its session ended)
 TOKEN_CHECK_SECONDS = 2.0
 CHUNK_BYTES = 64 * 1024
+ANSWER_FIELDS = frozenset(ApprovalAnswer.model_fields)  # of an approve command's keys, those that are the answer
 
 
 class Socket:
@@ -226,7 +232,11 @@ def handle_command(claims: dict, session_id: str, raw: str) -> dict:
         if message.get("type") == "cancel":
             body, _ = cancel(claims["sub"], str(message.get("turn_id")), session_id)
             return {**reply, "ok": True, "turn": body}
-        raise DomainError("type must be chat or cancel", code="unknown_command")
+        if message.get("type") == "approve":
+            spec = ApprovalAnswer.model_validate({k: v for k, v in message.items() if k in ANSWER_FIELDS})
+            body = answer(claims, str(message.get("turn_id")), str(message.get("request_id")), spec, via="websocket")
+            return {**reply, "ok": True, "approval": body}
+        raise DomainError("type must be chat, cancel or approve", code="unknown_command")
     except ValidationError as exc:
         first = exc.errors()[0]
         error = {"code": "validation_error", "message": f"{'.'.join(map(str, first['loc']))}: {first['msg']}"}

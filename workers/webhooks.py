@@ -1,5 +1,6 @@
-"""Webhook delivery: claim an attempt and commit, POST the finished turn or batch signed to the vetted address
-(no redirect followed), record what came of it, and send the next attempt with backoff until it lands."""
+"""Webhook delivery: claim an attempt and commit, POST the finished turn or batch (or a turn's approval request)
+signed to the vetted address (no redirect followed), record what came of it, and send the next attempt with backoff
+until it lands."""
 from __future__ import annotations
 
 import json
@@ -10,11 +11,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, or_, update
 from urllib3.exceptions import HTTPError
 
+from core import approvals
 from core import batches as batch_cmds
 from core import netguard
 from core.db import transaction
 from core.errors import ValidationFailed
-from core.models import Batch, Turn
+from core.models import Approval, Batch, Turn
 from core.resources import batch_body, turn_body
 from core.webhooks import SIGNATURE_HEADER, sign, target
 from workers.context import ServiceContext
@@ -27,6 +29,10 @@ DEADLINE_SECONDS = 30  # for the whole request, answer included (a receiver may 
 # that died mid-attempt, and a redelivered task may make that attempt again.
 CLAIM_SECONDS = 60
 MAX_BACKOFF_SECONDS = 300
+# What each kind of delivery is about: its row (which holds the claim), and the event its CCD-Event header names.
+MODELS = {"turn": Turn, "batch": Batch, "approval": Approval}
+EVENTS = {"turn": "turn.finished", "batch": "batch.finished", "approval": "approval.requested"}
+Delivered = Turn | Batch | Approval
 ANSWER_BYTES = 1024  # what is read of the receiver's answer: only its status matters
 
 
@@ -38,7 +44,7 @@ def backoff(attempt: int) -> float:
 def deliver(ctx: ServiceContext, kind: str, resource_id: str, attempt: int) -> str:
     """Attempt number `attempt`, made by the task that claims it (a duplicate task, or a stale one, skips). No row
     lock is held while the request is out: the claim is committed first, and the outcome fenced by it."""
-    model = Turn if kind == "turn" else Batch
+    model = MODELS[kind]
     claim = _claim(ctx, model, resource_id, attempt)
     if claim is None:
         return "skipped"
@@ -60,7 +66,7 @@ def deliver(ctx: ServiceContext, kind: str, resource_id: str, attempt: int) -> s
     return outcome
 
 
-def _claim(ctx: ServiceContext, model: type[Turn] | type[Batch], resource_id: str,
+def _claim(ctx: ServiceContext, model: type[Delivered], resource_id: str,
            attempt: int) -> tuple[str, bytes, datetime] | None:
     """Counts attempt `attempt` as made and commits: the URL, the body, and the claim's expiry (its fence), or None
     when the attempt is not this task's to make (it or a later one made already, one under way, or settled)."""
@@ -78,8 +84,16 @@ def _claim(ctx: ServiceContext, model: type[Turn] | type[Batch], resource_id: st
         if claimed is None:
             return None
         row = db.get(model, uuid.UUID(resource_id))
-        body = turn_body(row) if model is Turn else batch_body(row, batch_cmds.counts(db, row.id))
-        return row.webhook, json.dumps(body, separators=(",", ":")).encode(), claimed
+        return row.webhook, json.dumps(payload(db, row), separators=(",", ":")).encode(), claimed
+
+
+def payload(db, row: Delivered) -> dict:
+    """The body a delivery posts: the turn, the batch, or the approval request with its turn and session."""
+    if isinstance(row, Turn):
+        return turn_body(row)
+    if isinstance(row, Approval):
+        return approvals.webhook_body(row)
+    return batch_body(row, batch_cmds.counts(db, row.id))
 
 
 def _post(ctx: ServiceContext, kind: str, url: str, payload: bytes, resource_id: str, attempt: int) -> str:
@@ -94,7 +108,7 @@ def _post(ctx: ServiceContext, kind: str, url: str, payload: bytes, resource_id:
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     headers = {"Content-Type": "application/json", "User-Agent": "cc-docker-webhook",
                SIGNATURE_HEADER: sign(ctx.settings.webhook_secret, payload),
-               "CCD-Event": f"{kind}.finished", "CCD-Delivery": resource_id, "CCD-Attempt": str(attempt)}
+               "CCD-Event": EVENTS[kind], "CCD-Delivery": resource_id, "CCD-Attempt": str(attempt)}
     http = netguard.pool(parts.scheme, vetted, TIMEOUT_SECONDS)
     try:
         with netguard.deadline(http, DEADLINE_SECONDS):

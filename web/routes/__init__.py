@@ -1,2 +1,2 @@
 """The API's routes, one module per resource; importing them registers them on the blueprint."""
-from web.routes import batches, events, files, sessions, tokens, turns  # noqa: F401
+from web.routes import approvals, batches, events, files, sessions, tokens, turns  # noqa: F401
