@@ -42,11 +42,16 @@ def session_id(stack_env, token):
     api.delete_session(sid)
 
 
-def running_turn(api: Client, sid: str, turn_id: str | None = None) -> dict:
-    """The session's running turn (the one given, or its latest), once it runs."""
+def turn_ids(api: Client, sid: str) -> set[str]:
+    return {t["id"] for t in api.turns(sid, limit=200)["items"]}
+
+
+def running_turn(api: Client, sid: str, turn_id: str | None = None, before: set[str] = frozenset()) -> dict:
+    """The turn given, or else the session's one turn not in `before` (sent by ccd), once it runs."""
     def running():
-        turn = api.turn(turn_id) if turn_id else (api.turns(sid, limit=200)["items"] or [None])[-1]
-        return turn if turn and turn["status"] == "running" else None
+        found = [api.turn(turn_id)] if turn_id else [t for t in api.turns(sid, limit=200)["items"]
+                                                     if t["id"] not in before]
+        return found[0] if len(found) == 1 and found[0]["status"] == "running" else None
     return wait_for(running, timeout=120, what="the turn to run")
 
 
@@ -98,10 +103,11 @@ def test_ccd_chat_without_a_terminal_says_how_to_answer_and_ccd_approve_answers(
                                                                                  approvals):
     api = client_for(stack_env, token, OWNER)
     env = {**os.environ, "CCD_URL": stack_env["base"], "CCD_TOKEN": token(OWNER)}
+    before = turn_ids(api, session_id)
     chat = subprocess.Popen([sys.executable, "-m", "client.cli", "chat", session_id, SLOW_TURN], cwd=ROOT, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     errors = Lines(chat.stderr)
-    turn = running_turn(api, session_id)
+    turn = running_turn(api, session_id, before=before)
     try:
         approvals.open(turn, "toolu_cli", "echo asked")
         hint = f"answer with: ccd approve {turn['id']} toolu_cli"
@@ -134,7 +140,7 @@ def test_ccd_chat_without_a_terminal_says_how_to_answer_and_ccd_approve_answers(
         assert "nope]" in errors.text
     finally:
         cancel(api, turn["id"])
-        assert chat.wait(60) == 1  # the cancelled turn
+        assert chat.wait(60) == 1, errors.text  # the cancelled turn
         errors.join()
 
 
@@ -142,12 +148,13 @@ def test_ccd_chat_asks_on_a_terminal_and_withdraws_a_question_answered_elsewhere
                                                                                approvals):
     api = client_for(stack_env, token, OWNER)
     env = {**os.environ, "CCD_URL": stack_env["base"], "CCD_TOKEN": token(OWNER)}
+    before = turn_ids(api, session_id)
     master, slave = pty.openpty()  # ccd's stdin is a terminal: it asks there
     chat = subprocess.Popen([sys.executable, "-m", "client.cli", "chat", session_id, SLOW_TURN], cwd=ROOT, env=env,
                             stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     os.close(slave)
     errors = Lines(chat.stderr)
-    turn = running_turn(api, session_id)
+    turn = running_turn(api, session_id, before=before)
     try:
         approvals.open(turn, "toolu_tty", "echo asked on a terminal")
         errors.wait_for("Allow? [y]es / [n]o / [a]lways allow")
@@ -174,7 +181,7 @@ def test_ccd_chat_asks_on_a_terminal_and_withdraws_a_question_answered_elsewhere
         errors.wait_for("[approval toolu_elsewhere: denied by")
     finally:
         cancel(api, turn["id"])
-        assert chat.wait(60) == 1
+        assert chat.wait(60) == 1, errors.text
         errors.join()
         os.close(master)
 
