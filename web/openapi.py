@@ -16,7 +16,7 @@ from pydantic.json_schema import models_json_schema
 
 from core.envelope import SERVICE_TYPES
 from core.idempotency import MAX_KEY_LENGTH
-from core.resources import SessionOut, TurnOut
+from core.resources import ApprovalOut, SessionOut, TurnOut
 from web import schemas
 from web.routes.tokens import RevokeRequest
 
@@ -29,14 +29,17 @@ IMPLICIT_METHODS = {"HEAD", "OPTIONS"}
 ERROR_TEXT = {400: "Bad request: a validation error names the field (`field`, `details`)",
               401: "Missing, invalid, expired or revoked token",
               402: "The spawn tree's budget (`max_budget_usd`) is spent (`budget_exhausted`)",
-              403: "A session token used outside its session's subtree, or setting a webhook (`token_scope`)",
+              403: "A session token used outside its session's subtree, or setting a webhook (`token_scope`); "
+                   "answering an approval (`forbidden`: only the owner's tokens may)",
               404: "No such resource of the caller's (another owner's id is a 404 too)",
-              409: "The resource is in a state that does not allow this (`wrong_state` and more specific codes)",
+              409: "The resource is in a state that does not allow this (`wrong_state` and more specific codes, "
+                   "e.g. `approval_resolved`: the approval was answered, timed out or its turn ended)",
               413: "Too large: request body, prompt, batch, upload, unpacked archive or download (the limit is in "
                    "`limit` or the message)",
               415: "Unsupported Content-Type",
               422: "Well-formed but refused (`page_too_large`, `not_revocable`, `limit_exceeded`: a session asked for "
-                   "more than a ceiling; `field` names it, `limit` is the ceiling)",
+                   "more than a ceiling; `field` names it, `limit` is the ceiling; `invalid_answer`: an approval's "
+                   "deny with updated_input or remember)",
               429: "Over a per-owner limit; retry after `retry_after` seconds (also the Retry-After header)",
               503: "Postgres, Redis or the session's host is not answering; try again shortly"}
 
@@ -143,8 +146,27 @@ def turn_schema() -> dict:
                                                  "description": "the cost Claude Code's result line reported, clamped "
                                                                 "to the column's range; shown only, never counted"}
     schema["properties"]["links"] = {"type": "object", "additionalProperties": {"type": "string"}}
+    schema.pop("$defs", None)  # ApprovalOut: a component of its own (Approval)
+    schema["properties"]["pending_approvals"] = {
+        "type": "array", "items": ref("Approval"),
+        "description": "the turn's permission prompts waiting for an answer (session config approvals: ask)"}
     schema["required"] = sorted(set(schema["required"]) | {"links"})
     schema["title"] = "Turn"
+    return schema
+
+
+def approval_schema() -> dict:
+    """ApprovalOut as approval_body() shows it."""
+    schema = ApprovalOut.model_json_schema(mode="serialization", ref_template=REF)
+    schema["properties"]["status"] = {"enum": ["pending", "allowed", "denied", "timed_out", "cancelled"],
+                                      "description": "cancelled: the turn ended while it was pending"}
+    schema["properties"]["decision"] = {
+        "anyOf": [{"type": "object", "properties": {
+            "behavior": {"enum": ["allow", "deny"]}, "updated_input": {"type": "object"},
+            "message": {"type": "string"}, "remember": {"type": "boolean"},
+            "via": {"enum": ["rest", "websocket", "timeout", "turn_ended"]}}}, {"type": "null"}],
+        "description": "the answer: behavior, the edited input or message it gave, remember, and how it came"}
+    schema["title"] = "Approval"
     return schema
 
 
@@ -177,13 +199,17 @@ so a bad one is a plain 401 and another owner's session a 404.
 
 Server → client, JSON text frames: every event envelope (see the `Event` schema) after `since`, exactly
 once and in order, then live ones; plus one reply per client command:
-`{"type": "reply", "id": <echoed>, "ok": true, "turn": {...}}` or
+`{"type": "reply", "id": <echoed>, "ok": true, "turn": {...}}` (`"approval": {...}` for approve) or
 `{"type": "reply", "id": <echoed>, "ok": false, "error": {"code", "message"}}`.
 
 Client → server, JSON text frames:
 `{"type": "chat", "prompt": "...", "webhook": "<optional>", "id": "<optional, echoed>"}` queues a turn
 (the same rules as POST .../chat); `{"type": "cancel", "turn_id": "...", "id": "<optional>"}` cancels one
-of this session's turns (another session's is `wrong_session`, and nothing is done).
+of this session's turns (another session's is `wrong_session`, and nothing is done);
+`{"type": "approve", "turn_id": "...", "request_id": "...", "behavior": "allow" | "deny", "updated_input": {...},
+"message": "...", "remember": true, "id": "<optional>"}` answers a permission prompt as
+POST /turns/{turn_id}/approvals/{request_id} does (any turn of the owner's, a child session's too; a session
+token's answer is refused with `forbidden`).
 A frame larger than CCD_MAX_BODY_BYTES closes the socket (1009).
 
 Heartbeats are WebSocket pings every CCD_WS_PING_SECONDS. The socket closes with 1000 when the session
@@ -358,6 +384,20 @@ OPERATIONS: dict[str, Op] = {
         body=RevokeRequest, errors=(422,), tag="tokens",
         description="Empty body: the token presented. `token`: another token of yours. `jti` + `exp`: a token id "
                     "of yours, until `exp`. A revoked token gets 401 `token_revoked`."),
+    "api.answer_approval": Op(
+        "Answer a permission prompt: allow (optionally with an edited input, or remembering it) or deny",
+        {200: json_response("the approval, resolved", ref("Approval"))},
+        body=schemas.ApprovalAnswer, body_required=True, errors=(409, 422), tag="turns",
+        description="`request_id` is the one in the `approval.requested` event (and in the turn's "
+                    "`pending_approvals`). The answer is the `approval.resolved` event on the session's stream, and "
+                    "the turn's Claude Code goes on at once. An answer to one answered already, timed out or whose "
+                    "turn ended is a 409 `approval_resolved`; `updated_input` or `remember` with deny a 422 "
+                    "`invalid_answer`. `remember` adds the prompt's suggested rules (or the tool) to the session's "
+                    "allowed rules. Only the owner's tokens may answer (a session token: 403 `forbidden`)."),
+    "api.list_approvals": Op(
+        "A turn's permission prompts, answered or not, oldest first",
+        {200: json_response("the approvals", {"type": "object", "required": ["approvals"], "properties": {
+            "approvals": {"type": "array", "items": ref("Approval")}}})}, tag="turns"),
 }
 
 EXTRA_MODELS: tuple[type[BaseModel], ...] = (
@@ -474,6 +514,7 @@ def component_schemas() -> dict[str, dict]:
     found["SpawnRequest"]["properties"]["config"] = {**ref("SessionConfig"),
                                                      "description": "keys that replace the parent's config"}
     found["Turn"] = turn_schema()
+    found["Approval"] = approval_schema()
     found["Session"] = session_schema(ref("Turn"))
     return found
 
