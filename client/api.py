@@ -1,5 +1,5 @@
 """A small typed client for the cc-docker HTTP API (sessions, spawn trees, chat, events, turns,
-workspace files, batches)."""
+tool approvals, workspace files, batches)."""
 from __future__ import annotations
 
 import json
@@ -187,6 +187,27 @@ class Client:
                 raise TimeoutError(f"turn {turn_id} still {turn['status']} after {timeout:.0f}s")
             if hold == 0 or now - asked < hold:  # answered without holding the whole time: do not spin
                 time.sleep(min(interval, max(0.0, deadline - now)))
+
+    # -- tool approvals -----------------------------------------------------------------------
+
+    def approvals(self, turn_id: str) -> list[dict]:
+        """The turn's tool approvals (Claude Code's permission prompts), pending and answered, oldest first."""
+        return self.call("GET", f"/turns/{turn_id}/approvals")["approvals"]
+
+    def answer_approval(self, turn_id: str, request_id: str, behavior: str, updated_input: dict | None = None,
+                        message: str | None = None, remember: bool = False) -> dict:
+        """Answers one of the turn's pending approvals: `behavior` "allow" (optionally running the tool
+        with `updated_input` instead, and with `remember` allowing it for the rest of the session) or
+        "deny" (`message` is what the model is told). Returns the answered approval; Conflict
+        (`approval_resolved`) when it was already answered or timed out, NotFound for an unknown one."""
+        body: dict[str, Any] = {"behavior": behavior}
+        if updated_input is not None:
+            body["updated_input"] = updated_input
+        if message is not None:
+            body["message"] = message
+        if remember:
+            body["remember"] = True
+        return self.call("POST", f"/turns/{turn_id}/approvals/{quote(request_id, safe='')}", json=body)
 
     # -- events -------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO, TypeVar
 
 from client.api import ApiError, Client, ConnectionFailed, Event, NotFound, Unavailable
+from client.approve import Approver, is_terminal
 from client.batch_run import ResultsFile, read_prompts, reattach, run_batch
 from client.console import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNAVAILABLE,
                             EXIT_USAGE, UsageError, say)
@@ -97,15 +98,20 @@ def cmd_sessions_create(args: argparse.Namespace) -> int:
 
 def config_of(text: str | None) -> dict:
     """The --config JSON object of the command line."""
+    return json_object_of(text, "--config", '{"model": "claude-haiku-4-5"}') or {}
+
+
+def json_object_of(text: str | None, flag: str, example: str) -> dict | None:
+    """The JSON object a flag carries, or None when the flag was not given."""
     if text is None:
-        return {}
+        return None
     try:
-        config = json.loads(text)
+        value = json.loads(text)
     except ValueError as exc:
-        raise UsageError(f"--config is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise UsageError('--config must be a JSON object, like \'{"model": "claude-haiku-4-5"}\'')
-    return config
+        raise UsageError(f"{flag} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} must be a JSON object, like '{example}'")
+    return value
 
 
 def cmd_sessions_spawn(args: argparse.Namespace) -> int:
@@ -212,18 +218,26 @@ def turn_summary(data: dict) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """Sends a prompt and streams the answer; Ctrl-C cancels the turn."""
+    """Sends a prompt and streams the answer; asks on the terminal when a tool needs approval (or says
+    how to answer without one); Ctrl-C cancels the turn."""
     client = client_of(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    turn_id, streamed, final = None, False, None
+    approver = Approver(client, interactive=args.prompt != "-" and is_terminal(sys.stdin))
+    turn_id, streamed, mid_line, final = None, False, False, None
     try:
         for event in client.chat_stream(args.session, prompt):
             turn_id = event.get("turn_id") or turn_id
             if args.json:
                 print(json.dumps(event), flush=True)
+                approver.handle(event)
             elif (text := text_delta(event)) is not None:
-                streamed = True
+                streamed, mid_line = True, (not text.endswith("\n")) if text else mid_line
                 print(text, end="", flush=True)
+            elif str(event.get("type")).startswith("approval."):
+                if mid_line:  # the question goes on a line of its own
+                    print(flush=True)
+                    mid_line = False
+                approver.handle(event)
             if event.get("type") in ("turn.completed", "turn.failed", "turn.cancelled"):
                 final = event
     except KeyboardInterrupt:
@@ -267,6 +281,9 @@ def event_line(event: Event) -> str:
             detail = data.get("prompt", "")
         else:
             detail = data.get("subtype") or data.get("message") or ""
+    if str(event.get("type")).startswith("approval."):
+        detail = f"{data.get('request_id')} {data.get('tool_name') or data.get('status')}"
+        detail += f" by {data['decided_by']}" if data.get("decided_by") else ""
     turn = (event.get("turn_id") or "-")[:8]
     return f"{event.get('id') or '-'}  {event.get('type')}  turn={turn}  {json.dumps(detail)[:120]}"
 
@@ -276,6 +293,35 @@ def cmd_tail(args: argparse.Namespace) -> int:
     with client_of(args).events(args.session, since=args.since) as follower:
         for event in follower:
             print(json.dumps(event) if args.json else event_line(event), flush=True)
+    return EXIT_OK
+
+
+# -- tool approvals -----------------------------------------------------------------------------
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    """Answers a pending tool approval of a turn: allow (the default) or --deny."""
+    if args.deny and (args.remember or args.input is not None):
+        raise UsageError("--remember and --input go with allowing, not with --deny")
+    updated_input = json_object_of(args.input, "--input", '{"command": "ls"}')
+    approval = client_of(args).answer_approval(args.turn, args.request_id, "deny" if args.deny else "allow",
+                                               updated_input=updated_input, message=args.message,
+                                               remember=args.remember)
+    if args.json:
+        print_json(approval)
+    else:
+        print(f"{approval['request_id']} {approval['status']}")
+    return EXIT_OK
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    """Lists a turn's tool approvals, pending and answered (or as JSON with --json)."""
+    approvals = client_of(args).approvals(args.turn)
+    if args.json:
+        print_json(approvals)
+        return EXIT_OK
+    for a in approvals:
+        print(f"{a['request_id']}  {a['status']:<9} {a['tool_name']}  "
+              f"{json.dumps(a.get('input'), ensure_ascii=False)[:100]}  by={a.get('decided_by') or '-'}")
     return EXIT_OK
 
 
@@ -414,6 +460,23 @@ def add_session_commands(sub, common: list) -> None:
         add_command(ssub, name, func, text, common).add_argument("id", help="session id")
 
 
+def add_approval_commands(sub, common: list) -> None:
+    approve = add_command(sub, "approve", cmd_approve, "answer a tool approval a turn waits for (allow, or "
+                          "--deny)", common)
+    approve.add_argument("turn", help="turn id")
+    approve.add_argument("request_id", help="the approval's request id (from approval.requested or "
+                         "`ccd approvals TURN`)")
+    approve.add_argument("--deny", action="store_true", help="deny the tool use instead of allowing it")
+    approve.add_argument("--message", metavar="M", help="what the model is told (with --deny)")
+    approve.add_argument("--remember", action="store_true",
+                         help="also allow such tool uses for the rest of the session without asking")
+    approve.add_argument("--input", metavar="JSON", help="run the tool with this input instead (a JSON object)")
+    approve.add_argument("--json", action="store_true", help="print the answered approval as JSON")
+    approvals = add_command(sub, "approvals", cmd_approvals, "list a turn's tool approvals", common)
+    approvals.add_argument("turn", help="turn id")
+    approvals.add_argument("--json", action="store_true", help="print them as JSON")
+
+
 def add_file_commands(sub, common: list) -> None:
     files = sub.add_parser("files", help="read and write a session's workspace")
     fsub = files.add_subparsers(dest="action", required=True)
@@ -475,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("session", help="session id")
     tail.add_argument("--since", help="start after this event id")
     tail.add_argument("--json", action="store_true", help="print the raw events, one JSON per line")
+    add_approval_commands(sub, common)
     add_file_commands(sub, common)
     add_batch_commands(sub, common)
     return parser

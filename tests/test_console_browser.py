@@ -1,6 +1,7 @@
 """The web console at GET / in a real headless Chromium, against the real stack: a pasted token, a new
 session, a reply that streams into the page while the turn runs, the finished turn with cost and
-duration, a dropped socket that resumes from the last event, a folded tool call, cancel and stop."""
+duration, a dropped socket that resumes from the last event, a folded tool call, cancel and stop, and a turn's tool
+approvals answered with Allow and Deny."""
 from __future__ import annotations
 
 import re
@@ -10,6 +11,7 @@ import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect
 
+from tests.approval_requests import Approvals
 from tests.stack import LOG_DIR
 
 pytestmark = pytest.mark.docker
@@ -58,6 +60,13 @@ def sign_in_and_create_session(page: Page, jwt: str) -> str:
     return sid
 
 
+def new_owner_with_session(page: Page, stack_env, token) -> tuple[str, str, Owner, str]:
+    """A fresh owner signed in on the page with a new session: (owner, token, the API as the owner, session id)."""
+    owner = f"console-{secrets.token_hex(3)}"
+    jwt = token(owner)
+    return owner, jwt, Owner(stack_env["base"], jwt), sign_in_and_create_session(page, jwt)
+
+
 def send(page: Page, prompt: str) -> None:
     page.fill("#prompt", prompt)
     page.click("#prompt-form button")
@@ -70,10 +79,7 @@ def turn(page: Page, n: int):
 
 def test_console_streams_a_reply_live_resumes_after_a_drop_and_folds_tool_calls(console, stack_env, token):
     page, problems, sockets = console
-    owner = f"console-{secrets.token_hex(3)}"
-    jwt = token(owner)
-    api = Owner(stack_env["base"], jwt)
-    sid = sign_in_and_create_session(page, jwt)
+    _, jwt, api, sid = new_owner_with_session(page, stack_env, token)
     assert page.evaluate("localStorage.getItem('ccd.token')") == jwt
 
     # A slow scripted reply: its text is in the page while the turn is still running.
@@ -166,3 +172,63 @@ def test_console_shows_api_errors_cancels_a_running_turn_and_stops_the_session(c
     expect(page.locator(f'#sessions li[data-id="{sid}"] .status')).to_have_text("stopped")
     # The refused token's 401 is the one console error: Chromium logs every failed request.
     assert [p for p in problems if "401" not in p] == [], problems
+
+
+def test_console_shows_pending_approvals_and_answers_them_with_allow_and_deny(console, stack_env, token):
+    page, problems, _ = console
+    owner, _, api, sid = new_owner_with_session(page, stack_env, token)
+    send(page, "SLOW: 90")
+    running = turn(page, 0)
+    expect(running).to_have_attribute("data-status", "running", timeout=TURN_SECONDS)
+    turn_row = api.get(f"/api/v1/sessions/{sid}/turns")["items"][0]
+    approvals = Approvals(stack_env["settings"])
+    try:
+        # Live: the approval.requested event shows the tool, its input and the buttons.
+        approvals.open(turn_row, "toolu_console_allow", "echo allowed-from-the-console")
+        asked = running.locator('.approval[data-request-id="toolu_console_allow"]')
+        expect(asked.locator(".tool-name")).to_have_text("Bash")
+        expect(asked.locator("pre.approval-input")).to_contain_text('"command": "echo allowed-from-the-console"')
+        expect(asked).to_have_attribute("data-status", "pending")
+        asked.locator("button.allow").click()
+        expect(asked).to_have_attribute("data-status", "allowed")
+        expect(asked.locator(".approval-state")).to_have_text(f"allowed by {owner} via rest")  # its approval.resolved
+        expect(asked.locator("button")).to_have_count(0)
+        answered = api.get(f"/api/v1/turns/{turn_row['id']}/approvals")["approvals"]
+        assert [(a["request_id"], a["status"]) for a in answered] == [("toolu_console_allow", "allowed")], answered
+        assert owner in answered[0]["decided_by"]
+
+        # Without an event (as when its approval.requested is no longer kept): the page finds it through the API
+        # when it opens the session, beside the answered one replayed from the events.
+        approvals.open(turn_row, "toolu_console_deny", "echo denied-from-the-console", publish=False)
+        page.reload()
+        page.click(f'#sessions li[data-id="{sid}"] button')
+        expect(page.locator("#connection")).to_have_text("live")
+        pending = turn(page, 0).locator('.approval[data-request-id="toolu_console_deny"]')
+        expect(pending.locator("pre.approval-input")).to_contain_text("echo denied-from-the-console")
+        expect(turn(page, 0).locator('.approval[data-request-id="toolu_console_allow"]')).to_have_attribute(
+            "data-status", "allowed")
+        pending.locator("button.deny").click()
+        expect(pending).to_have_attribute("data-status", "denied")
+        expect(pending.locator(".approval-state")).to_contain_text(f"denied by {owner}")
+        statuses = [a["status"] for a in api.get(f"/api/v1/turns/{turn_row['id']}/approvals")["approvals"]]
+        assert statuses == ["allowed", "denied"], statuses
+
+        # Answering one that was answered meanwhile shows the API's 409.
+        approvals.open(turn_row, "toolu_console_late", "echo late")
+        late = turn(page, 0).locator('.approval[data-request-id="toolu_console_late"]')
+        expect(late).to_have_attribute("data-status", "pending")
+        # The page misses its approval.resolved (the socket is deaf meanwhile) and answers after another client.
+        page.evaluate("() => { const s = window.ccdConsole.state; s.heard = s.socket.onmessage; s.socket.onmessage = null; }")
+        requests.post(f"{stack_env['base']}/api/v1/turns/{turn_row['id']}/approvals/toolu_console_late",
+                      json={"behavior": "deny"}, headers=api.headers, timeout=30).raise_for_status()
+        late.locator("button.allow").click()
+        expect(page.locator("#error")).to_contain_text("approval_resolved: ")
+        expect(late).to_have_attribute("data-status", "denied")  # as the API has it now
+        expect(late.locator(".approval-state")).to_contain_text(f"denied by {owner}")
+        page.evaluate("() => { const s = window.ccdConsole.state; s.socket.onmessage = s.heard; }")
+    finally:
+        approvals.close()
+    page.click("#cancel")
+    expect(running).to_have_attribute("data-status", "cancelled", timeout=30_000)
+    # The refused answer's 409 is the one console error: Chromium logs every failed request.
+    assert [p for p in problems if "409" not in p] == [], problems

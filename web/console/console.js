@@ -1,5 +1,5 @@
 // The cc-docker console: paste a token, list your sessions, follow one live, send prompts,
-// cancel a turn, stop a session. It uses only the public API and WebSocket, like any client.
+// answer a turn's tool approvals, cancel a turn, stop a session. It uses only the public API and WebSocket, like any client.
 // Event data is only ever put into the page as text (textContent / text nodes), never as HTML.
 "use strict";
 
@@ -16,6 +16,8 @@ const state = {
   prompts: new Map(),   // turn id → prompt (events do not carry it)
   turns: new Map(),     // turn id → its view in the log
   tools: new Map(),     // tool_use id → its <details>
+  approvals: new Map(), // "turn id/request id" → its view
+  waiting: new Map(),   // turn id → pending approvals the API listed, shown once the turn's view exists
 };
 window.ccdConsole = { state };  // for debugging from the browser's console
 
@@ -107,7 +109,7 @@ function showSessionStatus(status) {
 async function openSession(id) {
   closeSocket();
   Object.assign(state, { session: id, lastId: null, retries: 0 });
-  for (const map of [state.prompts, state.turns, state.tools]) map.clear();
+  for (const map of [state.prompts, state.turns, state.tools, state.approvals, state.waiting]) map.clear();
   $("log").replaceChildren();
   $("session-id").textContent = id;
   $("session").hidden = false;
@@ -117,7 +119,11 @@ async function openSession(id) {
   const session = await api("GET", `/sessions/${id}`);
   showSessionStatus(session.status);
   const sent = await api("GET", `/sessions/${id}/turns?limit=200`);
-  for (const turn of sent.items) state.prompts.set(turn.id, turn.prompt);
+  for (const turn of sent.items) {
+    state.prompts.set(turn.id, turn.prompt);
+    // Pending approvals come from the API too: their approval.requested may be older than the events kept.
+    if (turn.pending_approvals && turn.pending_approvals.length) state.waiting.set(turn.id, turn.pending_approvals);
+  }
   connect();
 }
 
@@ -237,6 +243,12 @@ function render(event) {
     case "claude.user":
       toolResults(turnView(event), data.message || {});
       break;
+    case "approval.requested":
+      showApproval(turnView(event), event.turn_id, data);
+      break;
+    case "approval.resolved":
+      resolveApproval(turnView(event), event.turn_id, data);
+      break;
     case "stream.gap":
       note(log, "older events are no longer kept; the log starts later");
       break;
@@ -269,6 +281,8 @@ function turnView(event) {
                     el("header", {}, `Turn ${event.seq ?? ""}`, view.badge), view.user, view.body, view.footer);
   $("log").append(view.section);
   state.turns.set(event.turn_id, view);
+  for (const approval of state.waiting.get(event.turn_id) || []) showApproval(view, event.turn_id, approval);
+  state.waiting.delete(event.turn_id);
   const count = listed(".turns");
   if (count && event.seq > parseInt(count.textContent, 10)) count.textContent = turns(event.seq);
   return view;
@@ -332,6 +346,10 @@ function toolResults(view, message) {
 
 function finishTurn(view, data) {
   setTurnStatus(view, data.status);
+  // The server cancels what the ended turn still waited for; its approval.resolved may not follow.
+  for (const approval of view.section.querySelectorAll('.approval[data-status="pending"]')) {
+    settleApproval(approval, "cancelled", "the turn ended first");
+  }
   const parts = [el("span", { class: "turn-status" }, data.status)];
   if (data.cost_usd != null) parts.push(el("span", { class: "cost" }, `$${data.cost_usd.toFixed(data.cost_usd < 0.01 ? 6 : 4)}`));
   if (data.duration_ms != null) parts.push(el("span", { class: "duration" }, `${(data.duration_ms / 1000).toFixed(1)} s`));
@@ -340,6 +358,72 @@ function finishTurn(view, data) {
   }
   if (data.error) parts.push(el("span", { class: "error-text" }, `${data.error}${data.reason ? ` (${data.reason})` : ""}`));
   view.footer.replaceChildren(...parts);
+}
+
+// ---- tool approvals ---------------------------------------------------------------------
+
+// A permission prompt of Claude Code's: the tool and its input, and buttons that answer it.
+function showApproval(view, turnId, approval) {
+  const key = `${turnId}/${approval.request_id}`;
+  if (state.approvals.has(key)) return;
+  const input = approval.input || {};
+  const hint = String(input.command || input.file_path || input.url || input.pattern || "").slice(0, 100);
+  const actions = el("div", { class: "approval-actions" });
+  const node = el("div", { class: "approval", "data-request-id": approval.request_id, "data-status": "pending" },
+                  el("div", { class: "approval-head" }, el("span", { class: "tool-name" }, approval.tool_name),
+                     " ", hint, el("span", { class: "approval-state" }, "waiting for approval")),
+                  el("pre", { class: "approval-input" }, JSON.stringify(input, null, 2)), actions);
+  for (const [label, body] of [["Allow", { behavior: "allow" }], ["Always allow", { behavior: "allow", remember: true }],
+                               ["Deny", { behavior: "deny" }]]) {
+    const button = el("button", { type: "button", class: label.toLowerCase().replace(" ", "-") }, label);
+    button.addEventListener("click", action(() => answerApproval(node, turnId, approval.request_id, body)));
+    actions.append(button);
+  }
+  state.approvals.set(key, node);
+  view.body.append(node);
+  view.text = null;
+  if (approval.status && approval.status !== "pending") settleApproval(node, approval.status, answeredBy(approval));
+}
+
+async function answerApproval(node, turnId, requestId, body) {
+  for (const button of node.querySelectorAll("button")) button.disabled = true;
+  try {
+    const approval = await api("POST", `/turns/${turnId}/approvals/${encodeURIComponent(requestId)}`, body);
+    // Its approval.resolved may have come first over the socket, and says more (how it was answered).
+    if (node.dataset.status === "pending") settleApproval(node, approval.status, answeredBy(approval));
+  } catch (error) {
+    if (error.code === "approval_resolved") {  // answered elsewhere or timed out: show how, from the API
+      const { approvals } = await api("GET", `/turns/${turnId}/approvals`);
+      const now = approvals.find((a) => a.request_id === requestId);
+      if (now && node.dataset.status === "pending") settleApproval(node, now.status, answeredBy(now));
+    }
+    if (node.dataset.status === "pending") for (const button of node.querySelectorAll("button")) button.disabled = false;
+    throw error;
+  }
+}
+
+function resolveApproval(view, turnId, data) {
+  const node = state.approvals.get(`${turnId}/${data.request_id}`);
+  const who = decidedText(data.decided_by, data.via);
+  const said = data.message ? `: ${data.message}` : "";
+  if (node) settleApproval(node, data.status, who + said);
+  else note(view.body, `approval ${data.request_id} ${data.status} ${who}${said}`);
+}
+
+function decidedText(decidedBy, via) {
+  return [decidedBy && `by ${decidedBy}`, via && `via ${via}`].filter(Boolean).join(" ");
+}
+
+// Who answered an approval resource, and how when its decision says.
+function answeredBy(approval) {
+  return decidedText(approval.decided_by, approval.decision && approval.decision.via);
+}
+
+// Shows how an approval was answered; its buttons go.
+function settleApproval(node, status, detail) {
+  node.dataset.status = status;
+  node.querySelector(".approval-state").textContent = detail ? `${status} ${detail}` : status;
+  node.querySelector(".approval-actions").replaceChildren();
 }
 
 // ---- wiring -----------------------------------------------------------------------------
