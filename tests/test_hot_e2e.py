@@ -207,3 +207,19 @@ def test_a_remembered_allow_stops_the_next_identical_prompt_and_a_websocket_answ
     second = api.chat(sid, "RUN: touch /workspace/again")
     assert api.finished_turn(second["id"])["status"] == "succeeded"
     assert not [f for f in stream.of_turn(second["id"]) if f["type"] == "approval.requested"]
+
+
+def test_the_spawn_tools_server_runs_once_per_process_and_its_renewed_token_works_in_every_turn(
+        api, stack_env, docker_client):
+    sid = api.session()["id"]
+    servers = []
+    for _ in range(2):
+        turn = run_turn(api, sid, "CALL: mcp__ccd__list_children {}")
+        assert turn["status"] == "succeeded" and turn["result"].startswith("TOOL-RESULT:"), turn
+        assert "error" not in turn["result"].lower(), turn["result"]
+        top = container(docker_client, stack_env, sid).top(ps_args="-eo pid,args")
+        servers.append([row[0] for row in top["Processes"] if "wrapper mcp" in row[-1]])
+    assert len(servers[0]) == 1 and servers[0] == servers[1], servers
+    box = container(docker_client, stack_env, sid)
+    code, mode = box.exec_run(["stat", "-c", "%a", "/home/agent/.ccd/turns/session-token"], user="agent")
+    assert code == 0 and mode.strip() == b"600", mode

@@ -84,6 +84,8 @@ JSON_ENDPOINTS = {  # endpoint: (method, path, limit)
     "spawn": ("POST", "/sessions/{sid}/spawn", "CCD_MAX_BODY_BYTES"),
     "revoke_token": ("POST", "/tokens/revoke", "CCD_MAX_BODY_BYTES"),
     "create_batch": ("POST", "/batches", "CCD_MAX_BATCH_BYTES"),
+    # The body is read (and refused) before the turn is looked up.
+    "answer_approval": ("POST", "/turns/00000000-0000-4000-8000-000000000000/approvals/r1", "CCD_MAX_BODY_BYTES"),
 }
 
 
