@@ -12,6 +12,7 @@ import redis
 
 from bench.stack import SlowClient, next_frame
 from bench.stats import Figure, summary
+from core.claimed import ClaimedSession, ClaimedTurn
 from workers.publisher import Publisher
 from workers.turn_output import TurnOutput
 
@@ -36,8 +37,8 @@ def through_service(bench, session_id: str, container_id: str, count: int,
     for `count` lines printed at `rate` (0: at once)."""
     since = bench.events.last_id(session_id)
     ws = bench.socket(session_id, since)
-    turn = {"id": str(uuid.uuid4()), "seq": 1, "attempt": 1}
-    publisher = Publisher(bench.events, {"id": session_id}, turn)
+    turn = ClaimedTurn(id=str(uuid.uuid4()), seq=1, attempt=1)
+    publisher = Publisher(bench.events, ClaimedSession(id=session_id), turn)
     output, result = TurnOutput(), []
 
     def pump() -> None:

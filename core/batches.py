@@ -321,8 +321,9 @@ def cancel(db: DbSession, batch: Batch, plan: Dispatch) -> None:
         db.refresh(turn)
         if turn.status in FINISHED_TURN_STATUSES:
             continue
-        if turn_cmds.request_cancel(db, turn):
-            plan.events.append(turn_cmds.ended_event(turn))
+        ended = turn_cmds.request_cancel(db, turn)
+        if ended is not None:
+            plan.events.append(ended)
         else:
             plan.signal_turns.append(str(turn.id))
     db.flush()

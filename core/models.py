@@ -10,9 +10,10 @@ from sqlalchemy import (BigInteger, DateTime, ForeignKey, Index, Integer, MetaDa
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from core.turn_states import FINISHED_TURN_STATUSES, TurnStatus
+
 SESSION_STATUSES = ("creating", "ready", "busy", "stopping", "stopped", "failed", "deleted")
-TURN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "timed_out")
-FINISHED_TURN_STATUSES = ("succeeded", "failed", "cancelled", "timed_out")
+TURN_STATUSES = tuple(TurnStatus)
 
 
 def utcnow() -> datetime:
@@ -74,7 +75,7 @@ class Turn(Base):
         UUID(as_uuid=True), ForeignKey("sessions.id", ondelete="CASCADE"))
     seq: Mapped[int] = mapped_column(Integer)
     prompt: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=TurnStatus.QUEUED)  # a TurnStatus
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     lease_holder: Mapped[str | None] = mapped_column(String(255), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -90,7 +91,7 @@ class Turn(Base):
     queued_event_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     last_event_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    # A stable code for why a turn did not succeed (worker_lost, output_limit, container_lost, ...).
+    # A stable code for why a turn did not succeed: a core.turn_states.TurnReason (worker_lost, output_limit, ...).
     reason: Mapped[str | None] = mapped_column(String(40), nullable=True)
     # Set by a cancel request; the worker running the turn interrupts Claude Code when it sees it.
     cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session as DbSession
 
 from core import workspaces
 from core.errors import NotFound, WrongState
 from core.models import Session, Turn
+from core.turn_ends import end_turns
+from core.turn_states import Ending, TurnReason, TurnStatus
 
 # States in which a session accepts new turns (a stopped one restarts on its next turn).
 CHAT_STATES = ("creating", "ready", "busy", "stopped")
@@ -62,12 +64,11 @@ def list_owned(db: DbSession, owner: str, status: str | None, limit: int, offset
     return list(rows), total or 0
 
 
-def cancel_queued_turns(db: DbSession, session_id: uuid.UUID, reason: str) -> list[Turn]:
-    """Marks the session's queued turns cancelled; returns them for their events."""
-    rows = db.scalars(update(Turn).where(Turn.session_id == session_id, Turn.status == "queued")
-                      .values(status="cancelled", error=reason, finished_at=func.now())
-                      .returning(Turn)).all()
-    return list(rows)
+def cancel_queued_turns(db: DbSession, session_id: uuid.UUID, why: str) -> list[Turn]:
+    """Ends the session's queued turns `cancelled` (reason `cancelled`, error `why`); returns them for their
+    events."""
+    return end_turns(db, Ending(TurnStatus.CANCELLED, why, TurnReason.CANCELLED),
+                     Turn.session_id == session_id, Turn.status == TurnStatus.QUEUED)
 
 
 def request_stop(db: DbSession, row: Session) -> list[Turn]:

@@ -30,7 +30,7 @@ from sqlalchemy.engine import make_url
 from core.migrate import prepare_database
 from core.models import Turn
 from core.settings import Settings
-from core.turns import final_event_type
+from core.turn_states import final_event_type
 from tests import stack
 from tests.figures import report
 from tests.conftest import wait_for

@@ -9,6 +9,7 @@ import uuid
 import pytest
 import redis
 
+from core.claimed import ClaimedSession, ClaimedTurn
 from core.envelope import Event
 from core.events import EventLog
 from workers.publisher import Publisher
@@ -21,58 +22,58 @@ def events(settings) -> EventLog:
 
 
 @pytest.fixture
-def turn() -> tuple[dict, dict]:
+def turn() -> tuple[ClaimedSession, ClaimedTurn]:
     """A fresh (session, turn) pair, as the turn runner holds them."""
-    return {"id": str(uuid.uuid4())}, {"id": str(uuid.uuid4()), "seq": 3, "attempt": 1}
+    return ClaimedSession(id=str(uuid.uuid4())), ClaimedTurn(id=str(uuid.uuid4()), seq=3, attempt=1)
 
 
-def event(session: dict, turn: dict, n: int, kind: str = "claude.stream_event") -> Event:
-    return Event(session_id=session["id"], turn_id=turn["id"], seq=turn["seq"], type=kind, data={"n": n})
+def event(session: ClaimedSession, turn: ClaimedTurn, n: int, kind: str = "claude.stream_event") -> Event:
+    return Event(session_id=session.id, turn_id=turn.id, seq=turn.seq, type=kind, data={"n": n})
 
 
-def numbers(events: EventLog, session: dict) -> list:
-    return [e.data.get("n") for e in events.read(session["id"], count=100_000)]
+def numbers(events: EventLog, session: ClaimedSession) -> list:
+    return [e.data.get("n") for e in events.read(session.id, count=100_000)]
 
 
 def test_many_events_go_out_in_order_and_the_mark_is_updated_once_with_every_field(events, turn):
     session, t = turn
-    started = events.publish_marked(event(session, t, 0, "turn.started"), t["id"], 0, "first", 1)
+    started = events.publish_marked(event(session, t, 0, "turn.started"), t.id, 0, "first", 1)
     ids = events.publish_marked_many([(event(session, t, n), n, "last") for n in range(1, 6)]
-                                     + [(event(session, t, 5, "turn.completed"), 5, "final")], t["id"], 1)
+                                     + [(event(session, t, 5, "turn.completed"), 5, "final")], t.id, 1)
     assert all(ids) and ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
     assert numbers(events, session) == [0, 1, 2, 3, 4, 5, 5]
-    assert events.take_mark(t["id"], 1) == {"number": "5", "attempt": "1", "first": started, "last": ids[4],
+    assert events.take_mark(t.id, 1) == {"number": "5", "attempt": "1", "first": started, "last": ids[4],
                                             "final": ids[5]}
 
 
 def test_an_older_attempt_publishes_nothing(events, turn):
     session, t = turn
-    events.publish_marked_many([(event(session, t, 1), 1, "last")], t["id"], 1)
-    events.take_mark(t["id"], 2)  # a re-attaching worker took the turn
-    assert events.publish_marked_many([(event(session, t, n), n, "last") for n in (2, 3)], t["id"], 1) is None
+    events.publish_marked_many([(event(session, t, 1), 1, "last")], t.id, 1)
+    events.take_mark(t.id, 2)  # a re-attaching worker took the turn
+    assert events.publish_marked_many([(event(session, t, n), n, "last") for n in (2, 3)], t.id, 1) is None
     assert numbers(events, session) == [1]
-    assert events.take_mark(t["id"], 2)["number"] == "1"
+    assert events.take_mark(t.id, 2)["number"] == "1"
 
 
 def test_lines_already_published_are_skipped_and_the_rest_published(events, turn):
     session, t = turn
-    events.publish_marked_many([(event(session, t, n), n, "last") for n in (1, 2, 3)], t["id"], 1)
-    events.take_mark(t["id"], 2)
-    ids = events.publish_marked_many([(event(session, t, n), n, "last") for n in (2, 3, 4, 4, 5)], t["id"], 2)
+    events.publish_marked_many([(event(session, t, n), n, "last") for n in (1, 2, 3)], t.id, 1)
+    events.take_mark(t.id, 2)
+    ids = events.publish_marked_many([(event(session, t, n), n, "last") for n in (2, 3, 4, 4, 5)], t.id, 2)
     assert [i is not None for i in ids] == [False, False, True, False, True]
     assert numbers(events, session) == [1, 2, 3, 4, 5]
-    assert events.take_mark(t["id"], 2)["number"] == "5"
+    assert events.take_mark(t.id, 2)["number"] == "5"
 
 
 def test_nothing_is_published_after_the_final_event(events, turn):
     session, t = turn
     ids = events.publish_marked_many([(event(session, t, 1), 1, "last"), (event(session, t, 1, "turn.failed"), 1, "final"),
-                                      (event(session, t, 2), 2, "last")], t["id"], 1)
+                                      (event(session, t, 2), 2, "last")], t.id, 1)
     assert ids[0] and ids[1] and ids[2] is None
-    assert events.publish_marked_many([(event(session, t, 3), 3, "last")], t["id"], 1) is None
-    assert events.publish_marked(event(session, t, 3, "turn.failed"), t["id"], 3, "final", 1) is None
+    assert events.publish_marked_many([(event(session, t, 3), 3, "last")], t.id, 1) is None
+    assert events.publish_marked(event(session, t, 3, "turn.failed"), t.id, 3, "final", 1) is None
     assert numbers(events, session) == [1, 1]
-    assert events.take_mark(t["id"], 1)["final"] == ids[1]
+    assert events.take_mark(t.id, 1)["final"] == ids[1]
 
 
 def test_the_stream_stays_near_its_maximum_length(settings, turn):
@@ -80,8 +81,8 @@ def test_the_stream_stays_near_its_maximum_length(settings, turn):
     small = EventLog(redis.Redis.from_url(settings.redis_url, decode_responses=True), f"{settings.key_prefix}pub",
                      maxlen=50)
     for start in range(1, 1000, 100):
-        small.publish_marked_many([(event(session, t, n), n, "last") for n in range(start, start + 100)], t["id"], 1)
-    length = small.redis.xlen(small.key(session["id"]))
+        small.publish_marked_many([(event(session, t, n), n, "last") for n in range(start, start + 100)], t.id, 1)
+    length = small.redis.xlen(small.key(session.id))
     # Trimming is approximate (whole nodes of 100 entries): near 50, far below the 1000 published.
     assert 50 <= length <= 150
     assert numbers(small, session)[-1] == 1000
@@ -96,7 +97,7 @@ def test_lines_arriving_quickly_share_round_trips_yet_all_arrive_in_order(events
     publisher.close()
     assert numbers(events, session) == list(range(1, 2001))
     assert 2000 / 50 <= publisher.round_trips < 2000 / 4  # batched, and no batch above its bound
-    assert events.take_mark(t["id"], 1)["number"] == "2000"
+    assert events.take_mark(t.id, 1)["number"] == "2000"
 
 
 def test_a_batch_stays_within_its_byte_bound(events, turn):
@@ -113,7 +114,7 @@ def test_a_line_arriving_alone_is_published_at_once(settings, events, turn):
     session, t = turn
     publisher = Publisher(events, session, t)
     reader = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-    key, last, delays = events.key(session["id"]), "0-0", []
+    key, last, delays = events.key(session.id), "0-0", []
     for n in range(1, 21):
         got = threading.Event()
 
@@ -140,9 +141,9 @@ def test_the_turn_is_lost_when_a_later_attempt_owns_it(events, turn):
     session, t = turn
     publisher = Publisher(events, session, t)
     assert publisher.publish("turn.started", {}, 0, "first") is not None
-    events.take_mark(t["id"], 2)
+    events.take_mark(t.id, 2)
     assert publisher.publish("claude.system", {"n": 1}, 1) is None
-    assert t["lost"] is True
+    assert t.lost is True
     assert publisher.add("claude.system", {"n": 2}, 2) is None  # dropped without a round trip
     publisher.close()
     assert numbers(events, session) == [None]

@@ -27,7 +27,7 @@ class TurnApprovals:
         self.deadlines: dict[str, float] = {}  # pending request id → deadline (unix time)
         self.delivered: set[str] = set()
         self.lock = threading.Lock()
-        timeout = (session["config"] or {}).get("approval_timeout_seconds")
+        timeout = (session.config or {}).get("approval_timeout_seconds")
         self.timeout = int(timeout or ctx.settings.approval_timeout_seconds)
 
     def requested(self, line: dict, number: int, publisher) -> None:
@@ -41,11 +41,11 @@ class TurnApprovals:
         suggestions = request.get("permission_suggestions")
         with transaction(self.ctx.db) as db:
             approval = approvals.open_approval(
-                db, turn_id=uuid.UUID(self.turn["id"]), session_id=uuid.UUID(self.session["id"]),
+                db, turn_id=uuid.UUID(self.turn.id), session_id=uuid.UUID(self.session.id),
                 request_id=request_id, tool_name=tool[:200], input=tool_input,
                 suggestions=suggestions if isinstance(suggestions, list) else None,
                 deadline=utcnow() + timedelta(seconds=self.timeout))
-            event = approvals.requested_event(approval, self.turn["seq"])
+            event = approvals.requested_event(approval, self.turn.seq)
             pending, approval_id = approval.status == "pending", str(approval.id)
             deadline = approval.deadline.timestamp() if approval.deadline else None
         if publisher is not None:  # None: a line read again after a takeover, published already
@@ -53,7 +53,7 @@ class TurnApprovals:
         if pending and deadline is not None:
             with self.lock:
                 self.deadlines[request_id] = deadline
-            if self.turn.get("webhook"):
+            if self.turn.webhook:
                 self.ctx.sender.deliver_webhook("approval", approval_id)
         else:  # answered already (this line is read again after a takeover): Claude Code may still wait for it
             self.deliver()
@@ -74,7 +74,7 @@ class TurnApprovals:
         if not container:
             return
         with transaction(self.ctx.db) as db:
-            answered = db.scalars(select(Approval).where(Approval.turn_id == uuid.UUID(self.turn["id"]),
+            answered = db.scalars(select(Approval).where(Approval.turn_id == uuid.UUID(self.turn.id),
                                                          Approval.status != "pending")).all()
             answers = [(a.request_id, approvals.control_answer(a)) for a in answered
                        if a.request_id not in self.delivered]
@@ -83,14 +83,14 @@ class TurnApprovals:
                 self.deadlines.pop(request_id, None)
             try:
                 outcome = self.ctx.runtime.agent_control(container, {
-                    "control": "answer", "turn_id": self.turn["id"], "request_id": request_id, "response": response})
+                    "control": "answer", "turn_id": self.turn.id, "request_id": request_id, "response": response})
             except NotRunning:
                 return
             except Exception as exc:  # tried again on the next signal or deadline
-                log.warning("turn %s: could not pass on the answer to %s: %s", self.turn["id"], request_id, exc)
+                log.warning("turn %s: could not pass on the answer to %s: %s", self.turn.id, request_id, exc)
                 return
             self.delivered.add(request_id)
-            log.info("turn %s: approval %s answered (%s)", self.turn["id"], request_id, outcome)
+            log.info("turn %s: approval %s answered (%s)", self.turn.id, request_id, outcome)
 
     def expire(self, now: float) -> None:
         """Denies the prompts whose deadline passed, then passes the denials on."""
@@ -103,9 +103,9 @@ class TurnApprovals:
         timed_out = []
         with transaction(self.ctx.db) as db:
             for request_id in due:
-                approval = approvals.time_out(db, uuid.UUID(self.turn["id"]), request_id)
+                approval = approvals.time_out(db, uuid.UUID(self.turn.id), request_id)
                 if approval is not None:
-                    timed_out.append(approvals.resolved_event(approval, self.turn["seq"]))
+                    timed_out.append(approvals.resolved_event(approval, self.turn.seq))
         for event in timed_out:
             self.ctx.events.publish(event)
         self.deliver()
@@ -114,10 +114,10 @@ class TurnApprovals:
         """Marks prompts Claude Code stopped waiting for as ended, and says so in the stream."""
         with transaction(self.ctx.db) as db:
             rows = db.scalars(update(Approval).where(
-                Approval.turn_id == uuid.UUID(self.turn["id"]), Approval.request_id.in_(request_ids),
+                Approval.turn_id == uuid.UUID(self.turn.id), Approval.request_id.in_(request_ids),
                 Approval.status == "pending").values(
                 status=status, resolved_at=utcnow(), decision={"via": via}).returning(Approval)).all()
-            events = [approvals.resolved_event(row, self.turn["seq"]) for row in rows]
+            events = [approvals.resolved_event(row, self.turn.seq) for row in rows]
         for event in events:
             self.ctx.events.publish(event)
         self.delivered.update(request_ids)

@@ -19,7 +19,9 @@ from core.envelope import status_event
 from core.models import Session
 from core.sessions import request_stop
 from core.settings import Settings
-from core.turns import cancel_running_turns, ended_event
+from core.turn_ends import ended_event
+from core.turn_states import TurnReason
+from core.turns import cancel_running_turns
 from workers.context import WorkerContext
 from workers.runtime import DockerRuntime, disk_limit_mb
 
@@ -163,7 +165,7 @@ def stop_over_quota(ctx: WorkerContext, session_id: str, why: str) -> bool:
             return False  # it moved on (stopped, deleted) while we measured
         ended = request_stop(db, row)
         row.error = why
-        running = cancel_running_turns(db, row.id, reason="disk_quota", error=why)
+        running = cancel_running_turns(db, row.id, reason=TurnReason.DISK_QUOTA, error=why)
         host_queue = row.host_queue
         # Under the row lock, so no status change of another's can come between.
         ctx.events.publish_many([ended_event(t) for t in ended]

@@ -1,7 +1,7 @@
 """The worker's turn metrics: turns finished, turn duration, time to first event, events published.
 
 Observed by the turn runner in the prefork children; the worker's main process serves them (multiprocess
-mode, see workers/health_server.py). Time is taken on the turn's own dict, so nothing here is shared
+mode, see workers/health_server.py). Time is taken on the claimed turn itself, so nothing here is shared
 between turns.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ import time
 
 from prometheus_client import Counter, Histogram
 
+from core.claimed import ClaimedTurn
 from core.envelope import SERVICE_TYPES
 
 # Claude Code's stream-json line types; any other becomes "claude.other", so the label set stays bounded.
@@ -36,24 +37,24 @@ def event_type_label(kind: str) -> str:
     return "claude.other"
 
 
-def turn_taken(turn: dict) -> None:
+def turn_taken(turn: ClaimedTurn) -> None:
     """Notes when this worker took the turn."""
-    turn["taken_at"] = time.monotonic()
+    turn.taken_at = time.monotonic()
 
 
-def event_published(turn: dict, kind: str) -> None:
+def event_published(turn: ClaimedTurn, kind: str) -> None:
     """Counts one published event; the first Claude Code event of a fresh turn fixes its time to first event."""
     EVENTS_PUBLISHED.labels(event_type_label(kind)).inc()
-    if kind.startswith("claude.") and not turn.get("resumed"):
-        turn.setdefault("first_event_at", time.monotonic())
+    if kind.startswith("claude.") and not turn.resumed and turn.first_event_at is None:
+        turn.first_event_at = time.monotonic()
 
 
-def turn_finished(turn: dict, status: str) -> None:
+def turn_finished(turn: ClaimedTurn, status: str) -> None:
     """Counts a turn this worker ended, with its duration and time to first event (when it had one)."""
     TURNS_FINISHED.labels(status).inc()
-    taken = turn.get("taken_at")
+    taken = turn.taken_at
     if taken is None:
         return
     TURN_DURATION.labels(status).observe(time.monotonic() - taken)
-    if "first_event_at" in turn:
-        TIME_TO_FIRST_EVENT.labels(status).observe(turn["first_event_at"] - taken)
+    if turn.first_event_at is not None:
+        TIME_TO_FIRST_EVENT.labels(status).observe(turn.first_event_at - taken)

@@ -14,6 +14,7 @@ from typing import Any
 import redis
 from sqlalchemy.exc import OperationalError
 
+from core.claimed import ClaimedSession, ClaimedTurn
 from core.envelope import Event
 from core.events import EventLog
 from workers import metrics
@@ -66,14 +67,13 @@ class Pending:
 class Publisher:
     """Publishes one turn's events in order from a thread of its own, many per round trip; one thread adds.
 
-    `turn` needs "id", "seq" and "attempt", `session` needs "id". When a later attempt owns the turn
-    (or its final event is out), `turn["lost"]` is set and everything else is dropped. An error that
-    outlasts `patience` (Redis away) is raised by the next `add`, `publish` or `flush`.
+    When a later attempt owns the turn (or its final event is out), `turn.lost` is set and everything else is
+    dropped. An error that outlasts `patience` (Redis away) is raised by the next `add`, `publish` or `flush`.
     """
 
-    def __init__(self, events: EventLog, session: dict, turn: dict, *, max_events: int = MAX_BATCH_EVENTS,
-                 max_bytes: int = MAX_BATCH_BYTES, max_queued_bytes: int = MAX_QUEUED_BYTES,
-                 patience: float = OUTAGE_PATIENCE_SECONDS) -> None:
+    def __init__(self, events: EventLog, session: ClaimedSession, turn: ClaimedTurn, *,
+                 max_events: int = MAX_BATCH_EVENTS, max_bytes: int = MAX_BATCH_BYTES,
+                 max_queued_bytes: int = MAX_QUEUED_BYTES, patience: float = OUTAGE_PATIENCE_SECONDS) -> None:
         self.events, self.session, self.turn = events, session, turn
         self.max_events, self.max_bytes, self.max_queued_bytes = max_events, max_bytes, max_queued_bytes
         self.patience = patience
@@ -89,21 +89,21 @@ class Publisher:
     def add(self, kind: str, data: dict[str, Any], number: int, id_field: str = "last") -> Pending | None:
         """Queues an event marking wrapper line `number` as published (its id goes under `id_field` in the
         mark: "first", "last" or "final"); returns at once unless much is queued. None when the turn is lost."""
-        if self.turn.get("lost"):
+        if self.turn.lost:
             return None
         item = self._pending(kind, data, number, id_field)
         with self._cond:
-            while self._queued_bytes > self.max_queued_bytes and self._error is None and not self.turn.get("lost"):
+            while self._queued_bytes > self.max_queued_bytes and self._error is None and not self.turn.lost:
                 self._cond.wait()
             self._raise_failure()
-            if self.turn.get("lost"):
+            if self.turn.lost:
                 return None
             self._queue.append(item)
             self._queued_bytes += item.size
             self._cond.notify_all()
             if self._thread is None:
                 self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
-                                                name=f"publish-{self.turn['id'][:8]}", daemon=True)
+                                                name=f"publish-{self.turn.id[:8]}", daemon=True)
                 self._thread.start()
         return item
 
@@ -115,14 +115,14 @@ class Publisher:
         final events, whose ids the caller needs at once.
         """
         self.flush()
-        if self.turn.get("lost"):
+        if self.turn.lost:
             return None
         item = self._pending(kind, data, number, id_field)
         with self._cond:
             self._busy = True  # the publishing thread waits meanwhile, so order holds
         try:
             ids = retry_while_down(functools.partial(self._send, [item]),
-                                   what=f"publish an event of turn {self.turn['id']}", patience=self.patience)
+                                   what=f"publish an event of turn {self.turn.id}", patience=self.patience)
         except BaseException:
             with self._cond:
                 self._busy = False
@@ -149,7 +149,7 @@ class Publisher:
 
     def _pending(self, kind: str, data: dict[str, Any], number: int, id_field: str) -> Pending:
         """The event, encoded now: its time is when it arrived, and its size bounds the batch it joins."""
-        event = Event(session_id=self.session["id"], turn_id=self.turn["id"], seq=self.turn["seq"], type=kind,
+        event = Event(session_id=self.session.id, turn_id=self.turn.id, seq=self.turn.seq, type=kind,
                       data=data)
         fields = event.to_fields()
         return Pending(kind, number, id_field, fields, sum(len(v) for v in fields.values()))
@@ -170,7 +170,7 @@ class Publisher:
                 self._busy = True
             try:
                 ids = retry_while_down(functools.partial(self._send, batch),
-                                       what=f"publish events of turn {self.turn['id']}", patience=self.patience)
+                                       what=f"publish events of turn {self.turn.id}", patience=self.patience)
             except BaseException as exc:  # given to the caller, whose next call raises it
                 with self._cond:
                     self._error, self._busy = exc, False
@@ -192,14 +192,14 @@ class Publisher:
 
     def _send(self, batch: list[Pending]) -> list[str | None] | None:
         self.round_trips += 1
-        return self.events.publish_encoded_marked(self.session["id"],
+        return self.events.publish_encoded_marked(self.session.id,
                                                   [(item.number, item.id_field, item.fields) for item in batch],
-                                                  self.turn["id"], self.turn["attempt"])
+                                                  self.turn.id, self.turn.attempt)
 
     def _done(self, batch: list[Pending], ids: list[str | None] | None) -> None:
         """Records the batch's ids; a refused batch means a later attempt owns the turn."""
         if ids is None:
-            self.turn["lost"] = True
+            self.turn.lost = True
         else:
             for item, stream_id in zip(batch, ids, strict=True):
                 item.id = stream_id

@@ -12,7 +12,9 @@ from core import batches, idempotency
 from core.db import transaction
 from core.envelope import Event
 from core.models import Session, utcnow
-from core.turns import ended_event, expired_leases, stale_queued_turns
+from core.turn_ends import end_turn
+from core.turn_states import Ending, TurnReason, TurnStatus
+from core.turns import expired_leases, stale_queued_turns
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -39,17 +41,17 @@ def reap(ctx: WorkerContext, stale_after: timedelta = STALE_AFTER) -> dict[str, 
             # Fence off the lost worker, in case it is only slow: it can publish nothing more.
             turn.attempt += 1
             mark = ctx.events.take_mark(str(turn.id), turn.attempt)
-            turn.status, turn.reason, turn.finished_at = "failed", "worker_lost", utcnow()
-            turn.error = (f"the worker running this turn ({turn.lease_holder}) was lost and no worker of its host "
-                          f"took the turn over within {ctx.settings.worker_lost_seconds}s")
-            turn.lease_holder = turn.lease_expires_at = None
+            event = end_turn(db, turn, Ending(
+                TurnStatus.FAILED, f"the worker running this turn ({turn.lease_holder}) was lost and no worker of "
+                                   f"its host took the turn over within {ctx.settings.worker_lost_seconds}s",
+                TurnReason.WORKER_LOST))
             lost += 1
             if session.status == "busy":
                 session.status = "ready"
             if mark.get("final"):  # it got as far as publishing its final event, not as recording it
                 turn.last_event_id = mark["final"]
             else:
-                ended.append(ended_event(turn))
+                ended.append(event)
             if turn.webhook:
                 webhooks.append(str(turn.id))
         cutoff = now - stale_after

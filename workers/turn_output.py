@@ -9,6 +9,9 @@ from decimal import Decimal
 from typing import Any
 
 from core.pricing import MICRO_DOLLAR
+from core.turn_states import CANCELLED_BY_REQUEST, SUCCEEDED, Ending, TurnReason, TurnStatus
+
+FAILED = TurnStatus.FAILED
 
 # How much of an oversized line an event keeps, so a reader still sees what it was.
 TRUNCATED_HEAD_CHARS = 2048
@@ -135,43 +138,43 @@ class TurnOutput:
             return truncated_line(text, size - len(tag) - 1)
         return line
 
-    def outcome(self) -> tuple[str, str | None, str | None]:
-        """(status, error, reason) for the finished turn; reason is a stable code, None on success."""
+    def outcome(self) -> Ending:
+        """How the finished turn ended: its status, error and stable reason (None on success)."""
         if self.over_limit:
-            return ("failed", f"the turn printed more than {self.max_bytes} bytes and was stopped",
-                    "output_limit")
+            return Ending(FAILED, f"the turn printed more than {self.max_bytes} bytes and was stopped",
+                          TurnReason.OUTPUT_LIMIT)
         code = (self.exit or {}).get("code")
         stderr = ((self.exit or {}).get("stderr") or "").strip()
         if self.exit is None:
-            return ("failed", "the turn's process ended without reporting (container stopped or removed?)",
-                    "process_lost")
+            return Ending(FAILED, "the turn's process ended without reporting (container stopped or removed?)",
+                          TurnReason.PROCESS_LOST)
         if self.exit.get("cancelled"):
-            return "cancelled", "cancelled by request", "cancelled"
+            return CANCELLED_BY_REQUEST
         if self.exit.get("timed_out"):
-            return "timed_out", "the turn ran past its timeout and was stopped", "timeout"
+            return Ending(TurnStatus.TIMED_OUT, "the turn ran past its timeout and was stopped", TurnReason.TIMEOUT)
         if self.exit.get("oom_killed") and (code != 0 or self.result is None):
-            return ("failed", f"a process of the turn was killed for using more than the session's memory "
-                              f"limit (Claude Code exit code {code}); raise config.limits.memory_mb",
-                    "out_of_memory")
+            return Ending(FAILED, f"a process of the turn was killed for using more than the session's memory "
+                                  f"limit (Claude Code exit code {code}); raise config.limits.memory_mb",
+                          TurnReason.OUT_OF_MEMORY)
         if self.exit.get("process_lost"):
-            return ("failed", f"Claude Code's process ended during the turn (exit code {code}: killed or crashed); "
-                              "the next turn starts a new one and resumes the conversation", "process_lost")
+            return Ending(FAILED, f"Claude Code's process ended during the turn (exit code {code}: killed or crashed); "
+                                  "the next turn starts a new one and resumes the conversation", TurnReason.PROCESS_LOST)
         if self.invalid:
-            return "failed", self.invalid, "invalid_output"
+            return Ending(FAILED, self.invalid, TurnReason.INVALID_OUTPUT)
         if self.result is not None and self.result.get("is_error"):
             detail = self.result.get("result") or self.result.get("subtype") or "error"
             errors = self.result.get("errors")
             if isinstance(errors, list) and errors:  # what went wrong, when Claude Code says (error_during_execution)
                 detail = f"{detail} ({'; '.join(str(e) for e in errors)[:1000]})"
             status = self.result.get("api_error_status")
-            return ("failed", f"Claude Code reported an error{f' (model API status {status})' if status else ''}: "
-                              f"{detail}", "claude_error")
+            return Ending(FAILED, f"Claude Code reported an error{f' (model API status {status})' if status else ''}: "
+                                  f"{detail}", TurnReason.CLAUDE_ERROR)
         if code != 0:
             tail = stderr.splitlines()[-1] if stderr else "no error output"
-            return "failed", f"Claude Code exited with code {code}: {tail}", "exit_code"
+            return Ending(FAILED, f"Claude Code exited with code {code}: {tail}", TurnReason.EXIT_CODE)
         if self.result is None:
-            return "failed", "Claude Code finished without a result line", "no_result"
-        return "succeeded", None, None
+            return Ending(FAILED, "Claude Code finished without a result line", TurnReason.NO_RESULT)
+        return SUCCEEDED
 
 
 def truncated_line(text: str, size: int) -> dict[str, Any]:

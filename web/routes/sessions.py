@@ -8,6 +8,7 @@ from core import admission, limits, trees, workspaces
 from core import sessions as session_cmds
 from core import turns as turn_cmds
 from core.envelope import status_event
+from core.turn_ends import ended_event
 from core.resources import session_body, turn_body
 from web.api import (api, claim_idempotency_key, enqueue, json_body, page, query,
                      remember_idempotency_key)
@@ -155,7 +156,7 @@ def wind_down(session_id: str, command, send) -> dict:
             events.append(status_event(str(session.id), session.status))
             if not (was_stopped and session.status == "stopped"):
                 targets.append((str(session.id), session.host_queue))
-        ctx().events.publish_many([turn_cmds.ended_event(t) for t in cancelled] + events)
+        ctx().events.publish_many([ended_event(t) for t in cancelled] + events)
         body = session_body(row)
     after_turns_ended(cancelled, running)
     for target in targets:

@@ -90,11 +90,12 @@ def cancel(owner: str, turn_id: str, session_id: str | None = None) -> tuple[dic
         session_cmds.get_owned(db, owner, str(turn.session_id), lock=True)
         db.refresh(turn)  # as it is now that no worker can claim it under us
         ended = turn_cmds.request_cancel(db, turn)
-        if ended:
-            turn.last_event_id = ctx().events.publish(turn_cmds.ended_event(turn))
+        if ended is not None:
+            turn.last_event_id = ctx().events.publish(ended)
         body = turn_body(turn)
-    after_turns_ended([turn] if ended else [], [] if ended else [body["id"]])
-    return body, ended
+    done = ended is not None
+    after_turns_ended([turn] if done else [], [] if done else [body["id"]])
+    return body, done
 
 
 def turn_is_running(turn_id: str):
