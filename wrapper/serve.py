@@ -187,9 +187,9 @@ class Server:
         say("start", nonce, process.process_id)
         self.turn = turn = HotTurn(args, nonce, process)
         turn.open()
-        if os.path.exists(f"{turn.base}.cancel"):  # cancelled before it started
-            turn.interrupt(time.monotonic(), "cancel")
         process.send(user_message(request.get("prompt", ""), turn.message_uuid))
+        if os.path.exists(f"{turn.base}.cancel"):  # cancelled before it started: after its prompt, or nothing it stops
+            turn.interrupt(time.monotonic(), "cancel")
 
     # the select loop's inputs
 
