@@ -26,6 +26,8 @@ from wrapper.common import parse_args, pid_alive, turn_running
 #   DEAF  as HANG, but ignores interrupts and SIGINT (it goes on SIGTERM)
 #   DIE   exits (code 5) in the middle of the turn
 #   SLOW  takes a second
+#   LATE  asks permission right after its result, in the same write (it writes the answer to $HOME/late-answer.json)
+#   BYE   exits half a second after its result
 # anything else is answered at once. Its system line says what it was started with and whether it was initialized.
 STAND_IN = r'''
 import json, os, signal, sys, time
@@ -35,8 +37,9 @@ conversation = argv[argv.index("--session-id" if "--session-id" in argv else "--
 state = {"initialized": False, "turn": 0, "cost": 0.0, "running": None, "asking": None, "deaf": False}
 
 
-def out(message):
-    os.write(1, (json.dumps(message, separators=(",", ":")) + "\n").encode())
+def out(*messages):
+    """In one write: what follows a result line in the same write is read with it."""
+    os.write(1, "".join(json.dumps(message, separators=(",", ":")) + "\n" for message in messages).encode())
 
 
 def say(text):
@@ -44,11 +47,11 @@ def say(text):
          "session_id": conversation})
 
 
-def result(subtype, text):
+def result(subtype, text, *after):
     state["running"], state["asking"] = None, None
     state["cost"] += 0.25
     out({"duration_ms": 3, "session_id": conversation, "total_cost_usd": state["cost"], "is_error": subtype != "success",
-         "num_turns": 1, "subtype": subtype, "result": text, "type": "result"})
+         "num_turns": 1, "subtype": subtype, "result": text, "type": "result"}, *after)
 
 
 def control_response(request_id):
@@ -82,7 +85,16 @@ def turn(prompt):
         if "SLOW" in prompt:
             time.sleep(1)
         say("you said: " + prompt)
-        result("success", "you said: " + prompt)
+        after = []
+        if "LATE" in prompt:
+            state["late"] = "late-%d" % state["turn"]
+            after.append({"type": "control_request", "request_id": state["late"], "request": {
+                "subtype": "can_use_tool", "tool_name": "Bash", "input": {"command": "touch late"},
+                "permission_suggestions": []}})
+        result("success", "you said: " + prompt, *after)
+        if "BYE" in prompt:
+            time.sleep(0.5)
+            sys.exit(0)
 
 
 for line in sys.stdin:
@@ -102,6 +114,9 @@ for line in sys.stdin:
     elif kind == "control_response" and message["response"]["request_id"] == state["asking"]:
         say("got " + json.dumps(message["response"]["response"], sort_keys=True))
         result("success", "asked")
+    elif kind == "control_response" and message["response"]["request_id"] == state.get("late"):
+        with open(os.path.join(os.environ["HOME"], "late-answer.json"), "w") as answer:
+            json.dump(message["response"], answer)
     elif kind == "control_response":
         say("an answer to nothing: " + message["response"]["request_id"])
 '''
@@ -325,6 +340,29 @@ def test_a_turn_past_its_timeout_is_interrupted_and_its_process_kept(agent):
     assert agent.turn("t2").exit["pid"] == turn.exit["pid"]
 
 
+def test_a_prompt_larger_than_a_pipe_reaches_claude_code_whole(agent):
+    turn = agent.turn("t1", "x" * 300_000)
+    assert turn.texts() == ["you said: " + "x" * 300_000] and turn.code == 0
+
+
+def test_a_permission_prompt_after_the_turns_result_is_denied_since_no_turn_can_ask(tmp_path, agent):
+    turn = agent.turn("t1", "LATE", "--approvals", "ask")
+    assert [m["type"] for m in turn.messages()] == ["system", "assistant", "result"]
+    answer = json.loads(wait_for(lambda: (tmp_path / "late-answer.json").exists()
+                                 and (tmp_path / "late-answer.json").read_text(), 10, what="the late answer"))
+    assert answer["request_id"] == "late-1" and answer["response"]["behavior"] == "deny"
+    later = agent.turn("t2", "hi", "--approvals", "ask")  # the process serves on; the late line is in no turn
+    assert later.exit["pid"] == turn.exit["pid"] and [m["type"] for m in later.messages()][0] == "system"
+
+
+def test_a_process_that_ends_while_idle_is_replaced_by_the_next_turn(agent):
+    first = agent.turn("t1", "BYE")
+    assert first.code == 0 and first.exit["process_lost"] is False
+    gone(first.exit["pid"])
+    second = agent.turn("t2")
+    assert second.process_id == "P-t2" and second.exit["pid"] != first.exit["pid"] and second.code == 0
+
+
 # Stopping a turn.
 
 def test_an_interrupt_ends_the_turn_as_cancelled_and_keeps_the_process(agent):
@@ -380,6 +418,19 @@ def test_a_new_request_interrupts_the_running_turn_first_so_their_lines_never_mi
     later = Turn(second, lines[ended + 1:])
     assert lines[ended + 1] == f"start\t{second}\tP-t1" and later.texts() == ["you said: second"]
     assert later.exit["pid"] == stopped["pid"]
+
+
+def test_a_request_superseded_before_it_started_ends_without_running(agent):
+    first = agent.ask("t1", "DEAF")
+    agent.lines_until("2\t")
+    second = agent.ask("t2", "second")  # waits for the first to be stopped (by signals: it ignores interrupts)
+    assert agent.lines_until(f"accepted\t{second}")[-1] == f"accepted\t{second}"
+    third = agent.ask("t3", "third")
+    lines = agent.lines_until(f"end\t{third}\t")
+    assert lines[:2] == [f"accepted\t{third}", f"end\t{second}\t{-signal.SIGTERM}"]
+    assert not any(line.startswith(f"start\t{second}") for line in lines)
+    assert lines.index(f"end\t{first}\t{-signal.SIGTERM}") < lines.index(f"start\t{third}\tP-t3")
+    assert Turn(third, lines).texts() == ["you said: third"]
 
 
 def test_a_turn_cancelled_before_it_started_ends_as_cancelled(tmp_path, agent):

@@ -205,10 +205,9 @@ class Server:
             if process is None or process.out_fd != fd:
                 continue
             lines = process.read_lines()
-            if process is self.process and self.turn is not None:
-                if lines:
-                    self.turn.take(lines)
-            elif lines:
+            if lines and process is self.process and self.turn is not None:
+                lines = self.turn.take(lines)  # what came after its end is no turn's
+            if lines:
                 refuse_idle_prompts(process, lines)
             return
 
