@@ -22,6 +22,7 @@ from wrapper.common import parse_args, pid_alive, turn_running
 # on stdin, lines as 2.1.330 prints them, its result line (with "type" not first) ending each turn. What its prompt
 # holds says what the turn does:
 #   ASK   asks permission (a can_use_tool control_request) and waits for the answer, then says what it got
+#   WITHDRAW  asks permission and withdraws the prompt at once (a control_cancel_request), then waits as HANG
 #   HANG  waits for an interrupt (answered with a control_response, then an error_during_execution result)
 #   DEAF  as HANG, but ignores interrupts and SIGINT (it goes on SIGTERM)
 #   DIE   exits (code 5) in the middle of the turn
@@ -76,6 +77,10 @@ def turn(prompt):
         out({"type": "control_request", "request_id": state["asking"], "request": {
             "subtype": "can_use_tool", "tool_name": "Bash", "input": {"command": "touch allowed"},
             "permission_suggestions": []}})
+    elif "WITHDRAW" in prompt:
+        ask = {"type": "control_request", "request_id": "perm-w", "request": {
+            "subtype": "can_use_tool", "tool_name": "Bash", "input": {"command": "touch x"}}}
+        out(ask, {"type": "control_cancel_request", "request_id": "perm-w"})
     elif "HANG" in prompt or "DEAF" in prompt:
         if "DEAF" in prompt:
             state["deaf"] = True
@@ -329,6 +334,19 @@ def test_a_turns_timeout_clock_stops_while_a_permission_prompt_waits(agent):
     lines = agent.lines_until(f"end\t{nonce}\t")
     exit_record = json.loads(lines[-2].split("\t", 1)[1])
     assert exit_record["timed_out"] is False and exit_record["cancelled"] is False and lines[-1].endswith("\t0")
+
+
+def test_a_permission_prompt_claude_code_withdraws_takes_no_answer_and_the_clock_runs_again(agent):
+    started = time.monotonic()
+    nonce = agent.ask("t1", "WITHDRAW", "--timeout", "1", "--approvals", "ask")
+    lines = agent.lines_until("3\t")
+    assert [json.loads(line.split("\t", 1)[1])["type"] for line in lines[-2:]] == ["control_request",
+                                                                                 "control_cancel_request"]
+    assert agent.answer_of(agent.control("answer", turn_id="t1", request_id="perm-w",
+                                         response={"behavior": "allow"})) == "unknown"
+    lines = agent.lines_until(f"end\t{nonce}\t")
+    assert 1 <= time.monotonic() - started < 5
+    assert json.loads(lines[-2].split("\t", 1)[1])["timed_out"] is True
 
 
 def test_a_turn_past_its_timeout_is_interrupted_and_its_process_kept(agent):
