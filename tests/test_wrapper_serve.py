@@ -51,8 +51,9 @@ def say(text):
 def result(subtype, text, *after):
     state["running"], state["asking"] = None, None
     state["cost"] += 0.25
-    out({"duration_ms": 3, "session_id": conversation, "total_cost_usd": state["cost"], "is_error": subtype != "success",
-         "num_turns": 1, "subtype": subtype, "result": text, "type": "result"}, *after)
+    out({"duration_ms": 3, "session_id": conversation, "total_cost_usd": state["cost"],
+         "is_error": subtype != "success", "num_turns": 1, "subtype": subtype, "result": text, "type": "result"},
+        *after)
 
 
 def control_response(request_id):
