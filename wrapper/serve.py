@@ -14,7 +14,8 @@ and reads the container's stdout, where this writes marker lines around a turn's
     start\t<nonce>\t<process id>      the turn was started in that process (a new one, or the hot one)
     end\t<nonce>\t<code>              the turn ended, after its exit record
     stale\t<nonce>                    the request came after its expiry, and nothing was done
-    done\t<nonce>\t<outcome>          a control command's answer: ok, unknown (no such turn or prompt), idle
+    done\t<nonce>\t<outcome>          a control command's answer: ok, unknown (no such turn or prompt), idle or
+                                      busy (a cool with no process, or while a turn runs)
 
 The process stays up `--hot` seconds after its turn (0: it ends with the turn), and is started again, with
 `--resume`, when a turn needs other flags or it has ended. One turn at a time: a turn request that comes while
