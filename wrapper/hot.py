@@ -230,10 +230,14 @@ class HotTurn:
             return None
         return self.running_since + max(0.0, self.args.timeout - self.used)
 
-    def take(self, lines: list[bytes]) -> None:
-        """Records Claude Code's lines; notes the result line, its permission prompts, and the turn's end."""
+    def take(self, lines: list[bytes]) -> list[bytes]:
+        """Records Claude Code's lines until the turn is over; notes the result line, its permission prompts, and the
+        turn's end. The lines read after its end are no longer the turn's: they are returned."""
         records = []
-        for line in lines:
+        for i, line in enumerate(lines):
+            if self.over():
+                lines = lines[i:]
+                break
             line = line.rstrip(b"\r\n")
             if not line:
                 continue
@@ -251,8 +255,11 @@ class HotTurn:
                 self.note(kind, line)
             self.lines += 1
             records.append(b"%d\t%s\n" % (self.lines, line))
+        else:
+            lines = []
         if records:
             self.record(b"".join(records).decode("utf-8", "replace").encode())
+        return lines
 
     def lifecycle(self, line: bytes) -> None:
         """Claude Code's word on a message: started, then completed or cancelled. Only this turn's count."""

@@ -14,7 +14,8 @@ and reads the container's stdout, where this writes marker lines around a turn's
     start\t<nonce>\t<process id>      the turn was started in that process (a new one, or the hot one)
     end\t<nonce>\t<code>              the turn ended, after its exit record
     stale\t<nonce>                    the request came after its expiry, and nothing was done
-    done\t<nonce>\t<outcome>          a control command's answer: ok, unknown (no such turn or prompt), idle
+    done\t<nonce>\t<outcome>          a control command's answer: ok, unknown (no such turn or prompt), idle or
+                                      busy (a cool with no process, or while a turn runs)
 
 The process stays up `--hot` seconds after its turn (0: it ends with the turn), and is started again, with
 `--resume`, when a turn needs other flags or it has ended. One turn at a time: a turn request that comes while
@@ -187,9 +188,9 @@ class Server:
         say("start", nonce, process.process_id)
         self.turn = turn = HotTurn(args, nonce, process)
         turn.open()
-        if os.path.exists(f"{turn.base}.cancel"):  # cancelled before it started
-            turn.interrupt(time.monotonic(), "cancel")
         process.send(user_message(request.get("prompt", ""), turn.message_uuid))
+        if os.path.exists(f"{turn.base}.cancel"):  # cancelled before it started: after its prompt, or nothing it stops
+            turn.interrupt(time.monotonic(), "cancel")
 
     # the select loop's inputs
 
@@ -205,10 +206,9 @@ class Server:
             if process is None or process.out_fd != fd:
                 continue
             lines = process.read_lines()
-            if process is self.process and self.turn is not None:
-                if lines:
-                    self.turn.take(lines)
-            elif lines:
+            if lines and process is self.process and self.turn is not None:
+                lines = self.turn.take(lines)  # what came after its end is no turn's
+            if lines:
                 refuse_idle_prompts(process, lines)
             return
 
