@@ -12,23 +12,27 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import m1_turn, m2_dispatch, m3_events, m4_start, m5_fanout, m6_intake, m7_throughput
+from bench import (m1_turn, m2_dispatch, m3_events, m4_start, m5_fanout, m6_intake, m7_throughput, m8_approval,
+                   m9_memory)
 from bench.stack import BenchStack
 from bench.stats import machine, table, write_results
 
-ORDER = ["M1", "M2", "M3", "M4", "M5", "M7", "M6"]  # M6 stops the worker, so it goes last
+ORDER = ["M1", "M2", "M3", "M4", "M5", "M7", "M8", "M9", "M6"]  # M6 stops the worker, so it goes last
 
 
 def plan(args) -> dict:
     """What each benchmark runs, full or --quick (a smoke run: every code path, few samples)."""
     q = args.quick
     return {
-        "M1": lambda b: [m1_turn.measure(b, 5 if q else 40, "text"), m1_turn.measure(b, 3 if q else 40, "bash")],
+        "M1": lambda b: [*m1_turn.measure(b, 5 if q else 40, "text"), *m1_turn.measure(b, 3 if q else 40, "bash"),
+                         m1_turn.measure_cold(b, 2 if q else 10)],
         "M2": lambda b: [m2_dispatch.measure(b, 50 if q else 500)],
         "M3": lambda b: m3_events.measure(b, 1 if q else 5),
         "M4": lambda b: m4_start.measure(b, 3 if q else 25),
         "M5": lambda b: [m5_fanout.measure(b, 50 if q else args.clients, seconds=5 if q else 20)],
         "M7": lambda b: [m7_throughput.measure(b, 1 if q else 3, per_session=2 if q else 8)],
+        "M8": lambda b: [m8_approval.measure(b, 3 if q else 30)],
+        "M9": lambda b: m9_memory.measure(b, 2 if q else 4),
         "M6": lambda b: m6_intake.measure(b, 1 if q else 3),
     }
 
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{figure.derived}; met: {figure.met}")
     print()
     print(table(figures))
-    context = {"failed": failed, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
+    context = {"before_hot": {"M7": m7_throughput.stored_figure()}, "failed": failed, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
                "machine": machine(), "commit": git_commit(), "seconds": round(time.monotonic() - started)}
     write_results(Path(args.out), figures, context)
     print(f"\nwrote {args.out} ({context['seconds']} s)")
