@@ -230,19 +230,29 @@ def test_output_past_the_turn_limit_ends_the_turn_failed_output_limit(faulty, do
     assert turn["status"] == "failed" and turn["reason"] == "output_limit", turn
     published = sum(len(json.dumps(e["data"], separators=(",", ":"))) for e in turn_events(api, sid, turn_id) if e["type"].startswith("claude."))
     assert published <= MAX_OUTPUT
-    container = docker_client.containers.get(f"{faulty['prefix']}-session-{sid}")
-    assert b"claude" not in container.exec_run(["ps", "-eo", "comm"]).output, "the turn's process is still running"
+    assert_turn_stopped(api, docker_client, faulty["prefix"], sid)
 
 
-def test_a_turn_past_its_timeout_ends_timed_out_and_its_process_is_gone(faulty, docker_client):
+def assert_turn_stopped(api, docker_client, prefix: str, sid: str) -> None:
+    """The stopped turn no longer runs: at most the session's one (hot, now idle) Claude Code is left, and the next
+    turn gets it at once."""
+    container = docker_client.containers.get(f"{prefix}-session-{sid}")
+    names = container.exec_run(["ps", "-eo", "comm"]).output.split()
+    assert names.count(b"claude") <= 1, names
+    started = time.monotonic()
+    after = api.finished_turn(api.chat(sid, "SAY: free again")["id"], timeout=30)
+    assert (after["status"], after["result"]) == ("succeeded", "free again"), after
+    assert time.monotonic() - started < 10
+
+
+def test_a_turn_past_its_timeout_ends_timed_out_and_the_session_takes_the_next_turn_at_once(faulty, docker_client):
     api = faulty["api"]
     sid = ready_session(api, timeouts={"turn_seconds": 3})
     started = time.monotonic()
     turn = api.finished_turn(api.chat(sid, "SLOW: 60")["id"], timeout=60)
     assert turn["status"] == "timed_out" and turn["reason"] == "timeout", turn
     assert time.monotonic() - started < 30
-    container = docker_client.containers.get(f"{faulty['prefix']}-session-{sid}")
-    assert b"claude" not in container.exec_run(["ps", "-eo", "comm"]).output, "the turn's process is still running"
+    assert_turn_stopped(api, docker_client, faulty["prefix"], sid)
 
 
 def test_left_over_containers_are_removed_and_a_vanished_container_is_marked_and_restarted(faulty, docker_client):

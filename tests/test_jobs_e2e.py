@@ -146,7 +146,8 @@ def test_cancel_interrupts_a_streaming_turn_and_the_session_carries_on(stack_env
         page = api.call("GET", f"/api/v1/sessions/{sid}/events?limit=1000", 200)
         return sum(e["type"] == "claude.stream_event" for e in page["items"]) >= 3
     wait_for(streaming, 60, what="the long turn to stream")
-    assert claude_processes(docker_client, settings, sid), "Claude Code runs before the cancel"
+    before = claude_processes(docker_client, settings, sid)
+    assert before, "Claude Code runs before the cancel"
 
     assert api.call("POST", f"/api/v1/turns/{queued['id']}/cancel", 200)["status"] == "cancelled"
     asked = time.monotonic()
@@ -156,7 +157,8 @@ def test_cancel_interrupts_a_streaming_turn_and_the_session_carries_on(stack_env
     took = time.monotonic() - asked
     bound = 3 * settings.cancel_grace_seconds + 5
     assert ended["status"] == "cancelled" and took < bound, (ended, took)
-    assert claude_processes(docker_client, settings, sid) == [], "Claude Code is gone from the container"
+    # Claude Code stopped the turn itself (its control protocol's interrupt) and stays for the next turn.
+    assert claude_processes(docker_client, settings, sid) == before, "the hot Claude Code is kept"
     page = api.call("GET", f"/api/v1/sessions/{sid}/events?limit=1000", 200)["items"]
     finals = [(e["turn_id"], e["type"]) for e in page if e["type"] in FINAL]
     assert finals == [(queued["id"], "turn.cancelled"), (turn["id"], "turn.cancelled")]

@@ -392,11 +392,12 @@ def new_process(args: Args, env: dict, key: tuple) -> Process:
     file this renews every turn, so the server runs as long as the process)."""
     process = Process(key, env.get("CCD_PROCESS_ID", ""), args.log_dir)
     prepare_conversation(args)
-    server_env = dict(env)
+    env = dict(env)
     if env.get("CCD_SESSION_TOKEN"):
-        server_env["CCD_SESSION_TOKEN_FILE"] = renew_token(args.log_dir, env)
-        server_env["CCD_SESSION_TOKEN"] = "file"  # read from the file on every call
-    process.mcp_config = write_mcp_config(server_env, os.path.join(args.log_dir, "process.mcp.json"))
+        # The current token, for the MCP server and the agent's own tools alike: the one in the environment is the
+        # first turn's, and expires with it.
+        env["CCD_SESSION_TOKEN_FILE"] = renew_token(args.log_dir, env)
+    process.mcp_config = write_mcp_config(env, os.path.join(args.log_dir, "process.mcp.json"))
     process.start(hot_command(args, process.mcp_config), {**os.environ, **env})
     return process
 

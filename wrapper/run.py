@@ -209,6 +209,7 @@ def write_mcp_config(env, path: str) -> str | None:
     server_env = {name: env.get(name, "") for name in ("CCD_API_URL", "CCD_SESSION_TOKEN", "CCD_SESSION_ID")}
     if env.get("CCD_SESSION_TOKEN_FILE"):  # a hot process's server: the token is renewed in that file every turn
         server_env["CCD_SESSION_TOKEN_FILE"] = env["CCD_SESSION_TOKEN_FILE"]
+        del server_env["CCD_SESSION_TOKEN"]
     # Where `wrapper` imports from.
     server_env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     # -S -P: Claude Code starts it in the workspace, whose modules (a planted wrapper/, sitecustomize) must not load.
